@@ -9,7 +9,7 @@
 
 from frem.bottleneck import find_bottleneck
 from frem.hooks import attach, attached, detach, resample
-from frem.kernels import scale_channels
+from frem.kernels.scale_channels import scale_channels
 from frem.module import FREM
 from frem.selection import select_channels
 

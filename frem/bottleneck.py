@@ -30,15 +30,25 @@ def deepest_tensor(output) -> torch.Tensor | None:
     return tensors[-1] if tensors else None
 
 
+def _timm_feature_channels(module) -> int | None:
+    feature_info = getattr(module, "feature_info", None)
+    if isinstance(module, nn.ModuleDict) and hasattr(feature_info, "channels"):
+        return int(feature_info.channels()[-1])  # timm features_only nets
+    return None
+
+
 def known_bottleneck(model: nn.Module) -> tuple[str, int] | None:
     """(layer name, channels) for architectures whose bottleneck is known by name."""
+    if (channels := _timm_feature_channels(model)) is not None:
+        return "", channels
     encoder = getattr(model, "encoder", None)
+    if not isinstance(encoder, nn.Module):
+        return None
     out_channels = getattr(encoder, "out_channels", None)
-    if isinstance(encoder, nn.Module) and isinstance(out_channels, (list, tuple)) and out_channels:
+    if isinstance(out_channels, (list, tuple)) and out_channels:
         return "encoder", int(out_channels[-1])  # every smp SegmentationModel
-    feature_info = getattr(model, "feature_info", None)
-    if isinstance(model, nn.ModuleDict) and hasattr(feature_info, "channels"):
-        return "", int(feature_info.channels()[-1])  # timm features_only nets
+    if (channels := _timm_feature_channels(encoder)) is not None:
+        return "encoder", channels
     return None
 
 

@@ -14,7 +14,7 @@ from numbers import Real
 import torch
 from torch import nn
 
-from frem.kernels import scale_channels
+from frem.kernels.scale_channels import scale_channels
 from frem.selection import resolve_count, select_channels, validate_count_spec
 
 MODES = ("random", "fixed")

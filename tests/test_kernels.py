@@ -1,0 +1,79 @@
+"""The Triton kernels themselves, against a float64 reference.
+
+On a machine without a GPU, conftest sets TRITON_INTERPRET=1 and the kernels
+run on CPU tensors; with CUDA they run on the GPU. Either way the launcher is
+called directly (wrap_triton refuses interpreted kernels in eager mode).
+"""
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import assert_close_to_reference, feature_maps, reference, scales
+
+import frem.kernels.scale_channels as op
+
+
+def run_kernel(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    x = x.to(KERNEL_DEVICE)
+    y = torch.empty_like(x).fill_(float("nan"))  # poisoned: every element must be written
+    return op.launch_scale_channels(x, scale.to(KERNEL_DEVICE), y)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_kernel_matches_float64_reference(data):
+    """Forward (x) and backward (an incoming gradient) take the same launcher."""
+    x = data.draw(feature_maps(dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64)))
+    scale = data.draw(scales(x.shape[1]))
+    if x.dtype == torch.float64:
+        scale = scale.double()
+    y = run_kernel(x, scale)
+    assert_close_to_reference(y, reference(x, scale).to(x.dtype).double(), x.dtype)
+
+
+def test_dense_layouts_take_the_dense_kernel(monkeypatch):
+    """One flat pass for any dense layout: the strided kernel must not run."""
+    monkeypatch.setattr(op, "_scale_strided_kernel", None)
+    for x in (torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),
+              torch.randn(2, 3, 2, 4, 5).contiguous(memory_format=torch.channels_last_3d)):
+        y = run_kernel(x, torch.arange(1.0, 4.0))
+        assert y.stride() == x.stride()
+        assert torch.equal(y.cpu(), x * torch.arange(1.0, 4.0).view((1, -1) + (1,) * (x.dim() - 2)))
+
+
+@pytest.mark.parametrize("layout", ["dense", "strided"])
+def test_64_bit_offset_path(monkeypatch, layout):
+    """Tensors past 2**31 elements switch to int64 offsets; force the switch small."""
+    monkeypatch.setattr(op, "_INT32_LIMIT", 50)
+    x = torch.randn(3, 4, 5, 6)
+    if layout == "strided":
+        x = x[:, :, ::2]
+    scale = torch.tensor([1.0, 632.0, 2.0, 0.25])
+    y = run_kernel(x, scale)
+    assert_close_to_reference(y, reference(x, scale).float().double(), torch.float32)
+
+
+def test_address_span_past_int32_uses_64_bit_offsets():
+    """A small view whose addresses span more than 2**31 elements."""
+    if KERNEL_DEVICE == "cpu":
+        storage = torch.empty(2**31 + 8, dtype=torch.bfloat16)  # virtual memory, pages untouched
+    else:
+        storage = torch.empty(2**31 + 8, dtype=torch.bfloat16, device=KERNEL_DEVICE)
+    x = storage.as_strided((2, 3, 2), (2**30, 7, 1))
+    x.copy_(torch.randn(2, 3, 2).bfloat16())
+    scale = torch.tensor([1.0, 632.0, 3.0], device=storage.device)
+    y = op.launch_scale_channels(x, scale, torch.empty_like(x))
+    assert_close_to_reference(y, reference(x.cpu(), scale.cpu()).bfloat16().double(), torch.bfloat16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: 2**31 elements")
+def test_more_than_2_31_elements_on_cuda():
+    n = 2**31 + 2**20
+    x = torch.ones(1, 4, n // 4, dtype=torch.bfloat16, device="cuda")
+    x[0, :, -1] = 3.0
+    scale = torch.tensor([1.0, 2.0, 4.0, 8.0], device="cuda")
+    y = op.launch_scale_channels(x, scale, torch.empty_like(x))
+    assert y[0, :, -1].tolist() == [3.0, 6.0, 12.0, 24.0]
+    assert y[0, :, 0].tolist() == [1.0, 2.0, 4.0, 8.0]

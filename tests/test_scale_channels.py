@@ -1,0 +1,91 @@
+"""frem.scale_channels against a float64 reference: forward, backward, compile."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import assert_close_to_reference, feature_maps, reference, scales
+
+import frem
+
+SETTINGS = settings(max_examples=80, deadline=None)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_forward_and_backward_match_float64_reference(data):
+    x = data.draw(feature_maps()).requires_grad_(True)
+    scale = data.draw(scales(x.shape[1]))
+    y = frem.scale_channels(x, scale)
+    assert_close_to_reference(y, reference(x.detach(), scale).to(x.dtype).double(), x.dtype)
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        assert y.stride() == x.stride()  # memory format kept, never a bare .contiguous()
+
+    grad = torch.randn(x.shape, dtype=torch.float64).to(x.dtype)
+    y.backward(grad)
+    assert_close_to_reference(x.grad, reference(grad, scale).to(x.dtype).double(), x.dtype)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_backward_with_expanded_and_strided_gradients(data):
+    """The gradient of y.sum() is stride-0 expanded; others arrive sliced."""
+    x = data.draw(feature_maps(dtypes=(torch.float32,))).requires_grad_(True)
+    scale = data.draw(scales(x.shape[1]))
+    value = data.draw(st.floats(-100, 100, allow_nan=False))
+    grad = torch.full((1,) * x.dim(), value).expand(x.shape)  # every stride 0
+    frem.scale_channels(x, scale).backward(grad)
+    assert_close_to_reference(x.grad, reference(grad, scale).float().double(), torch.float32)
+    x.grad = None
+    frem.scale_channels(x, scale).sum().backward()
+    assert_close_to_reference(x.grad, reference(torch.ones_like(x), scale).float().double(),
+                              torch.float32)
+
+
+def test_gradcheck_float64():
+    scale = torch.tensor([1.0, 632.0, 0.5, 1.0], dtype=torch.float64)
+    for shape in [(2, 4), (2, 4, 3), (1, 4, 3, 2), (2, 4, 2, 2, 2)]:
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: frem.scale_channels(t, scale), (x,))
+        assert torch.autograd.gradgradcheck(lambda t: frem.scale_channels(t, scale), (x,))
+
+
+def test_scale_gets_no_gradient():
+    scale = torch.full((3,), 2.0, requires_grad=True)
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    frem.scale_channels(x, scale).sum().backward()
+    assert scale.grad is None and torch.equal(x.grad, torch.full_like(x, 2.0))
+
+
+def test_compile_fullgraph_forward_and_backward():
+    scale = torch.tensor([1.0, 250.0, 1.0])
+
+    def f(x):
+        return (frem.scale_channels(torch.relu(x), scale) * 2).sum()
+
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True)
+    loss = compiled(x)
+    loss.backward()
+    expected = x.detach().clone().requires_grad_(True)
+    f(expected).backward()
+    assert torch.allclose(loss, f(x.detach()))
+    assert torch.allclose(x.grad, expected.grad)
+
+
+def test_fake_and_meta_keep_memory_format():
+    x = torch.empty(2, 3, 4, 4, device="meta").contiguous(memory_format=torch.channels_last)
+    y = torch.ops.frem.scale_channels(x, torch.empty(3, device="meta"))
+    assert y.shape == x.shape and y.stride() == x.stride()
+
+
+@pytest.mark.parametrize("x, scale, message", [
+    (torch.randn(4), torch.ones(4), "2 to 5 dims"),
+    (torch.randn(1, 2, 1, 1, 1, 1), torch.ones(2), "2 to 5 dims"),
+    (torch.ones(2, 3, dtype=torch.int64), torch.ones(3), "supports"),
+    (torch.randn(2, 3, 4), torch.ones(4), r"shape \(C,\) = \(3,\)"),
+    (torch.randn(2, 3, 4), torch.ones(1, 3), r"shape \(C,\) = \(3,\)"),
+])
+def test_bad_input_is_named(x, scale, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        frem.scale_channels(x, scale)
