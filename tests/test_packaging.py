@@ -13,7 +13,9 @@ def test_non_editable_install_imports_the_kernels(tmp_path):
                     "--no-build-isolation", "--target", str(target), str(ROOT)],
                    check=True, cwd=tmp_path)
     assert (target / "frem" / "kernels" / "scale_channels.py").is_file()
-    probe = ("import frem, frem.kernels.scale_channels as k; "
+    assert (target / "frem" / "data" / "drosophila_sha256sums.txt").is_file()
+    probe = ("import frem, frem.kernels.scale_channels as k, frem.data.drosophila as d; "
+             "assert len(d.checksums()) == 120; "
              "print(k.__file__); print(frem.scale_channels is k.scale_channels)")
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True,
                          cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": ""}).stdout.split()

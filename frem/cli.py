@@ -1,0 +1,143 @@
+"""The ``frem`` command line: train, evaluate, predict, data download."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from frem.models import VARIANTS
+
+
+class Parser(argparse.ArgumentParser):
+    """Argument errors end with one line and status 2, never a traceback."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(text: str) -> int | float:
+    """B: an int count ("8") or a fraction of the channels ("0.25")."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by train, tune and reproduce (None: the protocol's default)."""
+    p.add_argument("--dataset", choices=("drosophila", "folder"), default=None,
+                   help="the Drosophila stack (default) or your own folder (see README)")
+    p.add_argument("--data", help="data folder (default: $FREM_DATA, else the download cache)")
+    p.add_argument("--encoder", help="smp/timm encoder name (default tu-seresnet34; --quick: resnet18)")
+    p.add_argument("--epochs", type=int, help="default 1000 (--quick: 8)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default 16)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--crop", type=int, help="tile size, a multiple of 32 (default 256)")
+    p.add_argument("--tiles-per-section", type=int, help="keep this many tiles per image, spread evenly")
+    p.add_argument("--val-every", type=int, help="validate every k epochs (default 1)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny protocol that runs on a CPU in about a minute; explicit options win")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def train_kwargs(args) -> dict:
+    names = ("variant", "dataset", "data", "out", "encoder", "B", "X", "lambda_", "epochs",
+             "batch_size", "lr", "seed", "crop", "tiles_per_section", "val_every", "device",
+             "resume", "progress")
+    return {name: getattr(args, name, None) for name in names}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="frem", description="FREM (Ando & Hotta, VISAPP 2021) for cell segmentation")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    train = commands.add_parser("train", help="train one model variant and score it on the test split")
+    train.add_argument("--variant", choices=VARIANTS, default="frem")
+    train.add_argument("--B", type=_number, help="channels to enhance/drop: a count or a fraction "
+                       "(frem: 8, frem-fixed: 10, dropout: 8)")
+    train.add_argument("--X", type=float, help="enhancement factor (frem: 250, frem-fixed: 10000)")
+    train.add_argument("--lambda", dest="lambda_", type=float, help="supervision loss weight (default 0.5)")
+    train.add_argument("--out", default=None, help="run folder (default runs/<variant>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    add_train_options(train)
+
+    evaluate = commands.add_parser("evaluate", help="recompute a run's test metrics from best.pt")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--data", help="data folder, if it moved since training")
+    evaluate.add_argument("--device", default="cpu")
+
+    predict = commands.add_parser("predict", help="segment images: label PNGs and colour overlays")
+    predict.add_argument("--checkpoint", required=True, help="a run's best.pt")
+    predict.add_argument("images", nargs="+")
+    predict.add_argument("--out", required=True)
+    predict.add_argument("--device", default="cpu")
+
+    data = commands.add_parser("data", help="data sets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    download = data_commands.add_parser("download", help="download a data set, verified")
+    download.add_argument("name", choices=("drosophila",))
+    download.add_argument("--dest", help="target folder (default ~/.cache/frem/drosophila-vnc)")
+    download.add_argument("--url", help="base URL of a mirror ($FREM_DROSOPHILA_URL)")
+    return parser
+
+
+def run_train(args) -> int:
+    from frem.config import TrainConfig
+    from frem.train import train
+    kwargs = train_kwargs(args)
+    kwargs["out"] = kwargs["out"] or f"runs/{args.variant}"
+    config = TrainConfig.build(quick=args.quick, **kwargs)
+    metrics = train(config)
+    print(json.dumps({"run": config.out, "test": metrics["test"], "best_epoch": metrics["best_epoch"],
+                      "best_val_miou": metrics["best_val_miou"], "device": metrics["device"],
+                      "wall_time_s": round(metrics["wall_time_s"], 1)}, indent=2))
+    return 0
+
+
+def run_evaluate(args) -> int:
+    from frem.evaluate import evaluate_run
+    data = None
+    if args.data:
+        from frem import checkpoint
+        from frem.data import load_dataset
+        config = checkpoint.load(f"{args.run_dir}/{checkpoint.BEST}")["config"]
+        data = load_dataset(config["dataset"], args.data, crop=config["crop"],
+                            tiles_per_section=config["tiles_per_section"], sections=config["sections"])
+    print(json.dumps(evaluate_run(args.run_dir, data=data, device=args.device), indent=2))
+    return 0
+
+
+def run_predict(args) -> int:
+    from frem.predict import predict
+    for path in predict(args.checkpoint, args.images, args.out, device=args.device):
+        print(path)
+    return 0
+
+
+def run_download(args) -> int:
+    from frem.data.drosophila import download
+    print(f"downloaded and verified: {download(args.dest, args.url)}")
+    return 0
+
+
+COMMANDS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = run_download if args.command == "data" else COMMANDS[args.command]
+    try:
+        return handler(args)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"frem {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"frem {args.command}: interrupted; `--resume` continues a training run", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""A training run's settings: the default protocol and the ``--quick`` one.
+
+The default is the Hotta lab's protocol for the Drosophila data: 12/3/5
+sections (192/48/80 tiles of 256), batch 16, Adam at 1e-4, 1000 epochs, the
+best validation mIoU checkpoint evaluated on the test split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from frem.data.drosophila import SPLIT
+from frem.models import DEFAULT_ENCODER
+
+# --quick: a whole run in about a minute on a 2-core CPU. A subset of the real
+# split (still by section), small crops spread over each section, resnet18.
+QUICK = {
+    "encoder": "resnet18",
+    "crop": 64,
+    "tiles_per_section": 32,
+    "sections": {"train": SPLIT["train"][:3], "val": SPLIT["val"][:1], "test": SPLIT["test"][:1]},
+    "epochs": 8,
+    "batch_size": 8,
+    "lr": 1e-3,
+}
+# Settings that may change when a run is resumed; the rest must match.
+RESUMABLE = ("epochs", "val_every", "device", "resume", "out", "progress")
+
+
+@dataclass
+class TrainConfig:
+    variant: str = "frem"
+    dataset: str = "drosophila"
+    data: str | None = None
+    out: str = "runs/frem"
+    encoder: str = DEFAULT_ENCODER
+    B: int | float | None = None
+    X: float | None = None
+    lambda_: float | None = None
+    epochs: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-4
+    seed: int = 0
+    crop: int | None = 256
+    tiles_per_section: int | None = None
+    sections: dict | None = None
+    val_every: int = 1
+    device: str = "auto"
+    resume: bool = False
+    quick: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, quick: bool = False, **given) -> "TrainConfig":
+        """Defaults, then the quick protocol if asked, then what was given explicitly."""
+        unknown = set(given) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        settings = {**(QUICK if quick else {}), **{k: v for k, v in given.items() if v is not None}}
+        config = cls(quick=quick, **settings)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "val_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.crop is not None and (self.crop < 32 or self.crop % 32):
+            raise ValueError(f"--crop must be a multiple of 32 (the U-Net downsamples 5 times), got {self.crop}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def differences(self, other: "TrainConfig") -> list[str]:
+        """Settings (other than the resumable ones) in which two runs differ."""
+        return [f"{f.name}={getattr(other, f.name)!r} (this run: {getattr(self, f.name)!r})"
+                for f in fields(self) if f.name not in RESUMABLE
+                and _normal(getattr(self, f.name)) != _normal(getattr(other, f.name))]
+
+    def with_(self, **changes) -> "TrainConfig":
+        return replace(self, **changes)
+
+
+def _normal(value):
+    if isinstance(value, dict):
+        return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in value.items()}
+    return value

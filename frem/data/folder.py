@@ -1,0 +1,76 @@
+"""Your own images: ``train/``, ``val/``, ``test/``, each with ``images/`` and ``masks/``.
+
+Masks share the image's file name (any extension PIL reads, e.g. .png/.tif),
+hold class indices 0..K-1, and ``classes.txt`` beside the splits names the K
+classes, one a line. Images are greyscale or RGB, all of one kind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from frem.data.base import DataError, SegmentationData, make_split
+
+IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"}
+
+
+def read_classes(root: Path) -> tuple[str, ...]:
+    path = root / "classes.txt"
+    if not path.is_file():
+        raise DataError(f"missing {path}: write the class names there, one a line, in index order")
+    classes = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if len(classes) < 2:
+        raise DataError(f"{path} names {len(classes)} class(es); segmentation needs at least 2")
+    return classes
+
+
+def _read_image(path: Path) -> np.ndarray:
+    image = Image.open(path)
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("RGB" if image.mode in ("RGBA", "P", "CMYK") else "L")
+    array = np.array(image)
+    if array.dtype != np.uint8:
+        raise DataError(f"{path} is {array.dtype}; frem reads 8-bit images")
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _pairs(root: Path, split: str, num_classes: int):
+    images_dir, masks_dir = root / split / "images", root / split / "masks"
+    images = sorted(p for p in images_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) \
+        if images_dir.is_dir() else []
+    if not images:
+        raise DataError(f"no images in {images_dir} (expected {split}/images/*.png etc.)")
+    masks = {p.stem: p for p in masks_dir.glob("*")} if masks_dir.is_dir() else {}
+    for image_path in images:
+        mask_path = masks.get(image_path.stem)
+        if mask_path is None:
+            raise DataError(f"{image_path} has no mask: expected {masks_dir / image_path.stem}.png")
+        image, mask = _read_image(image_path), np.array(Image.open(mask_path))
+        if mask.ndim != 2:
+            raise DataError(f"{mask_path} must be a single-channel image of class indices")
+        if mask.shape != image.shape[:2]:
+            raise DataError(f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} but "
+                            f"{image_path} is {image.shape[1]}x{image.shape[0]}")
+        if mask.max() >= num_classes:
+            raise DataError(f"{mask_path} holds class index {int(mask.max())}, but classes.txt "
+                            f"names {num_classes} classes (0..{num_classes - 1})")
+        yield f"{split}/{image_path.name}", image, mask.astype(np.uint8)
+
+
+def load_folder(root, *, crop: int | None = None, tiles_per_section=None,
+                sections=None) -> SegmentationData:
+    """Load a folder data set; ``crop`` tiles every image into non-overlapping crops."""
+    del sections  # a folder's split is its sub-folders
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist")
+    classes = read_classes(root)
+    splits = {name: make_split(list(_pairs(root, name, len(classes))), crop, tiles_per_section, name)
+              for name in ("train", "val", "test")}
+    channels = {split.images.shape[1] for split in splits.values()}
+    if len(channels) > 1:
+        raise DataError(f"{root} mixes greyscale and colour images; convert them to one kind")
+    return SegmentationData(classes, source=f"folder {root}", **splits)

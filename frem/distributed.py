@@ -1,0 +1,54 @@
+"""Multi-GPU training through PyTorch's own engine: ``torchrun ... -m frem train``.
+
+FREM needs no communication: its channels are a pure function of (seed,
+epoch), so every rank draws the same ones. DDP averages the gradients.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device_name: str) -> tuple[Context, torch.device]:
+    """Read torchrun's environment, start the process group, pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    context = Context(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", context.local_rank if context.active else torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if context.active and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return context, device
+
+
+def teardown(context: Context) -> None:
+    if context.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(context: Context) -> None:
+    if context.active:
+        dist.barrier()

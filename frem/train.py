@@ -1,0 +1,214 @@
+"""The trainer: the whole data set on the device, augmented there, one Adam loop.
+
+Per epoch: re-draw FREM's channels, shuffle (a pure function of seed and
+epoch), train, validate every ``val_every`` epochs, keep the best validation
+mIoU model, write a resumable checkpoint. At the end the best model is scored
+on the test split and everything goes to ``RUN_DIR/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+import frem
+from frem import checkpoint, distributed
+from frem.config import TrainConfig
+from frem.data import SegmentationData, load_dataset
+from frem.evaluate import autocast, evaluate, evaluate_run, normalize
+from frem.models import build_model, variant_settings
+
+
+def epoch_generator(seed: int, epoch: int, purpose: str) -> torch.Generator:
+    """A CPU generator that depends on (seed, epoch, purpose) alone, so a
+    resumed run and every DDP rank see the same shuffles and augmentations."""
+    digest = hashlib.blake2b(f"{purpose}:{seed}:{epoch}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator):
+    """Per-tile random flips and transposes (the 8 symmetries of a square), on device."""
+    n = images.shape[0]
+    bits = torch.rand(3, n, generator=generator).lt(0.5).to(images.device)
+    out_i, out_m = images, masks
+    for flag, fi, fm in ((bits[0], lambda t: t.flip(-1), lambda t: t.flip(-1)),
+                         (bits[1], lambda t: t.flip(-2), lambda t: t.flip(-2)),
+                         (bits[2], lambda t: t.transpose(-1, -2), lambda t: t.transpose(-1, -2))):
+        if flag is bits[2] and images.shape[-1] != images.shape[-2]:
+            break  # transposing a non-square tile would change its shape
+        out_i = torch.where(flag.view(-1, 1, 1, 1), fi(out_i), out_i)
+        out_m = torch.where(flag.view(-1, 1, 1), fm(out_m), out_m)
+    return out_i, out_m
+
+
+def loss_fn(output, target: torch.Tensor, lambda_: float | None) -> torch.Tensor:
+    """Softmax cross entropy; with deep supervision (1-lambda)*main + lambda*aux (eq. 1)."""
+    if isinstance(output, tuple):
+        main, aux = output
+        return (1 - lambda_) * F.cross_entropy(main, target) + lambda_ * F.cross_entropy(aux, target)
+    return F.cross_entropy(output, target)
+
+
+def frem_settings(model) -> list[dict]:
+    return [{"layer": m.layer, "B": m.B, "X": m.X, "mode": m.mode, "seed": m.seed, "epoch": m.epoch,
+             "channels": m.channels.tolist()} for m in frem.attached(model)]
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train(config: TrainConfig, data: SegmentationData | None = None) -> dict:
+    """Run (or resume) training as configured; return the metrics written to metrics.json."""
+    config.validate()
+    settings = variant_settings(config.variant, config.B, config.X, config.lambda_)
+    context, device = distributed.setup(config.device)
+    try:
+        return _train(config, settings, data, context, device)
+    finally:
+        distributed.teardown(context)
+
+
+def _train(config, settings, data, context, device) -> dict:
+    out = Path(config.out)
+    last_path = out / checkpoint.LAST
+    if last_path.exists() and not config.resume:
+        raise ValueError(f"{out} already holds a run: pass --resume to continue it, "
+                         "or choose another --out")
+    started = time.perf_counter()
+    if data is None:
+        data = load_dataset(config.dataset, config.data, crop=config.crop,
+                            tiles_per_section=config.tiles_per_section, sections=config.sections)
+    train_float = data.train.images.float() / 255.0
+    normalization = {"mean": float(train_float.mean()), "std": float(train_float.std()) or 1.0}
+    del train_float
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.variant, encoder=config.encoder, in_channels=data.in_channels,
+                        classes=len(data.classes), B=config.B, X=config.X,
+                        lambda_=config.lambda_, seed=config.seed).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    state = {"epoch": -1, "best_val_miou": -math.inf, "best_epoch": None, "history": []}
+
+    if config.resume and last_path.exists():
+        saved = checkpoint.load(last_path, map_location=device)
+        differences = config.differences(TrainConfig.from_dict(saved["config"]))
+        if differences:
+            raise ValueError(f"cannot resume {out}: it was trained with " + ", ".join(differences))
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        _set_rng_state(saved["rng"], device)
+
+    net = model
+    if context.active:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.batch_size % context.world_size:
+        raise ValueError(f"--batch-size {config.batch_size} must divide evenly over "
+                         f"{context.world_size} processes")
+    rank_batch = config.batch_size // context.world_size
+
+    train_split = data.train.to(device)
+    classes = data.classes
+    lambda_ = settings.get("lambda_")
+    epochs = range(state["epoch"] + 1, config.epochs)
+    bar = tqdm(epochs, desc=f"{config.variant}", disable=not (config.progress and context.is_main),
+               initial=state["epoch"] + 1, total=config.epochs, unit="epoch")
+    for epoch in bar:
+        epoch_start = time.perf_counter()
+        frem.resample(model, epoch)
+        net.train()
+        order = torch.randperm(len(train_split), generator=epoch_generator(config.seed, epoch, "order"))
+        order = order[: len(order) // context.world_size * context.world_size][context.rank::context.world_size]
+        aug = epoch_generator(config.seed, epoch, f"augment:{context.rank}")
+        loss_sum = torch.zeros((), device=device)
+        steps = 0
+        for start in range(0, len(order), rank_batch):
+            index = order[start:start + rank_batch].to(device)
+            images, masks = augment(train_split.images[index], train_split.masks[index], aug)
+            x = normalize(images, normalization)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                loss = loss_fn(net(x), masks.long(), lambda_)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            steps += 1
+        record = {"epoch": epoch, "train_loss": float(loss_sum) / max(steps, 1)}  # one sync per epoch
+        if (epoch + 1) % config.val_every == 0 or epoch == config.epochs - 1:
+            val = evaluate(model, data.val, classes, normalization, batch_size=2 * config.batch_size,
+                           probe=True)
+            record.update(val_miou=val["miou"], val_iou=val["iou"], **val["features"])
+            if val["miou"] > state["best_val_miou"]:
+                state["best_val_miou"], state["best_epoch"] = val["miou"], epoch
+                if context.is_main:
+                    checkpoint.save(_model_state(config, model, data, normalization, epoch), out / checkpoint.BEST)
+            bar.set_postfix(loss=f"{record['train_loss']:.4f}", val_miou=f"{val['miou']:.4f}")
+        else:
+            bar.set_postfix(loss=f"{record['train_loss']:.4f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        record["epoch_time_s"] = time.perf_counter() - epoch_start
+        state["history"].append(record)
+        state["epoch"] = epoch
+        if context.is_main:
+            checkpoint.save({**_model_state(config, model, data, normalization, epoch),
+                             "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
+                             "state": state}, last_path)
+    bar.close()
+    distributed.barrier(context)
+
+    test = evaluate_run(out, data=data, device=device)
+    epoch_times = [h["epoch_time_s"] for h in state["history"]]
+    metrics = {
+        "variant": config.variant,
+        "settings": settings,
+        "classes": list(classes),
+        "test": test,
+        "best_epoch": state["best_epoch"],
+        "best_val_miou": state["best_val_miou"],
+        "device": _device_name(device),
+        "world_size": context.world_size,
+        "wall_time_s": time.perf_counter() - started,
+        "median_epoch_time_s": sorted(epoch_times)[len(epoch_times) // 2] if epoch_times else None,
+        "data": {"source": data.source, **{k: len(v) for k, v in data.splits().items()}},
+        "frem": frem_settings(model),
+        "config": config.to_dict(),
+        "history": state["history"],
+    }
+    if context.is_main:
+        checkpoint.save_json(metrics, out / checkpoint.METRICS)
+    return metrics
+
+
+def _model_state(config, model, data, normalization, epoch) -> dict:
+    return {"config": config.to_dict(), "model": model.state_dict(), "epoch": epoch,
+            "classes": list(data.classes), "in_channels": data.in_channels,
+            "normalization": normalization, "frem": frem_settings(model)}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
