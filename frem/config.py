@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from frem.data.drosophila import SPLIT
-from frem.models import DEFAULT_ENCODER
+from frem.models import DEFAULT_ENCODER, variant_settings
 
 # --quick: a whole run in about a minute on a 2-core CPU. A subset of the real
 # split (still by section), small crops spread over each section, resnet18.
@@ -59,6 +59,9 @@ class TrainConfig:
             raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
         settings = {**(QUICK if quick else {}), **{k: v for k, v in given.items() if v is not None}}
         config = cls(quick=quick, **settings)
+        # The variant's defaults become explicit, so checkpoints say what ran.
+        for name, value in variant_settings(config.variant, config.B, config.X, config.lambda_).items():
+            setattr(config, name, value)
         config.validate()
         return config
 

@@ -75,6 +75,11 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 def train(config: TrainConfig, data: SegmentationData | None = None) -> dict:
     """Run (or resume) training as configured; return the metrics written to metrics.json."""
+    return run_training(config, data)[0]
+
+
+def run_training(config: TrainConfig, data: SegmentationData | None = None):
+    """``train``, also returning the trained model (this process's replica under DDP)."""
     config.validate()
     settings = variant_settings(config.variant, config.B, config.X, config.lambda_)
     context, device = distributed.setup(config.device)
@@ -156,6 +161,8 @@ def _train(config, settings, data, context, device) -> dict:
             loss_sum += loss.detach()
             steps += 1
         record = {"epoch": epoch, "train_loss": float(loss_sum) / max(steps, 1)}  # one sync per epoch
+        if frem.attached(model):
+            record["frem_channels"] = frem.attached(model)[0].channels.tolist()
         if (epoch + 1) % config.val_every == 0 or epoch == config.epochs - 1:
             val = evaluate(model, data.val, classes, normalization, batch_size=2 * config.batch_size,
                            probe=True)
@@ -199,7 +206,7 @@ def _train(config, settings, data, context, device) -> dict:
     }
     if context.is_main:
         checkpoint.save_json(metrics, out / checkpoint.METRICS)
-    return metrics
+    return metrics, model
 
 
 def _model_state(config, model, data, normalization, epoch) -> dict:

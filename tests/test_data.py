@@ -1,0 +1,113 @@
+"""Data: the Drosophila stack (split, classes, checksums, download) and folder data sets."""
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from frem.data import DataError, load_dataset
+from frem.data import drosophila as dro
+
+
+def test_split_is_by_section_twelve_three_five():
+    sections = [s for name in ("train", "val", "test") for s in dro.SPLIT[name]]
+    assert sorted(sections) == list(range(20))  # disjoint and complete
+    assert [len(dro.SPLIT[n]) for n in ("train", "val", "test")] == [12, 3, 5]
+
+
+def test_sixteen_tiles_of_256_per_section_with_all_four_classes(drosophila_root):
+    data = dro.load_drosophila(drosophila_root, sections={"train": (0,), "val": (12,), "test": (15, 16)})
+    assert data.classes == ("membrane", "mitochondria", "synapse", "background")
+    assert tuple(data.train.images.shape) == (16, 1, 256, 256)
+    assert len(data.test) == 32 and data.train.masks.max() == 3
+    assert set(data.train.masks.unique().tolist()) == {0, 1, 2, 3}
+    assert {n.split("@")[0] for n in data.test.names} == {"section15", "section16"}
+
+
+def test_label_values_map_to_the_four_classes():
+    labels = np.array([[0, 32, 64, 96, 128], [159, 191, 223, 255, 255]], dtype=np.uint8)
+    assert dro.labels_to_classes(labels, "x").tolist() == [[0, 0, 0, 0, 0], [3, 1, 2, 3, 3]]
+    with pytest.raises(DataError, match=r"x holds label values \[7\]"):
+        dro.labels_to_classes(np.array([[7]], dtype=np.uint8), "x")
+
+
+def _copy_sections(root, dest, sections):
+    for s in sections:
+        for rel in (dro.raw_path(s), dro.label_path(s)):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / rel, dest / rel)
+
+
+def test_missing_and_corrupt_files_are_named_with_how_to_get_them(drosophila_root, tmp_path):
+    _copy_sections(drosophila_root, tmp_path, (0, 12))
+    sections = {"train": (0,), "val": (12,), "test": (15,)}
+    with pytest.raises(DataError, match=r"missing file .*stack1/raw/15.tif.*frem data download drosophila"):
+        dro.load_drosophila(tmp_path, sections=sections)
+    _copy_sections(drosophila_root, tmp_path, (15,))
+    (tmp_path / dro.label_path(12)).write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"corrupt file .*labels00000012.png"):
+        dro.load_drosophila(tmp_path, sections=sections)
+
+
+def test_data_root_comes_from_the_environment(drosophila_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("FREM_DATA", str(drosophila_root))
+    assert dro.resolve_root() == drosophila_root
+    monkeypatch.setenv("FREM_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="no Drosophila data at .*nowhere.*frem data download"):
+        dro.resolve_root()
+
+
+def test_download_verifies_and_resumes(drosophila_root, tmp_path):
+    """The real download code, pointed at the local copy through a file:// URL."""
+    dest = tmp_path / "cache"
+    dro.download(dest, base_url=drosophila_root.as_uri(), progress=lambda line: None)
+    assert all(dro.sha256(dest / rel) == digest for rel, digest in dro.checksums().items())
+    (dest / dro.raw_path(3)).unlink()
+    fetched = []
+    dro.download(dest, base_url=drosophila_root.as_uri(), progress=fetched.append)
+    assert [line.split()[-1] for line in fetched] == ["stack1/raw/03.tif"]  # only the missing file comes again
+    bad_mirror = tmp_path / "mirror"
+    shutil.copytree(drosophila_root, bad_mirror)
+    (bad_mirror / dro.raw_path(3)).write_bytes(b"tampered")
+    (dest / dro.raw_path(3)).unlink()
+    with pytest.raises(DataError, match="03.tif does not match its SHA-256"):
+        dro.download(dest, base_url=bad_mirror.as_uri(), progress=lambda line: None)
+    assert not (dest / dro.raw_path(3)).exists()  # nothing half-written is left behind
+
+
+def make_folder_dataset(root, size=64, classes=("cell", "nucleus", "background"), count=2):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    for split in ("train", "val", "test"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        for i in range(count):
+            mask = rng.integers(0, len(classes), (size, size), dtype=np.uint8)
+            image = (mask * 80 + rng.integers(0, 40, (size, size))).astype(np.uint8)
+            Image.fromarray(image).save(root / split / "images" / f"img{i}.png")
+            Image.fromarray(mask).save(root / split / "masks" / f"img{i}.png")
+    return root
+
+
+def test_folder_dataset_loads_with_its_classes(tmp_path):
+    data = load_dataset("folder", make_folder_dataset(tmp_path / "d"), crop=32)
+    assert data.classes == ("cell", "nucleus", "background")
+    assert tuple(data.train.images.shape) == (8, 1, 32, 32) and data.in_channels == 1
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: (r / "val" / "masks" / "img1.png").unlink(), r"val/images/img1.png has no mask"),
+    (lambda r: Image.fromarray(np.zeros((8, 8), np.uint8)).save(r / "test" / "masks" / "img0.png"),
+     r"test/masks/img0.png is 8x8 but .*test/images/img0.png is 64x64"),
+    (lambda r: Image.fromarray(np.full((64, 64), 5, np.uint8)).save(r / "train" / "masks" / "img0.png"),
+     r"train/masks/img0.png holds class index 5, but classes.txt names 3 classes"),
+    (lambda r: shutil.rmtree(r / "train" / "images"), r"no images in .*train/images"),
+    (lambda r: (r / "classes.txt").unlink(), r"missing .*classes.txt"),
+])
+def test_bad_folder_pairs_are_reported_with_the_file(tmp_path, damage, message):
+    root = make_folder_dataset(tmp_path / "d")
+    damage(root)
+    with pytest.raises(DataError, match=message):
+        load_dataset("folder", root)

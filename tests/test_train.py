@@ -1,0 +1,98 @@
+"""The trainer end to end on a slice of the real Drosophila data (CPU)."""
+
+import json
+import math
+
+import pytest
+import torch
+from test_data import make_folder_dataset
+
+from frem import checkpoint
+from frem.cli import main
+from frem.evaluate import evaluate_run
+from frem.models import VARIANTS, build_model
+from frem.train import augment, run_training, train
+
+
+def test_quick_run_writes_metrics_with_all_four_classes(tiny_config, tmp_path):
+    config = tiny_config(epochs=2)
+    metrics = train(config)
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["variant"] == "frem"
+    assert set(written["test"]["iou"]) == {"membrane", "mitochondria", "synapse", "background"}
+    assert 0 <= written["test"]["miou"] <= 1
+    assert written["best_epoch"] in (0, 1) and len(written["history"]) == 2
+    epoch = written["history"][-1]
+    for key in ("train_loss", "val_miou", "bottleneck_mean", "skip_mean", "enhanced_mean",
+                "other_mean", "frem_channels", "epoch_time_s"):
+        assert key in epoch, key
+    assert len(epoch["frem_channels"]) == 8
+    assert written["history"][0]["frem_channels"] != epoch["frem_channels"]  # re-drawn per epoch
+    assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "last.pt").is_file()
+    assert metrics["test"] == written["test"]
+
+
+def test_evaluate_reproduces_the_test_metrics(tiny_config, tmp_path, capsys):
+    metrics = train(tiny_config())
+    assert evaluate_run(tmp_path / "run") == metrics["test"]
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run")]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics["test"]
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_config, tmp_path):
+    straight = run_training(tiny_config(epochs=2, out=str(tmp_path / "straight")))[1]
+    # "killed" after the first epoch's checkpoint, then resumed to the end
+    run_training(tiny_config(epochs=1, out=str(tmp_path / "resumed")))
+    resumed = run_training(tiny_config(epochs=2, out=str(tmp_path / "resumed"), resume=True))[1]
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    history = checkpoint.load(tmp_path / "resumed" / "last.pt")["state"]["history"]
+    assert [h["epoch"] for h in history] == [0, 1]
+
+
+def test_a_run_is_never_overwritten_and_resume_checks_the_settings(tiny_config):
+    train(tiny_config())
+    with pytest.raises(ValueError, match="already holds a run: pass --resume"):
+        train(tiny_config())
+    with pytest.raises(ValueError, match=r"cannot resume .*X=250.0 \(this run: 100.0\)"):
+        train(tiny_config(X=100.0, epochs=2, resume=True))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_trains(variant, tiny_config):
+    metrics = train(tiny_config(variant=variant, tiles_per_section=2, batch_size=2))
+    assert math.isfinite(metrics["history"][0]["train_loss"])
+    assert metrics["variant"] == variant
+
+
+def test_variants_differ_where_the_paper_says():
+    kwargs = dict(encoder="resnet18", in_channels=1, classes=4)
+    assert build_model("baseline", **kwargs).encoder.out_channels[-1] == 512
+    assert build_model("shallow", **kwargs).encoder.out_channels[-1] == 256
+    dropout = build_model("dropout", B=8, **kwargs)
+    assert dropout.bottleneck_dropout.p == pytest.approx(8 / 512)
+    supervision = build_model("supervision", **kwargs).train()
+    main_logits, aux = supervision(torch.randn(2, 1, 64, 64))
+    assert aux.shape == main_logits.shape == (2, 4, 64, 64)
+    assert supervision.eval()(torch.randn(1, 1, 64, 64)).shape == (1, 4, 64, 64)
+    fixed = build_model("frem-fixed", **kwargs).frem_encoder
+    assert (fixed.B, fixed.X, fixed.mode) == (10, 10000.0, "fixed")
+
+
+def test_augment_applies_one_symmetry_to_image_and_mask_alike():
+    images = torch.arange(2 * 16, dtype=torch.uint8).view(2, 1, 4, 4)
+    masks = images[:, 0] % 3
+    out_i, out_m = augment(images, masks, torch.Generator().manual_seed(1))
+    assert torch.equal(out_m, out_i[:, 0] % 3)
+    assert sorted(out_i.flatten().tolist()) == sorted(images.flatten().tolist())
+
+
+def test_folder_dataset_trains(tmp_path):
+    root = make_folder_dataset(tmp_path / "cells", size=64)
+    from frem.config import TrainConfig
+    config = TrainConfig.build(quick=True, dataset="folder", data=str(root), crop=None,
+                               out=str(tmp_path / "run"), epochs=1, batch_size=2, progress=False)
+    metrics = train(config)
+    assert set(metrics["test"]["iou"]) == {"cell", "nucleus", "background"}
