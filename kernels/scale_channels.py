@@ -137,10 +137,10 @@ def launch_scale_channels(x: torch.Tensor, scale: torch.Tensor, y: torch.Tensor,
 
 
 def _scale_channels_torch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    compute = torch.promote_types(x.dtype, torch.float32)
+    # One pass: the fp32 scale promotes the product to fp32 (fp64 for fp64 x)
+    # and out= casts on store; empty_like gives exactly the CUDA path's strides.
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    # empty_like + copy_ gives exactly the strides the CUDA path and the fake see.
-    return torch.empty_like(x).copy_(x.to(compute) * scale.to(compute).view(shape))
+    return torch.mul(x, scale.view(shape), out=torch.empty_like(x))
 
 
 @triton_op("frem::scale_channels", mutates_args=())
