@@ -7,6 +7,7 @@ import json
 import sys
 
 from frem.models import VARIANTS
+from frem.search_space import SEARCH_SPACE, TUNABLE
 
 
 class Parser(argparse.ArgumentParser):
@@ -64,6 +65,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     add_train_options(train)
 
+    tune = commands.add_parser(
+        "tune", help="TPE search (Optuna) over B and X, or lambda",
+        description="Optuna TPE search maximising validation mIoU; hopeless trials are pruned.",
+        epilog="search space: " + SEARCH_SPACE + ". Storage: a SQLite file OUT/study.db by default "
+               "(a killed search resumes); journal:PATH for several processes on one machine; "
+               "postgresql://... for several machines.")
+    tune.add_argument("--variant", choices=TUNABLE, default="frem")
+    tune.add_argument("--trials", type=int, default=50, help="finished trials the study should hold (default 50)")
+    tune.add_argument("--study", default="frem", help="study name (default frem)")
+    tune.add_argument("--storage", help="Optuna storage URL or journal:PATH (default sqlite:///OUT/study.db)")
+    tune.add_argument("--pruner", choices=("hyperband", "median", "none"), default="hyperband")
+    tune.add_argument("--out", default="runs/tune", help="folder for the study and the trial runs")
+    add_train_options(tune)
+
+    reproduce = commands.add_parser(
+        "reproduce", help="every variant x seeds under one protocol: table and figures in OUT/results")
+    reproduce.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 3; --quick: 1)")
+    reproduce.add_argument("--tune-trials", type=int, default=None,
+                           help="TPE trials for the B-X figure (default 20; --quick: 6; 0 skips)")
+    reproduce.add_argument("--paper-table", help="CSV of the paper's Table 2 to print beside ours")
+    reproduce.add_argument("--out", default="reproduction")
+    add_train_options(reproduce)
+
     evaluate = commands.add_parser("evaluate", help="recompute a run's test metrics from best.pt")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--data", help="data folder, if it moved since training")
@@ -97,6 +121,34 @@ def run_train(args) -> int:
     return 0
 
 
+def run_tune(args) -> int:
+    from frem.config import TrainConfig
+    from frem.tune import tune
+    kwargs = {k: v for k, v in train_kwargs(args).items() if k not in ("out", "resume")}
+    if args.trials < 1:
+        raise ValueError(f"--trials must be at least 1, got {args.trials}")
+    base = TrainConfig.build(quick=args.quick, **kwargs)
+    summary = tune(base, trials=args.trials, study_name=args.study, storage=args.storage, out=args.out,
+                   pruner=args.pruner)
+    print(json.dumps({k: v for k, v in summary.items() if k != "train_command"}, indent=2))
+    if "train_command" in summary:
+        print("\nTrain the best setting in full with:\n  " + summary["train_command"])
+    return 0
+
+
+def run_reproduce(args) -> int:
+    from frem.config import TrainConfig
+    from frem.reproduce import reproduce
+    kwargs = {k: v for k, v in train_kwargs(args).items() if k not in ("out", "resume", "variant")}
+    base = TrainConfig.build(quick=args.quick, **kwargs)
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    trials = args.tune_trials if args.tune_trials is not None else (6 if args.quick else 20)
+    summary = reproduce(base, seeds=list(range(seeds)), out=args.out, tune_trials=trials,
+                        paper_table=args.paper_table)
+    print(f"{args.out}/results/README.md\n{summary['verdict']}")
+    return 0
+
+
 def run_evaluate(args) -> int:
     from frem.evaluate import evaluate_run
     data = None
@@ -123,7 +175,8 @@ def run_download(args) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict}
+COMMANDS = {"train": run_train, "tune": run_tune, "reproduce": run_reproduce, "evaluate": run_evaluate,
+            "predict": run_predict}
 
 
 def main(argv=None) -> int:

@@ -59,11 +59,20 @@ class TrainConfig:
             raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
         settings = {**(QUICK if quick else {}), **{k: v for k, v in given.items() if v is not None}}
         config = cls(quick=quick, **settings)
-        # The variant's defaults become explicit, so checkpoints say what ran.
-        for name, value in variant_settings(config.variant, config.B, config.X, config.lambda_).items():
-            setattr(config, name, value)
+        config._resolve_variant()
         config.validate()
         return config
+
+    def for_variant(self, variant: str, **changes) -> "TrainConfig":
+        """The same protocol for another variant, with that variant's own B/X/lambda."""
+        config = replace(self, variant=variant, B=None, X=None, lambda_=None, **changes)
+        config._resolve_variant()
+        return config
+
+    def _resolve_variant(self) -> None:
+        # The variant's defaults become explicit, so checkpoints say what ran.
+        for name, value in variant_settings(self.variant, self.B, self.X, self.lambda_).items():
+            setattr(self, name, value)
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "val_every"):

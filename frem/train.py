@@ -73,23 +73,27 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def train(config: TrainConfig, data: SegmentationData | None = None) -> dict:
-    """Run (or resume) training as configured; return the metrics written to metrics.json."""
-    return run_training(config, data)[0]
+def train(config: TrainConfig, data: SegmentationData | None = None, on_validation=None) -> dict:
+    """Run (or resume) training as configured; return the metrics written to metrics.json.
+
+    ``on_validation(epoch, val_miou)`` is called after each validation (the
+    tuner reports to Optuna there and may raise ``optuna.TrialPruned``).
+    """
+    return run_training(config, data, on_validation)[0]
 
 
-def run_training(config: TrainConfig, data: SegmentationData | None = None):
+def run_training(config: TrainConfig, data: SegmentationData | None = None, on_validation=None):
     """``train``, also returning the trained model (this process's replica under DDP)."""
     config.validate()
     settings = variant_settings(config.variant, config.B, config.X, config.lambda_)
     context, device = distributed.setup(config.device)
     try:
-        return _train(config, settings, data, context, device)
+        return _train(config, settings, data, context, device, on_validation)
     finally:
         distributed.teardown(context)
 
 
-def _train(config, settings, data, context, device) -> dict:
+def _train(config, settings, data, context, device, on_validation):
     out = Path(config.out)
     last_path = out / checkpoint.LAST
     if last_path.exists() and not config.resume:
@@ -160,7 +164,8 @@ def _train(config, settings, data, context, device) -> dict:
             optimizer.step()
             loss_sum += loss.detach()
             steps += 1
-        record = {"epoch": epoch, "train_loss": float(loss_sum) / max(steps, 1)}  # one sync per epoch
+        record = {"epoch": epoch, "train_loss": float(loss_sum) / max(steps, 1),  # one sync per epoch
+                  "train_time_s": time.perf_counter() - epoch_start, "train_images": len(order)}
         if frem.attached(model):
             record["frem_channels"] = frem.attached(model)[0].channels.tolist()
         if (epoch + 1) % config.val_every == 0 or epoch == config.epochs - 1:
@@ -183,6 +188,8 @@ def _train(config, settings, data, context, device) -> dict:
             checkpoint.save({**_model_state(config, model, data, normalization, epoch),
                              "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
                              "state": state}, last_path)
+        if on_validation is not None and "val_miou" in record:
+            on_validation(epoch, record["val_miou"])  # after the checkpoint: a prune loses nothing
     bar.close()
     distributed.barrier(context)
 

@@ -137,10 +137,19 @@ def launch_scale_channels(x: torch.Tensor, scale: torch.Tensor, y: torch.Tensor,
 
 
 def _scale_channels_torch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # One pass: the fp32 scale promotes the product to fp32 (fp64 for fp64 x)
-    # and out= casts on store; empty_like gives exactly the CUDA path's strides.
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    return torch.mul(x, scale.view(shape), out=torch.empty_like(x))
+    out = torch.empty_like(x)  # exactly the CUDA path's and the fake's strides
+    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
+        narrow = scale.to(x.dtype)
+        # A half-precision product of two half-precision numbers is exact in
+        # fp32, so when the scale fits x's dtype the vectorised same-dtype mul
+        # (fp32 inside, one rounding) equals the fp32 computation bit for bit.
+        # Checking that reads host memory only: no device sync.
+        if torch.equal(narrow.to(scale.dtype), scale):
+            return torch.mul(x, narrow.view(shape), out=out)
+        return out.copy_(x.float().mul_(scale.view(shape)))
+    # The fp32 scale promotes the product to fp32 (fp64 for fp64 x); out= casts on store.
+    return torch.mul(x, scale.view(shape), out=out)
 
 
 @triton_op("frem::scale_channels", mutates_args=())

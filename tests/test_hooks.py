@@ -198,3 +198,18 @@ def test_layer_output_without_channel_dimension_is_refused():
     frem.attach(model, "1", B=1, X=2.0)
     with pytest.raises(ValueError, match="layer '1' has no channel dimension"):
         model.train()(torch.randn(3, 4))
+
+
+def test_eval_graph_of_an_attached_model_is_the_bare_graph():
+    def ops(model):
+        graph = torch.export.export(model.eval(), (torch.randn(1, 1, 32, 32),)).graph
+        return [str(n.target) for n in graph.nodes if n.op == "call_function"]
+
+    torch.manual_seed(0)
+    model = tiny_unet()
+    bare = ops(model)
+    frem.attach(model, B=8, X=632.0)
+    assert ops(model) == bare
+    model.train()
+    train_graph = torch.export.export(model, (torch.randn(2, 1, 32, 32),)).graph
+    assert any("frem.scale_channels" in str(n.target) for n in train_graph.nodes)

@@ -1,0 +1,96 @@
+"""Turn a ``pytest benchmarks/ --benchmark-json=FILE`` result into Markdown.
+
+    python benchmarks/report.py results.json > benchmarks/README.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+HEADER = """# Benchmarks
+
+Produced by `pytest benchmarks/ --benchmark-only --benchmark-json=results.json`
+and `python benchmarks/report.py results.json > benchmarks/README.md`.
+Times are medians: on CUDA device-side (`triton.testing.do_bench`), on CPU
+wall time; inputs rotate through sets larger than the caches.
+"""
+
+
+def main(path: str) -> str:
+    report = json.load(open(path))
+    machine, commit = report["machine_info"], report.get("commit_info", {})
+    benches = report["benchmarks"]
+    info = [b["extra_info"] for b in benches]
+    device = next((i["device"] for i in info if "device" in i), "?")
+    lines = [HEADER,
+             f"- device: **{device}** ({machine.get('cpu', {}).get('brand_raw', '?')})",
+             f"- date: {report['datetime'][:10]}, commit {commit.get('id', '?')[:10]}",
+             f"- python {machine.get('python_version')}, torch {versions(report, 'torch')}, "
+             f"triton {versions(report, 'triton')}", ""]
+    copy = next((i["copy_gbps"] for i in info if "copy_gbps" in i), None)
+    if copy:
+        lines += [f"Measured copy bandwidth (read + write): **{copy:.1f} GB/s**.", ""]
+    lines += op_table([b for b in benches if b["name"].startswith("test_scale_channels")])
+    lines += overhead_tables(info)
+    return "\n".join(lines) + "\n"
+
+
+def versions(report, name):
+    return report.get("frem_versions", {}).get(name, "?")
+
+
+def op_table(benches) -> list[str]:
+    if not benches:
+        return []
+    rows = defaultdict(dict)
+    for b in benches:
+        i = b["extra_info"]
+        key = (i["shape"], i["dtype"], i["layout"], i["direction"])
+        rows[key][i["impl"]] = i
+    lines = ["## `frem.scale_channels` vs eager and compiled PyTorch", "",
+             "| shape | dtype | layout | pass | frem ms | eager ms | compiled ms | frem GB/s | "
+             "frem % of copy | eager / frem |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (shape, dtype, layout, direction), impls in rows.items():
+        f, e, c = impls.get("frem"), impls.get("eager"), impls.get("compiled")
+        cell = lambda i: f"{i['median_ms']:.3f}" if i else "-"  # noqa: E731
+        lines.append(f"| {shape} | {dtype} | {layout} | {direction} | {cell(f)} | {cell(e)} | {cell(c)} | "
+                     f"{f['gbps']:.1f} | {100 * f['copy_fraction']:.0f}% | "
+                     f"{e['median_ms'] / f['median_ms']:.2f} |" if f and e else "")
+    return lines + [""]
+
+
+def overhead_tables(info) -> list[str]:
+    lines = []
+    for i in info:
+        if "ratio" in i and "export_nodes" in i:
+            lines += ["## Inference overhead (eval mode, FREM attached vs bare, interleaved)", "",
+                      f"smp.Unet tu-seresnet34, batch {i['batch']}, {i['size']}x{i['size']}, B=162, X=632.", "",
+                      "| bare ms | attached ms | attached / bare | bare / bare (noise) | export ops bare = attached |",
+                      "|---|---|---|---|---|",
+                      f"| {i['ms']['bare']:.2f} | {i['ms']['attached']:.2f} | {i['ratio']:.3f} | "
+                      f"{i['noise_ratio']:.3f} | {i['export_nodes']['bare']} = {i['export_nodes']['attached']} |", ""]
+        elif "ratio" in i:
+            peak = i.get("peak_bytes") or {}
+            memory = (f"{peak['bare'] / 2**20:.1f} / {peak['attached'] / 2**20:.1f} MiB "
+                      f"(+{(peak['attached'] - peak['bare']) / 2**20:.2f}; one activation "
+                      f"{peak['one_activation'] / 2**20:.2f})" if peak else "not measured on CPU")
+            lines += ["## Training overhead (one step: forward, loss, backward, Adam)", "",
+                      f"smp.Unet tu-seresnet34, batch {i['batch']}, {i['size']}x{i['size']}, B=162, X=632.", "",
+                      "| bare ms | attached ms | attached / bare | bare / bare (noise) | peak memory bare / attached |",
+                      "|---|---|---|---|---|",
+                      f"| {i['ms']['bare']:.1f} | {i['ms']['attached']:.1f} | {i['ratio']:.3f} | "
+                      f"{i['noise_ratio']:.3f} | {memory} |", ""]
+        elif "trainer_images_per_s" in i:
+            lines += ["## End to end: `frem train` vs the model's own step", "",
+                      f"{i['protocol']}.", "",
+                      "| trainer images/s | model step images/s | trainer / model | epoch s (with validation) |",
+                      "|---|---|---|---|",
+                      f"| {i['trainer_images_per_s']:.1f} | {i['model_images_per_s']:.1f} | "
+                      f"{i['trainer_images_per_s'] / i['model_images_per_s']:.2f} | {i['epoch_s']:.2f} |", ""]
+    return lines
+
+
+if __name__ == "__main__":
+    sys.stdout.write(main(sys.argv[1]))

@@ -1,0 +1,122 @@
+"""What FREM costs a model: nothing at inference, one channel scaling in training.
+
+Bare and attached models are timed interleaved (A B A B ...) in one run, so
+drifting clocks hit both alike; a bare-vs-bare pair gives the noise floor.
+"""
+
+import copy
+import statistics
+import time
+
+import segmentation_models_pytorch as smp
+import torch
+from conftest import DEVICE, device_name, sync
+from torch.nn import functional as F
+
+import frem
+
+ON_GPU = DEVICE.type == "cuda"
+# The paper's setting on a GPU; a CPU-sized batch otherwise.
+BATCH, SIZE = (16, 256) if ON_GPU else (2, 128)
+
+
+def default_model():
+    torch.manual_seed(0)
+    model = smp.Unet("tu-seresnet34", encoder_weights=None, in_channels=1, classes=4).to(DEVICE)
+    return model.to(memory_format=torch.channels_last) if ON_GPU else model
+
+
+def autocast():
+    return torch.autocast("cuda", dtype=torch.bfloat16) if ON_GPU else torch.autocast("cpu", enabled=False)
+
+
+def interleaved_ms(fns: dict, rounds: int) -> dict:
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def pair():
+    bare = default_model()
+    twin = copy.deepcopy(bare)
+    attached = copy.deepcopy(bare)
+    frem.attach(attached, "bottleneck", B=162, X=632)
+    return bare, twin, attached
+
+
+def eval_ops(model, example) -> list[str]:
+    graph = torch.export.export(model, example).graph
+    return [str(node.target) for node in graph.nodes if node.op == "call_function"]
+
+
+def test_inference_overhead(benchmark):
+    bare, twin, attached = (m.eval() for m in pair())
+    x = torch.randn(BATCH, 1, SIZE, SIZE, device=DEVICE)
+    if ON_GPU:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def infer(model):
+        def run():
+            with torch.no_grad(), autocast():
+                model(x)
+        return run
+
+    for model in (bare, twin, attached):
+        infer(model)()  # warm-up
+    ms = interleaved_ms({"bare": infer(bare), "bare_again": infer(twin), "attached": infer(attached)},
+                        rounds=30 if ON_GPU else 10)
+    # The eval graph itself: the attached model exports to the very same
+    # operations (FREM's two unused buffers only add graph inputs).
+    ops = {name: eval_ops(m, (x[:1],)) for name, m in (("bare", bare), ("attached", attached))}
+    assert ops["bare"] == ops["attached"]
+    nodes = {name: len(o) for name, o in ops.items()}
+    benchmark.extra_info.update(device=device_name(), batch=BATCH, size=SIZE, ms=ms,
+                                ratio=ms["attached"] / ms["bare"], noise_ratio=ms["bare_again"] / ms["bare"],
+                                export_nodes=nodes)
+    benchmark.pedantic(infer(attached), rounds=5, warmup_rounds=1)
+
+
+def test_training_overhead(benchmark):
+    bare, twin, attached = (m.train() for m in pair())
+    optimizers = {id(m): torch.optim.Adam(m.parameters(), lr=1e-4) for m in (bare, twin, attached)}
+    x = torch.randn(BATCH, 1, SIZE, SIZE, device=DEVICE)
+    if ON_GPU:
+        x = x.contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 4, (BATCH, SIZE, SIZE), device=DEVICE)
+
+    def step(model):
+        optimizer = optimizers[id(model)]
+
+        def run():
+            with autocast():
+                loss = F.cross_entropy(model(x), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return run
+
+    for model in (bare, twin, attached):
+        step(model)()
+    ms = interleaved_ms({"bare": step(bare), "bare_again": step(twin), "attached": step(attached)},
+                        rounds=20 if ON_GPU else 6)
+    peak = {}
+    if ON_GPU:
+        for name, model in (("bare", bare), ("attached", attached)):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            step(model)()
+            torch.cuda.synchronize()
+            peak[name] = torch.cuda.max_memory_allocated()
+        # FREM writes one extra activation: the scaled bottleneck (bf16 under autocast).
+        channels = attached.encoder.out_channels[-1]
+        peak["one_activation"] = BATCH * channels * (SIZE // 32) ** 2 * 2
+    benchmark.extra_info.update(device=device_name(), batch=BATCH, size=SIZE, ms=ms,
+                                ratio=ms["attached"] / ms["bare"], noise_ratio=ms["bare_again"] / ms["bare"],
+                                peak_bytes=peak)
+    benchmark.pedantic(step(attached), rounds=3, warmup_rounds=1)

@@ -1,0 +1,205 @@
+"""``frem reproduce``: every variant, several seeds, one protocol; table and figures.
+
+Each run lives in ``OUT/runs/<variant>-seed<k>`` and is resumed or skipped if
+it is already there, so a reproduction can be spread over several commands
+(a GPU lease ends, a laptop sleeps) and nothing is trained twice. Nothing in
+``OUT`` is hand-edited: the table and figures are what the runs produced.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+
+from frem import checkpoint, figures
+from frem.config import TrainConfig
+from frem.data import load_dataset
+from frem.evaluate import model_from_checkpoint, normalize
+from frem.models import VARIANTS
+from frem.train import train
+from frem.tune import open_storage, trials_table, tune
+
+STUDY = "reproduce-frem"
+
+
+def run_all(base: TrainConfig, seeds, out: Path, data, variants=VARIANTS) -> dict:
+    results = {}
+    for variant in variants:
+        for seed in seeds:
+            run_dir = out / "runs" / f"{variant}-seed{seed}"
+            if (run_dir / checkpoint.METRICS).exists():
+                metrics = json.loads((run_dir / checkpoint.METRICS).read_text())
+            else:
+                config = base.for_variant(variant, seed=seed, out=str(run_dir), progress=False,
+                                          resume=(run_dir / checkpoint.LAST).exists())
+                metrics = train(config, data)
+            results[(variant, seed)] = metrics
+    return results
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def _fmt(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def summarize(results: dict, classes, seeds, variants) -> list[dict]:
+    """Mean and std over seeds per class and mIoU; paired mIoU difference to baseline."""
+    rows = []
+    for variant in variants:
+        runs = [results[(variant, s)] for s in seeds]
+        row = {"variant": variant, "seeds": len(runs)}
+        for name in classes:
+            row[name] = _mean_std([r["test"]["iou"][name] for r in runs])
+        row["miou"] = _mean_std([r["test"]["miou"] for r in runs])
+        if "baseline" in variants:
+            row["delta_miou"] = _mean_std([results[(variant, s)]["test"]["miou"]
+                                           - results[("baseline", s)]["test"]["miou"] for s in seeds])
+        rows.append(row)
+    return rows
+
+
+def read_paper_table(path) -> dict:
+    """Optional CSV of the paper's numbers: variant,<class>...,miou (IoU in [0, 1])."""
+    with open(path) as f:
+        return {row["variant"]: row for row in csv.DictReader(f)}
+
+
+def table_markdown(rows, classes, paper: dict | None) -> str:
+    head = ["variant", *classes, "mIoU", "Δ mIoU vs baseline (paired)"]
+    if paper:
+        head.append("paper mIoU")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["variant"], *(_fmt(*row[c]) for c in classes), _fmt(*row["miou"]),
+                 _fmt(*row.get("delta_miou", (math.nan, math.nan)))]
+        if paper:
+            cells.append(paper.get(row["variant"], {}).get("miou", "-"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table_csv(rows, classes) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    columns = [*classes, "miou", "delta_miou"]
+    writer.writerow(["variant", "seeds"] + [f"{c}_{s}" for c in columns for s in ("mean", "std")])
+    for row in rows:
+        writer.writerow([row["variant"], row["seeds"]] + [
+            f"{v:.6f}" for c in columns for v in row.get(c, (math.nan, math.nan))])
+    return out.getvalue()
+
+
+def verdict(rows) -> str:
+    """Did FREM beat the baseline, by how much, and is that more than the seed spread?"""
+    by = {r["variant"]: r for r in rows}
+    if "frem" not in by or "baseline" not in by:
+        return ""
+    (delta, delta_std), (_, base_std) = by["frem"]["delta_miou"], by["baseline"]["miou"]
+    seeds = by["frem"]["seeds"]
+    spread = max(s for s in (delta_std, base_std) if not math.isnan(s)) if not (
+        math.isnan(delta_std) and math.isnan(base_std)) else math.nan
+    outcome = "beat" if delta > 0 else "did not beat"
+    text = (f"On these runs FREM {outcome} the baseline: mIoU difference {delta:+.4f} "
+            f"(paired over {seeds} seed{'s' if seeds > 1 else ''}).")
+    if math.isnan(spread):
+        return text + " With one seed there is no seed-to-seed spread to compare it with."
+    larger = "larger" if abs(delta) > spread else "not larger"
+    return (text + f" The seed-to-seed spread (std of the paired difference {delta_std:.4f}, of "
+            f"the baseline's mIoU {base_std:.4f}) makes the difference {larger} than the noise.")
+
+
+@torch.no_grad()
+def qualitative_figure(out: Path, data, variants, seed: int, path: Path, tiles: int = 3) -> Path:
+    index = torch.linspace(0, len(data.test) - 1, tiles).round().long()
+    images, truth = data.test.images[index], data.test.masks[index]
+    predictions = {}
+    for variant in variants:
+        state = checkpoint.load(out / "runs" / f"{variant}-seed{seed}" / checkpoint.BEST)
+        model = model_from_checkpoint(state)
+        predictions[variant] = model(normalize(images, state["normalization"])).argmax(1).numpy()
+    return figures.qualitative(images[:, 0].numpy(), truth.numpy(), predictions, data.classes, path,
+                               f"test tiles ({', '.join(data.test.names[i] for i in index)})")
+
+
+def reproduce(base: TrainConfig, *, seeds, out, tune_trials: int, paper_table=None,
+              variants=VARIANTS) -> dict:
+    out = Path(out)
+    results_dir = out / "results"
+    data = load_dataset(base.dataset, base.data, crop=base.crop,
+                        tiles_per_section=base.tiles_per_section, sections=base.sections)
+    results = run_all(base, seeds, out, data, variants)
+    rows = summarize(results, data.classes, seeds, variants)
+    paper = read_paper_table(paper_table) if paper_table else None
+
+    tuning = None
+    if tune_trials:
+        tuning = tune(base.for_variant("frem"), trials=tune_trials, study_name=STUDY, storage=None,
+                      out=out / "tune", data=data)
+    made = []
+    if tuning:
+        study = optuna.load_study(study_name=STUDY, storage=open_storage(None, out / "tune"))
+        made.append(figures.bx_scatter(trials_table(study), results_dir / "fig7_bx_search.png",
+                                       f"TPE over B and X ({tuning['trials']} trials, {base.epochs} epochs each)"))
+    first = seeds[0]
+    histories = {v: results[(v, first)]["history"] for v in ("baseline", "frem") if v in variants}
+    made.append(figures.feature_magnitudes(histories, results_dir / "fig2_feature_magnitudes.png",
+                                           f"bottleneck vs skip feature (seed {first})"))
+    if "frem" in variants:
+        made.append(figures.enhanced_channels(results[("frem", first)]["history"],
+                                              results_dir / "fig9_enhanced_channels.png",
+                                              f"FREM: enhanced vs other bottleneck channels (seed {first})"))
+    made.append(qualitative_figure(out, data, variants, first, results_dir / "fig5_qualitative.png"))
+
+    protocol = protocol_lines(base, seeds, data, results)
+    text = ["# Reproduction: FREM on the Drosophila ssTEM data", "", *protocol, "",
+            "## Test IoU (mean ± std over seeds)", "", table_markdown(rows, data.classes, paper), "",
+            verdict(rows), ""]
+    if not paper:
+        text += ["The paper's Table 2 numbers are not included: pass `--paper-table CSV` "
+                 "(columns variant,membrane,mitochondria,synapse,background,miou) to print them beside ours.", ""]
+    if tuning:
+        text += ["## TPE search (FREM, B and X)", "",
+                 f"{tuning['trials']} trials ({tuning['complete']} complete, {tuning['pruned']} pruned); "
+                 f"best validation mIoU {tuning.get('best_value', math.nan):.4f} at "
+                 f"{tuning.get('best_params')}; {tuning['epochs_spent']} epochs trained of "
+                 f"{tuning['epochs_if_every_trial_ran_in_full']} for full trials "
+                 f"({100 * tuning['compute_fraction']:.0f}%).", ""]
+    text += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in made]
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "README.md").write_text("\n".join(text) + "\n")
+    (results_dir / "table.csv").write_text(table_csv(rows, data.classes))
+    summary = {"rows": rows, "verdict": verdict(rows), "figures": [str(p) for p in made], "tuning": tuning}
+    checkpoint.save_json(json.loads(json.dumps(summary, default=str)), results_dir / "summary.json")
+    return summary
+
+
+def protocol_lines(base: TrainConfig, seeds, data, results) -> list[str]:
+    runs = list(results.values())
+    wall = sum(r["wall_time_s"] for r in runs)
+    device = sorted({r["device"] for r in runs})
+    label = " (`--quick`: a CPU smoke protocol, not the paper's)" if base.quick else ""
+    return [f"**Protocol{label}**", "",
+            f"- data: {data.source}; tiles train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)} "
+            f"of {data.train.images.shape[-1]} px; sections {base.sections or 'the standard 12/3/5 split'}",
+            f"- model: smp.Unet, encoder {base.encoder} (random init); epochs {base.epochs}, batch "
+            f"{base.batch_size}, Adam lr {base.lr:g}, validation every {base.val_every} epoch(s), "
+            "best validation mIoU checkpoint scored on test",
+            f"- variant settings: frem B=8 X=250, frem-fixed B=10 X=10000, dropout rate 8/C, supervision lambda 0.5",
+            f"- seeds {list(seeds)}; device {', '.join(device)}; wall time of all runs {wall / 60:.1f} min",
+            "- IoU pooled over the test split per class (smp.metrics); mIoU over the four classes"]

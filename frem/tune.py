@@ -1,0 +1,161 @@
+"""``frem tune``: TPE search (Optuna) over FREM's B and X, or deep supervision's lambda.
+
+Each trial is a training run in ``OUT/trials/trial-NNNN``, reporting its
+validation mIoU every validation to Optuna so a pruner can stop hopeless
+trials early. Storage is SQLite by default: a killed search resumes, and
+Optuna's heartbeat marks a killed trial failed and re-queues it with the same
+parameters, whose training resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from pathlib import Path
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+
+from frem import checkpoint
+from frem.config import TrainConfig
+from frem.data import load_dataset
+from frem.models import bottleneck_channels, build_model
+from frem.search_space import LAMBDA_RANGE, SEARCH_SPACE, TUNABLE, X_RANGE
+from frem.train import train
+# Seconds between heartbeats of a running trial; twice that without one and
+# the trial counts as dead, is failed and re-queued.
+HEARTBEAT_S = int(os.environ.get("FREM_TUNE_HEARTBEAT", "30"))
+SUMMARY = "tune_summary.json"
+
+
+def open_storage(url: str | None, out: Path):
+    """SQLite file by default; ``journal:PATH`` for Optuna's journal file; any RDB URL."""
+    if url is None:
+        out.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{(out / 'study.db').resolve()}"
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S,
+                      failed_trial_callback=RetryFailedTrialCallback(max_retry=3,
+                                                                     inherit_intermediate_values=True))
+
+
+def make_pruner(name: str, validations: int):
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(validations, 1),
+                                              reduction_factor=3)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, validations // 5))
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"unknown pruner {name!r}: hyperband, median or none")
+
+
+def suggest(trial: optuna.Trial, variant: str, channels: int) -> dict:
+    if variant in ("frem", "frem-fixed"):
+        return {"B": trial.suggest_int("B", 1, channels), "X": trial.suggest_float("X", *X_RANGE, log=True)}
+    if variant == "supervision":
+        return {"lambda_": trial.suggest_float("lambda", *LAMBDA_RANGE)}
+    if variant == "dropout":
+        return {"B": trial.suggest_int("B", 1, channels)}
+    raise ValueError(f"--variant {variant} has nothing to tune: choose one of {', '.join(TUNABLE)}")
+
+
+def train_command(base: TrainConfig, params: dict) -> str:
+    """The ``frem train`` command that trains the best trial's setting in full."""
+    args = ["frem", "train", "--variant", base.variant]
+    for name, value in params.items():
+        args += [f"--{name}", f"{value:.6g}" if isinstance(value, float) else str(value)]
+    args += ["--epochs", str(base.epochs), "--seed", str(base.seed), "--encoder", base.encoder,
+             "--batch-size", str(base.batch_size), "--lr", f"{base.lr:g}"]
+    if base.data:
+        args += ["--data", base.data]
+    if base.dataset != "drosophila":
+        args += ["--dataset", base.dataset]
+    if base.quick:
+        args += ["--quick"]
+    return shlex.join(args + ["--out", f"runs/{base.variant}-tuned"])
+
+
+def tune(base: TrainConfig, *, trials: int, study_name: str, storage: str | None, out,
+         pruner: str = "hyperband", data=None) -> dict:
+    """Run trials until the study holds ``trials`` finished ones; return the summary."""
+    if base.variant not in TUNABLE:
+        raise ValueError(f"--variant {base.variant} has nothing to tune: choose one of {', '.join(TUNABLE)}")
+    out = Path(out)
+    data = data or load_dataset(base.dataset, base.data, crop=base.crop,
+                                tiles_per_section=base.tiles_per_section, sections=base.sections)
+    channels = bottleneck_channels(build_model(base.variant, encoder=base.encoder,
+                                               in_channels=data.in_channels, classes=len(data.classes),
+                                               B=1, X=1.0))
+    validations = -(-base.epochs // base.val_every)
+    study = optuna.create_study(study_name=study_name, storage=open_storage(storage, out),
+                                direction="maximize", load_if_exists=True,
+                                pruner=make_pruner(pruner, validations))
+    # Seeded, and offset by the trials already there, so a resumed or a second
+    # worker does not replay the first worker's random start-up points.
+    study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials))
+    study.set_user_attr("variant", base.variant)
+    study.set_user_attr("epochs", base.epochs)
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, base.variant, channels)
+        first = RetryFailedTrialCallback.retried_trial_number(trial)
+        run_dir = out / "trials" / f"trial-{first if first is not None else trial.number:04d}"
+        config = base.with_(out=str(run_dir), resume=(run_dir / checkpoint.LAST).exists(), progress=False,
+                            **params)
+
+        def report(epoch: int, val_miou: float) -> None:
+            trial.set_user_attr("epochs_trained", epoch + 1)
+            trial.report(val_miou, step=epoch // base.val_every)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        metrics = train(config, data, on_validation=report)
+        trial.set_user_attr("epochs_trained", len(metrics["history"]))
+        trial.set_user_attr("test_miou", metrics["test"]["miou"])
+        return metrics["best_val_miou"]
+
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    if len(study.get_trials(states=finished)) < trials:
+        study.optimize(objective, callbacks=[MaxTrialsCallback(trials, states=finished)],
+                       catch=(), gc_after_trial=True)
+    summary = summarize(study, base)
+    checkpoint.save_json(summary, out / SUMMARY)
+    return summary
+
+
+def summarize(study: optuna.Study, base: TrainConfig) -> dict:
+    """Best value and what the search cost, in epochs, against full trainings."""
+    done = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    spent = sum(t.user_attrs.get("epochs_trained", 0) for t in done)
+    complete = [t for t in done if t.state == TrialState.COMPLETE]
+    summary = {
+        "study": study.study_name, "variant": base.variant, "search_space": SEARCH_SPACE,
+        "trials": len(done), "complete": len(complete), "pruned": len(done) - len(complete),
+        "epochs_per_full_trial": base.epochs, "epochs_spent": spent,
+        "epochs_if_every_trial_ran_in_full": len(done) * base.epochs,
+        "compute_fraction": spent / max(len(done) * base.epochs, 1),
+    }
+    if complete:
+        best = study.best_trial
+        params = dict(best.params)
+        summary.update(best_value=best.value, best_params=params, best_trial=best.number,
+                       best_test_miou=best.user_attrs.get("test_miou"),
+                       train_command=train_command(base, params))
+    return summary
+
+
+def trials_table(study: optuna.Study) -> list[dict]:
+    return [{"number": t.number, "state": t.state.name, "value": t.value, **t.params,
+             "epochs_trained": t.user_attrs.get("epochs_trained")} for t in study.trials]
+
+
+def load_summary(out) -> dict:
+    return json.loads((Path(out) / SUMMARY).read_text())
