@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--tune-trials", type=int, default=None,
                            help="TPE trials for the B-X figure (default 20; --quick: 6; 0 skips)")
     reproduce.add_argument("--paper-table", help="CSV of the paper's Table 2 to print beside ours")
-    reproduce.add_argument("--out", default="reproduction")
+    reproduce.add_argument("--out", default="reproduction", help="folder for the runs and the study")
+    reproduce.add_argument("--results", help="folder for the table and figures "
+                           "(default results/full, or results/quick with --quick)")
     add_train_options(reproduce)
 
     evaluate = commands.add_parser("evaluate", help="recompute a run's test metrics from best.pt")
@@ -143,9 +145,10 @@ def run_reproduce(args) -> int:
     base = TrainConfig.build(quick=args.quick, **kwargs)
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     trials = args.tune_trials if args.tune_trials is not None else (6 if args.quick else 20)
-    summary = reproduce(base, seeds=list(range(seeds)), out=args.out, tune_trials=trials,
-                        paper_table=args.paper_table)
-    print(f"{args.out}/results/README.md\n{summary['verdict']}")
+    results = args.results or ("results/quick" if args.quick else "results/full")
+    summary = reproduce(base, seeds=list(range(seeds)), out=args.out, results_dir=results,
+                        tune_trials=trials, paper_table=args.paper_table)
+    print(f"{results}/README.md\n{summary['verdict']}")
     return 0
 
 

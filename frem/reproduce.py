@@ -137,10 +137,9 @@ def qualitative_figure(out: Path, data, variants, seed: int, path: Path, tiles: 
                                f"test tiles ({', '.join(data.test.names[i] for i in index)})")
 
 
-def reproduce(base: TrainConfig, *, seeds, out, tune_trials: int, paper_table=None,
+def reproduce(base: TrainConfig, *, seeds, out, results_dir, tune_trials: int, paper_table=None,
               variants=VARIANTS) -> dict:
-    out = Path(out)
-    results_dir = out / "results"
+    out, results_dir = Path(out), Path(results_dir)
     data = load_dataset(base.dataset, base.data, crop=base.crop,
                         tiles_per_section=base.tiles_per_section, sections=base.sections)
     results = run_all(base, seeds, out, data, variants)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
+import warnings
 from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
@@ -41,9 +43,11 @@ def open_storage(url: str | None, out: Path):
         path = Path(url.removeprefix("journal:"))
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
-    return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S,
-                      failed_trial_callback=RetryFailedTrialCallback(max_retry=3,
-                                                                     inherit_intermediate_values=True))
+    with warnings.catch_warnings():  # heartbeats and retries are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=3, inherit_intermediate_values=True)
+        return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S,
+                          heartbeat_stale_trial_callback=retry)
 
 
 def make_pruner(name: str, validations: int):
@@ -73,7 +77,11 @@ def train_command(base: TrainConfig, params: dict) -> str:
     for name, value in params.items():
         args += [f"--{name}", f"{value:.6g}" if isinstance(value, float) else str(value)]
     args += ["--epochs", str(base.epochs), "--seed", str(base.seed), "--encoder", base.encoder,
-             "--batch-size", str(base.batch_size), "--lr", f"{base.lr:g}"]
+             "--batch-size", str(base.batch_size), "--lr", f"{base.lr:g}", "--val-every", str(base.val_every)]
+    if base.crop is not None:
+        args += ["--crop", str(base.crop)]
+    if base.tiles_per_section is not None:
+        args += ["--tiles-per-section", str(base.tiles_per_section)]
     if base.data:
         args += ["--data", base.data]
     if base.dataset != "drosophila":
@@ -106,8 +114,11 @@ def tune(base: TrainConfig, *, trials: int, study_name: str, storage: str | None
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, base.variant, channels)
-        first = RetryFailedTrialCallback.retried_trial_number(trial)
-        run_dir = out / "trials" / f"trial-{first if first is not None else trial.number:04d}"
+        # A re-queued trial inherits user_attrs, so it finds the killed trial's
+        # run folder and resumes that training instead of starting over.
+        run_dir = Path(trial.user_attrs.get("run_dir") or out / "trials" / f"trial-{trial.number:04d}")
+        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         config = base.with_(out=str(run_dir), resume=(run_dir / checkpoint.LAST).exists(), progress=False,
                             **params)
 
