@@ -36,22 +36,30 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 if triton is not None:
 
     @triton.jit
-    def _scale_dense_kernel(
-        x_ptr, scale_ptr, y_ptr, numel, stride_c, C,
-        BLOCK: tl.constexpr, INT64: tl.constexpr, COMPUTE: tl.constexpr,
-    ):
+    def _block_offsets(numel, BLOCK: tl.constexpr, INT64: tl.constexpr):
         pid = tl.program_id(0)
         if INT64:
             start = pid.to(tl.int64) * BLOCK
         else:
             start = pid * BLOCK
         offs = start + tl.arange(0, BLOCK)
-        mask = offs < numel
-        channel = (offs // stride_c) % C
-        s = tl.load(scale_ptr + channel, mask=mask, other=0.0)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        return offs, offs < numel
+
+    @triton.jit
+    def _scale_and_store(x_ptrs, scale_ptrs, y_ptrs, mask, COMPUTE: tl.constexpr):
+        s = tl.load(scale_ptrs, mask=mask, other=0.0)
+        x = tl.load(x_ptrs, mask=mask, other=0.0)
         y = x.to(COMPUTE) * s.to(COMPUTE)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _scale_dense_kernel(
+        x_ptr, scale_ptr, y_ptr, numel, stride_c, C,
+        BLOCK: tl.constexpr, INT64: tl.constexpr, COMPUTE: tl.constexpr,
+    ):
+        offs, mask = _block_offsets(numel, BLOCK, INT64)
+        channel = (offs // stride_c) % C
+        _scale_and_store(x_ptr + offs, scale_ptr + channel, y_ptr + offs, mask, COMPUTE)
 
     @triton.jit
     def _scale_strided_kernel(
@@ -63,13 +71,7 @@ if triton is not None:
     ):
         # Dims arrive permuted into y's memory order, so y's offset is the flat
         # index and only x needs the coordinate arithmetic.
-        pid = tl.program_id(0)
-        if INT64:
-            start = pid.to(tl.int64) * BLOCK
-        else:
-            start = pid * BLOCK
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < numel
+        offs, mask = _block_offsets(numel, BLOCK, INT64)
         rest = offs
         i4 = rest % size4
         rest = rest // size4
@@ -90,10 +92,7 @@ if triton is not None:
             channel = i3
         else:
             channel = i4
-        s = tl.load(scale_ptr + channel, mask=mask, other=0.0)
-        x = tl.load(x_ptr + x_off, mask=mask, other=0.0)
-        y = x.to(COMPUTE) * s.to(COMPUTE)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        _scale_and_store(x_ptr + x_off, scale_ptr + channel, y_ptr + offs, mask, COMPUTE)
 
 
 def _block_size(element_size: int) -> int:
