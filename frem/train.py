@@ -32,19 +32,18 @@ def epoch_generator(seed: int, epoch: int, purpose: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
-def augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator):
-    """Per-tile random flips and transposes (the 8 symmetries of a square), on device."""
-    n = images.shape[0]
-    bits = torch.rand(3, n, generator=generator).lt(0.5).to(images.device)
-    out_i, out_m = images, masks
-    for flag, fi, fm in ((bits[0], lambda t: t.flip(-1), lambda t: t.flip(-1)),
-                         (bits[1], lambda t: t.flip(-2), lambda t: t.flip(-2)),
-                         (bits[2], lambda t: t.transpose(-1, -2), lambda t: t.transpose(-1, -2))):
-        if flag is bits[2] and images.shape[-1] != images.shape[-2]:
-            break  # transposing a non-square tile would change its shape
-        out_i = torch.where(flag.view(-1, 1, 1, 1), fi(out_i), out_i)
-        out_m = torch.where(flag.view(-1, 1, 1), fm(out_m), out_m)
-    return out_i, out_m
+def augment(images: torch.Tensor, masks: torch.Tensor, flips: torch.Tensor):
+    """Per-tile flips and transposes (the 8 symmetries of a square), on device.
+
+    ``flips`` is (3, N) booleans: horizontal flip, vertical flip, transpose.
+    """
+    for flag, op in zip(flips, (lambda t: t.flip(-1), lambda t: t.flip(-2),
+                                lambda t: t.transpose(-1, -2))):
+        if op(masks).shape != masks.shape:
+            break  # a non-square tile cannot be transposed in place
+        images = torch.where(flag.view(-1, 1, 1, 1), op(images), images)
+        masks = torch.where(flag.view(-1, 1, 1), op(masks), masks)
+    return images, masks
 
 
 def loss_fn(output, target: torch.Tensor, lambda_: float | None) -> torch.Tensor:
@@ -148,12 +147,15 @@ def _train(config, settings, data, context, device, on_validation):
         net.train()
         order = torch.randperm(len(train_split), generator=epoch_generator(config.seed, epoch, "order"))
         order = order[: len(order) // context.world_size * context.world_size][context.rank::context.world_size]
-        aug = epoch_generator(config.seed, epoch, f"augment:{context.rank}")
+        # The epoch's order and flips cross to the device once, not once a step.
+        flips = torch.rand(3, len(order), generator=epoch_generator(config.seed, epoch, f"augment:{context.rank}"))
+        order, flips = order.to(device), flips.lt(0.5).to(device)
         loss_sum = torch.zeros((), device=device)
         steps = 0
         for start in range(0, len(order), rank_batch):
-            index = order[start:start + rank_batch].to(device)
-            images, masks = augment(train_split.images[index], train_split.masks[index], aug)
+            index = order[start:start + rank_batch]
+            images, masks = augment(train_split.images[index], train_split.masks[index],
+                                    flips[:, start:start + rank_batch])
             x = normalize(images, normalization)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -84,8 +84,11 @@ def test_variants_differ_where_the_paper_says():
 def test_augment_applies_one_symmetry_to_image_and_mask_alike():
     images = torch.arange(2 * 16, dtype=torch.uint8).view(2, 1, 4, 4)
     masks = images[:, 0] % 3
-    out_i, out_m = augment(images, masks, torch.Generator().manual_seed(1))
+    flips = torch.tensor([[True, False], [True, True], [False, True]])
+    out_i, out_m = augment(images, masks, flips)
     assert torch.equal(out_m, out_i[:, 0] % 3)
+    assert torch.equal(out_i[0, 0], images[0, 0].flip(-1).flip(-2))
+    assert torch.equal(out_i[1, 0], images[1, 0].flip(-2).transpose(-1, -2))
     assert sorted(out_i.flatten().tolist()) == sorted(images.flatten().tolist())
 
 
