@@ -120,8 +120,8 @@ def verdict(rows) -> str:
     if math.isnan(spread):
         return text + " With one seed there is no seed-to-seed spread to compare it with."
     larger = "larger" if abs(delta) > spread else "not larger"
-    return (text + f" The seed-to-seed spread (std of the paired difference {delta_std:.4f}, of "
-            f"the baseline's mIoU {base_std:.4f}) makes the difference {larger} than the noise.")
+    return (text + f" That difference is {larger} than the seed-to-seed spread (std of the paired "
+            f"difference {delta_std:.4f}; std of the baseline's mIoU {base_std:.4f}).")
 
 
 @torch.no_grad()
