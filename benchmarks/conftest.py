@@ -39,6 +39,27 @@ def median_ms(fn, *, warmup: int = 3, repeat: int = 15) -> float:
     return 1e3 * statistics.median(times)
 
 
+def interleaved_median_ms(fns: dict, rounds: int = 5) -> dict:
+    """Median ms of each fn, measured in alternation (A B C A B C ...) so that
+    drift on a shared machine hits all of them alike."""
+    if DEVICE.type == "cuda":
+        per_round = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                per_round[name].append(median_ms(fn))
+        return {name: statistics.median(v) for name, v in per_round.items()}
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(15 * rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
 def rotation(make, nbytes: int) -> list:
     """Enough independent input sets that cycling through them defeats the caches."""
     count = max(1, min(8, -(-ROTATE_BYTES // max(nbytes, 1))))
