@@ -1,7 +1,11 @@
-"""``python -m frem`` (and ``torchrun ... -m frem train``)."""
+"""``python -m frem``: the ``frem`` command (``torchrun ... -m frem train`` too).
+
+Run as a program only; ``import frem`` never executes this file, so the
+library stays free of the application's dependencies.
+"""
 
 import sys
 
-from frem.cli import main
+from frem.seg.cli import main
 
 sys.exit(main())

@@ -29,6 +29,14 @@ class _Attachment:
     child_name: str
     handle: RemovableHandle
 
+    def undo(self, module: FREM) -> None:
+        self.handle.remove()
+        owner = self.owner()
+        if owner is not None and getattr(owner, self.child_name, None) is module:
+            delattr(owner, self.child_name)
+        module.applied_by_hook = False
+        module._attachment = None
+
 
 def _layer_name(model: nn.Module, layer, example_input) -> tuple[str, int | None]:
     """Resolve ``layer`` to (dotted name, channel count if known)."""
@@ -117,18 +125,6 @@ def _make_hook(module: FREM):
         raise ValueError(f"layer {module.layer!r} returned {type(output).__name__}, which has no "
                          "channel dimension; FREM needs a tensor or a list/tuple/dict of tensors")
     return hook
-
-
-def remove_attachment(module: FREM) -> None:
-    attachment = getattr(module, "_attachment", None)
-    if attachment is None:
-        raise RuntimeError("this FREM was not attached with frem.attach (or was removed already)")
-    attachment.handle.remove()
-    owner = attachment.owner()
-    if owner is not None and getattr(owner, attachment.child_name, None) is module:
-        delattr(owner, attachment.child_name)
-    module.applied_by_hook = False
-    module._attachment = None
 
 
 def detach(model: nn.Module) -> int:

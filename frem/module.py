@@ -107,8 +107,10 @@ class FREM(nn.Module):
 
     def remove(self) -> None:
         """Undo ``frem.attach``: remove the hook and this submodule."""
-        from frem.hooks import remove_attachment
-        remove_attachment(self)
+        attachment = getattr(self, "_attachment", None)
+        if attachment is None:
+            raise RuntimeError("this FREM was not attached with frem.attach (or was removed already)")
+        attachment.undo(self)
 
     def extra_repr(self) -> str:
         parts = [f"B={self.B}", f"X={self.X:g}", f"mode={self.mode!r}", f"seed={self.seed}"]

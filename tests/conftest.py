@@ -33,7 +33,7 @@ def drosophila_root() -> Path:
 @pytest.fixture
 def tiny_config(drosophila_root, tmp_path):
     """A training run of seconds on the real data: one section per split, 64px tiles."""
-    from frem.config import TrainConfig
+    from frem.seg.config import TrainConfig
 
     def make(**changes):
         settings = dict(data=str(drosophila_root), out=str(tmp_path / "run"), epochs=1,

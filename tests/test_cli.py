@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from frem.cli import main
+from frem.seg.cli import main
 
 
 def run_cli(*args):

@@ -1,13 +1,17 @@
 """Data: the Drosophila stack (split, classes, checksums, download) and folder data sets."""
 
+import functools
+import http.server
 import shutil
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from frem.data import DataError, load_dataset
-from frem.data import drosophila as dro
+from frem.seg.data import DataError, load_dataset
+from frem.seg.data import drosophila as dro
 
 
 def test_split_is_by_section_twelve_three_five():
@@ -61,19 +65,67 @@ def test_data_root_comes_from_the_environment(drosophila_root, tmp_path, monkeyp
 def test_download_verifies_and_resumes(drosophila_root, tmp_path):
     """The real download code, pointed at the local copy through a file:// URL."""
     dest = tmp_path / "cache"
-    dro.download(dest, base_url=drosophila_root.as_uri(), progress=lambda line: None)
+    fetched = dro.download(dest, base_url=drosophila_root.as_uri(), progress=False)
+    assert sorted(fetched) == sorted(dro.checksums())
     assert all(dro.sha256(dest / rel) == digest for rel, digest in dro.checksums().items())
     (dest / dro.raw_path(3)).unlink()
-    fetched = []
-    dro.download(dest, base_url=drosophila_root.as_uri(), progress=fetched.append)
-    assert [line.split()[-1] for line in fetched] == ["stack1/raw/03.tif"]  # only the missing file comes again
+    fetched = dro.download(dest, base_url=drosophila_root.as_uri(), progress=False)
+    assert fetched == ["stack1/raw/03.tif"]  # only the missing file comes again
     bad_mirror = tmp_path / "mirror"
     shutil.copytree(drosophila_root, bad_mirror)
     (bad_mirror / dro.raw_path(3)).write_bytes(b"tampered")
     (dest / dro.raw_path(3)).unlink()
     with pytest.raises(DataError, match="03.tif does not match its SHA-256"):
-        dro.download(dest, base_url=bad_mirror.as_uri(), progress=lambda line: None)
+        dro.download(dest, base_url=bad_mirror.as_uri(), progress=False)
     assert not (dest / dro.raw_path(3)).exists()  # nothing half-written is left behind
+    assert not list(dest.rglob("*.part"))
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """A static server that honours ``Range: bytes=N-`` and logs what it served."""
+    served: list = []
+
+    def do_GET(self):
+        path = Path(self.translate_path(self.path))
+        data = path.read_bytes()
+        start = int(self.headers.get("Range", "bytes=0-")[6:].rstrip("-") or 0)
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:])
+        self.served.append((path.name, start))
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_partial_file_continues_with_a_range_request(drosophila_root, tmp_path):
+    handler = functools.partial(RangeHandler, directory=str(drosophila_root))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        dest = tmp_path / "cache"
+        shutil.copytree(drosophila_root, dest)
+        whole = (dest / dro.raw_path(3)).read_bytes()
+        (dest / dro.raw_path(3)).unlink()
+        (dest / (dro.raw_path(3) + ".part")).write_bytes(whole[:1000])  # a killed download
+        RangeHandler.served.clear()
+        assert dro.download(dest, base_url=url, progress=False) == ["stack1/raw/03.tif"]
+        server.shutdown()
+    assert RangeHandler.served == [("03.tif", 1000)]  # only the rest crossed the network
+    assert (dest / dro.raw_path(3)).read_bytes() == whole
+
+
+def test_train_without_a_data_flag_fills_the_cache_first(drosophila_root, tmp_path, monkeypatch):
+    """A user's first run: no --data, no FREM_DATA, an empty cache."""
+    monkeypatch.delenv("FREM_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("FREM_DROSOPHILA_URL", drosophila_root.as_uri())
+    root = dro.resolve_root()
+    assert root == tmp_path / "xdg" / "frem" / "drosophila-vnc"
+    assert all(dro.sha256(root / rel) == digest for rel, digest in dro.checksums().items())
+    with pytest.raises(DataError, match="no Drosophila data at .*elsewhere"):
+        dro.resolve_root(tmp_path / "elsewhere")  # a folder the user named is never filled
 
 
 def make_folder_dataset(root, size=64, classes=("cell", "nucleus", "background"), count=2):

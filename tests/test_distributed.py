@@ -11,7 +11,7 @@ def _worker(rank, world_size, port, config, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    from frem.train import run_training
+    from frem.seg.train import run_training
     metrics, model = run_training(config)
     torch.save({"history": metrics["history"],
                 "params": {k: v for k, v in model.named_parameters()}}, f"{results}/rank{rank}.pt")

@@ -3,7 +3,7 @@
 import csv
 import json
 
-from frem.cli import main
+from frem.seg.cli import main
 
 
 def test_quick_reproduction_writes_table_and_figures_from_the_runs(drosophila_root, tmp_path, capsys):
@@ -27,6 +27,28 @@ def test_quick_reproduction_writes_table_and_figures_from_the_runs(drosophila_ro
     baseline = json.loads((out / "runs" / "baseline-seed0" / "metrics.json").read_text())["test"]["miou"]
     assert abs(frem_delta - (float(rows["frem"]["miou_mean"]) - baseline)) < 1e-6
 
+    # The paper's Table 2 as printed, cited, beside ours without any flag.
+    assert "## The paper's Table 2 (Drosophila) beside ours" in text
+    assert "| model (as printed) | menbrane | nuclear | background | Synapus | mIoU |" in text
+    assert "| Proposed method (FREM) | 92.93 | 78.71 | 78.02 | 58.14 | 76.95 |" in text
+    assert "its second column must be mitochondria" in text and "DOI 10.5220/0010326205200527" in text
+    ours = json.loads((out / "runs" / "frem-seed0" / "metrics.json").read_text())["test"]["miou"]
+    assert f"| frem | 76.95 | +2.97 | {100 * ours:.2f} | {100 * (ours - baseline):+.2f} |" in text
+    assert "Table 1 (mouse liver)" not in text  # the mouse-liver tables belong to a mouse-liver copy
+    assert "/" + str(drosophila_root).strip("/") not in text  # data named, not a machine's path
+
     stamp = (out / "runs" / "frem-seed0" / "metrics.json").stat().st_mtime
     assert main(args) == 0  # a second call reuses every finished run
     assert (out / "runs" / "frem-seed0" / "metrics.json").stat().st_mtime == stamp
+
+
+def test_a_mouse_liver_copy_gets_tables_1_and_3_and_others_none():
+    from frem.seg import paper
+    from frem.seg.reproduce import paper_markdown
+    assert paper.tables_for("folder", ("membrane", "nucleus", "background")) == (1, 3)
+    assert paper.tables_for("folder", ("cell", "nucleus", "background")) == ()
+    rows = [{"variant": "baseline", "miou": (0.6, 0.01), "delta_miou": (0.0, 0.0)},
+            {"variant": "frem-fixed", "miou": (0.61, 0.02), "delta_miou": (0.01, 0.005)}]
+    text = "\n".join(paper_markdown(3, rows))
+    assert "| model (as printed) | menbrane | nuclear | background | mIoU |" in text
+    assert "| frem-fixed | 60.49 | +0.99 | 61.00 ± 2.00 | +1.00 ± 0.50 |" in text

@@ -7,11 +7,12 @@ import pytest
 import torch
 from test_data import make_folder_dataset
 
-from frem import checkpoint
-from frem.cli import main
-from frem.evaluate import evaluate_run
-from frem.models import VARIANTS, build_model
-from frem.train import augment, run_training, train
+from frem.seg import checkpoint
+from frem.seg.cli import main
+from frem.seg.evaluate import evaluate_run
+from frem.seg.models import build_model
+from frem.seg.variants import VARIANTS
+from frem.seg.train import augment, run_training, train
 
 
 def test_quick_run_writes_metrics_with_all_four_classes(tiny_config, tmp_path):
@@ -94,7 +95,7 @@ def test_augment_applies_one_symmetry_to_image_and_mask_alike():
 
 def test_folder_dataset_trains(tmp_path):
     root = make_folder_dataset(tmp_path / "cells", size=64)
-    from frem.config import TrainConfig
+    from frem.seg.config import TrainConfig
     config = TrainConfig.build(quick=True, dataset="folder", data=str(root), crop=None,
                                out=str(tmp_path / "run"), epochs=1, batch_size=2, progress=False)
     metrics = train(config)

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from frem.tune import open_storage
+from frem.seg.tune import open_storage
 
 TINY = ["--quick", "--tiles-per-section", "2", "--batch-size", "2", "--no-progress"]
 
@@ -74,8 +74,8 @@ def test_two_workers_share_one_journal_study(drosophila_root, tmp_path):
 
 @pytest.mark.parametrize("variant, name", [("supervision", "lambda"), ("dropout", "B")])
 def test_other_variants_search_their_own_parameter(drosophila_root, tmp_path, variant, name):
-    from frem.config import TrainConfig
-    from frem.tune import tune
+    from frem.seg.config import TrainConfig
+    from frem.seg.tune import tune
     base = TrainConfig.build(quick=True, variant=variant, data=str(drosophila_root), epochs=1,
                              tiles_per_section=2, batch_size=2, progress=False,
                              sections={"train": (0,), "val": (12,), "test": (15,)})

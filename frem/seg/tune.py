@@ -22,12 +22,12 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
-from frem import checkpoint
-from frem.config import TrainConfig
-from frem.data import load_dataset
-from frem.models import bottleneck_channels, build_model
-from frem.search_space import LAMBDA_RANGE, SEARCH_SPACE, TUNABLE, X_RANGE
-from frem.train import train
+from frem.seg import checkpoint
+from frem.seg.config import TrainConfig
+from frem.seg.data import load_dataset
+from frem.seg.models import bottleneck_channels, build_model
+from frem.seg.search_space import LAMBDA_RANGE, SEARCH_SPACE, TUNABLE, X_RANGE
+from frem.seg.train import train
 # Seconds between heartbeats of a running trial; twice that without one and
 # the trial counts as dead, is failed and re-queued.
 HEARTBEAT_S = int(os.environ.get("FREM_TUNE_HEARTBEAT", "30"))

@@ -1,8 +1,8 @@
 """Segmentation data sets as tensors: the Drosophila ssTEM stack or a folder."""
 
-from frem.data.base import DataError, SegmentationData, Split, tile_grid
-from frem.data.drosophila import load_drosophila
-from frem.data.folder import load_folder
+from frem.seg.data.base import DataError, SegmentationData, Split, tile_grid
+from frem.seg.data.drosophila import load_drosophila
+from frem.seg.data.folder import load_folder
 
 
 def load_dataset(name: str, root=None, **options) -> SegmentationData:

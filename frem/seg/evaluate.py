@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 import frem
-from frem import checkpoint
-from frem.data.base import Split
-from frem.metrics import ConfusionCounter
+from frem.seg import checkpoint
+from frem.seg.data.base import Split
+from frem.seg.metrics import ConfusionCounter
+from frem.seg.models import build_model
 
 
 def normalize(images: torch.Tensor, normalization: dict) -> torch.Tensor:
@@ -94,7 +95,6 @@ def evaluate(model: nn.Module, split: Split, classes, normalization: dict, *,
 
 def model_from_checkpoint(state: dict, device="cpu") -> nn.Module:
     """Rebuild the run's model and load its weights."""
-    from frem.models import build_model  # models import smp: keep `import frem` light
     config = state["config"]
     model = build_model(config["variant"], encoder=config["encoder"], in_channels=state["in_channels"],
                         classes=len(state["classes"]), B=config["B"], X=config["X"],
@@ -105,8 +105,8 @@ def model_from_checkpoint(state: dict, device="cpu") -> nn.Module:
 
 def evaluate_run(run_dir, data=None, device="cpu") -> dict:
     """Test metrics of a run's best checkpoint: what ``frem evaluate`` prints."""
-    from frem.config import TrainConfig
-    from frem.data import load_dataset
+    from frem.seg.config import TrainConfig
+    from frem.seg.data import load_dataset
     state = checkpoint.load(Path(run_dir) / checkpoint.BEST)
     config = TrainConfig.from_dict(state["config"])
     if data is None:

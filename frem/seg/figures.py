@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from frem.predict import PALETTE  # noqa: E402
+from frem.seg.predict import PALETTE  # noqa: E402
 
 
 def bx_scatter(trials: list[dict], path: Path, title: str) -> Path:

@@ -1,13 +1,40 @@
-"""The ``frem`` command line: train, evaluate, predict, data download."""
+"""The ``frem`` command line: train, tune, reproduce, evaluate, predict, data download.
+
+Imports nothing beyond the standard library and frem's own fact modules at
+the top, so that without the ``seg`` extra the command can still say, in one
+line, what to install.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from importlib import metadata
 
-from frem.models import VARIANTS
-from frem.search_space import SEARCH_SPACE, TUNABLE
+from frem.seg.search_space import SEARCH_SPACE, TUNABLE
+from frem.seg.variants import VARIANTS
+
+EXTRA = "seg"
+
+
+def missing_requirements(extra: str = EXTRA) -> list[str]:
+    """Distributions of frem's ``extra`` that are not installed (pyproject is the one list)."""
+    try:
+        requirements = metadata.requires("frem") or []
+    except metadata.PackageNotFoundError:  # run from a source tree: nothing to check against
+        return []
+    missing = []
+    for requirement in requirements:
+        name, _, marker = requirement.partition(";")
+        if re.search(rf"""extra\s*==\s*["']{extra}["']""", marker):
+            name = re.match(r"[A-Za-z0-9._-]+", name.strip()).group(0)
+            try:
+                metadata.version(name)
+            except metadata.PackageNotFoundError:
+                missing.append(name)
+    return missing
 
 
 class Parser(argparse.ArgumentParser):
@@ -27,15 +54,21 @@ def _number(text: str) -> int | float:
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     """Options shared by train, tune and reproduce (None: the protocol's default)."""
+    from frem.seg.config import QUICK, TrainConfig as D
+
+    def default(name):
+        return f"default {getattr(D, name)}" + (f"; --quick: {QUICK[name]}" if name in QUICK else "")
+
     p.add_argument("--dataset", choices=("drosophila", "folder"), default=None,
                    help="the Drosophila stack (default) or your own folder (see README)")
-    p.add_argument("--data", help="data folder (default: $FREM_DATA, else the download cache)")
-    p.add_argument("--encoder", help="smp/timm encoder name (default tu-seresnet34; --quick: resnet18)")
-    p.add_argument("--epochs", type=int, help="default 1000 (--quick: 8)")
-    p.add_argument("--batch-size", type=int, help="global batch size (default 16)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
-    p.add_argument("--seed", type=int, help="default 0")
-    p.add_argument("--crop", type=int, help="tile size, a multiple of 32 (default 256)")
+    p.add_argument("--data", help="data folder (default: $FREM_DATA, else the download cache, "
+                   "filled on first use)")
+    p.add_argument("--encoder", help=f"smp/timm encoder name ({default('encoder')})")
+    p.add_argument("--epochs", type=int, help=f"{default('epochs')} (the paper's)")
+    p.add_argument("--batch-size", type=int, help=f"global batch size ({default('batch_size')})")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate ({default('lr')})")
+    p.add_argument("--seed", type=int, help=default("seed"))
+    p.add_argument("--crop", type=int, help=f"tile size, a multiple of 32 ({default('crop')})")
     p.add_argument("--tiles-per-section", type=int, help="keep this many tiles per image, spread evenly")
     p.add_argument("--val-every", type=int, help="validate every k epochs (default 1)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
@@ -84,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 3; --quick: 1)")
     reproduce.add_argument("--tune-trials", type=int, default=None,
                            help="TPE trials for the B-X figure (default 20; --quick: 6; 0 skips)")
-    reproduce.add_argument("--paper-table", help="CSV of the paper's Table 2 to print beside ours")
+    reproduce.add_argument("--paper", choices=("auto", "drosophila", "mouse-liver", "none"), default="auto",
+                           help="the paper's tables to print beside ours (auto: Table 2 for the "
+                           "Drosophila data, Tables 1 and 3 for a folder with the mouse-liver classes)")
     reproduce.add_argument("--out", default="reproduction", help="folder for the runs and the study")
     reproduce.add_argument("--results", help="folder for the table and figures "
                            "(default results/full, or results/quick with --quick)")
@@ -111,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args) -> int:
-    from frem.config import TrainConfig
-    from frem.train import train
+    from frem.seg.config import TrainConfig
+    from frem.seg.train import train
     kwargs = train_kwargs(args)
     kwargs["out"] = kwargs["out"] or f"runs/{args.variant}"
     config = TrainConfig.build(quick=args.quick, **kwargs)
@@ -124,8 +159,8 @@ def run_train(args) -> int:
 
 
 def run_tune(args) -> int:
-    from frem.config import TrainConfig
-    from frem.tune import tune
+    from frem.seg.config import TrainConfig
+    from frem.seg.tune import tune
     kwargs = {k: v for k, v in train_kwargs(args).items() if k not in ("out", "resume")}
     if args.trials < 1:
         raise ValueError(f"--trials must be at least 1, got {args.trials}")
@@ -139,25 +174,25 @@ def run_tune(args) -> int:
 
 
 def run_reproduce(args) -> int:
-    from frem.config import TrainConfig
-    from frem.reproduce import reproduce
+    from frem.seg.config import TrainConfig
+    from frem.seg.reproduce import reproduce
     kwargs = {k: v for k, v in train_kwargs(args).items() if k not in ("out", "resume", "variant")}
     base = TrainConfig.build(quick=args.quick, **kwargs)
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     trials = args.tune_trials if args.tune_trials is not None else (6 if args.quick else 20)
     results = args.results or ("results/quick" if args.quick else "results/full")
     summary = reproduce(base, seeds=list(range(seeds)), out=args.out, results_dir=results,
-                        tune_trials=trials, paper_table=args.paper_table)
+                        tune_trials=trials, paper_tables=args.paper)
     print(f"{results}/README.md\n{summary['verdict']}")
     return 0
 
 
 def run_evaluate(args) -> int:
-    from frem.evaluate import evaluate_run
+    from frem.seg.evaluate import evaluate_run
     data = None
     if args.data:
-        from frem import checkpoint
-        from frem.data import load_dataset
+        from frem.seg import checkpoint
+        from frem.seg.data import load_dataset
         config = checkpoint.load(f"{args.run_dir}/{checkpoint.BEST}")["config"]
         data = load_dataset(config["dataset"], args.data, crop=config["crop"],
                             tiles_per_section=config["tiles_per_section"], sections=config["sections"])
@@ -166,14 +201,14 @@ def run_evaluate(args) -> int:
 
 
 def run_predict(args) -> int:
-    from frem.predict import predict
+    from frem.seg.predict import predict
     for path in predict(args.checkpoint, args.images, args.out, device=args.device):
         print(path)
     return 0
 
 
 def run_download(args) -> int:
-    from frem.data.drosophila import download
+    from frem.seg.data.drosophila import download
     print(f"downloaded and verified: {download(args.dest, args.url)}")
     return 0
 
@@ -183,6 +218,11 @@ COMMANDS = {"train": run_train, "tune": run_tune, "reproduce": run_reproduce, "e
 
 
 def main(argv=None) -> int:
+    missing = missing_requirements()
+    if missing:
+        print(f"frem: the command line needs the '{EXTRA}' extra (missing: {', '.join(missing)}): "
+              f"pip install \"frem[{EXTRA}]\"", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     handler = run_download if args.command == "data" else COMMANDS[args.command]
     try:

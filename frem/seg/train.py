@@ -18,11 +18,12 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 import frem
-from frem import checkpoint, distributed
-from frem.config import TrainConfig
-from frem.data import SegmentationData, load_dataset
-from frem.evaluate import autocast, evaluate, evaluate_run, normalize
-from frem.models import build_model, variant_settings
+from frem.seg import checkpoint, distributed
+from frem.seg.config import TrainConfig
+from frem.seg.data import SegmentationData, load_dataset
+from frem.seg.evaluate import autocast, evaluate, evaluate_run, normalize
+from frem.seg.models import build_model
+from frem.seg.variants import variant_settings
 
 
 def epoch_generator(seed: int, epoch: int, purpose: str) -> torch.Generator:

@@ -10,14 +10,16 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
+import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
-from frem.data.base import DataError, SegmentationData, make_split
+from frem.seg.data.base import DataError, SegmentationData, make_split
 
 CLASSES = ("membrane", "mitochondria", "synapse", "background")
 # Merged label value -> class index (the data set's README).
@@ -34,8 +36,9 @@ DEFAULT_CROP = 256
 SOURCE_REPOSITORY = "unidesigner/groundtruth-drosophila-vnc"
 SOURCE_COMMIT = "4a5f051"
 DOWNLOAD_URL = f"https://github.com/{SOURCE_REPOSITORY}/raw/{SOURCE_COMMIT}"
+LICENSE = "CC BY-NC-SA 3.0"
 CITATION = ("Gerhard, Funke, Martel, Cardona, Fetter. Segmented anisotropic ssTEM dataset of "
-            "neural tissue. figshare, 2013. doi:10.6084/m9.figshare.856713 (CC BY-NC-SA 3.0)")
+            f"neural tissue. figshare, 2013. doi:10.6084/m9.figshare.856713 ({LICENSE})")
 _CHECKSUMS = Path(__file__).with_name("drosophila_sha256sums.txt")
 HOW_TO_GET = ("get it with `frem data download drosophila`, or point --data / FREM_DATA "
               "at a copy")
@@ -52,14 +55,32 @@ def default_root() -> Path:
     return cache / "frem" / "drosophila-vnc"
 
 
-def resolve_root(root=None) -> Path:
-    """--data, else $FREM_DATA, else the download cache."""
-    if root is None:
-        root = os.environ.get("FREM_DATA") or default_root()
-    root = Path(root).expanduser()
+def resolve_root(root=None, fetch_missing: bool = True) -> Path:
+    """--data, else $FREM_DATA, else the download cache, filled on first use.
+
+    A folder the user named must exist: frem never downloads into it. The
+    cache is frem's own, so a missing or incomplete one is downloaded.
+    """
+    named = root if root is not None else os.environ.get("FREM_DATA") or None
+    if named is not None:
+        named = Path(named).expanduser()
+        if not named.is_dir():
+            raise DataError(f"no Drosophila data at {named}: {HOW_TO_GET}")
+        return named
+    root = default_root()
+    if fetch_missing and not all((root / relative).is_file() for relative in checksums()):
+        print(f"The Drosophila data set is not in {root} yet: downloading it once from "
+              f"{DOWNLOAD_URL} ({LICENSE}; cite Gerhard et al. 2013).", file=sys.stderr)
+        download(root)
     if not root.is_dir():
         raise DataError(f"no Drosophila data at {root}: {HOW_TO_GET}")
     return root
+
+
+def source_name() -> str:
+    """The data set by name and checksum list, never by a machine's path."""
+    digest = hashlib.sha256(_CHECKSUMS.read_bytes()).hexdigest()[:12]
+    return f"Drosophila VNC ssTEM ({SOURCE_REPOSITORY}@{SOURCE_COMMIT}; files verified against SHA256SUMS {digest})"
 
 
 def sha256(path: Path) -> str:
@@ -119,37 +140,55 @@ def load_drosophila(root=None, *, crop: int | None = DEFAULT_CROP, tiles_per_sec
     splits = {name: make_split([load_section(root, s, sums) for s in sections[name]],
                                crop, tiles_per_section, name)
               for name in ("train", "val", "test")}
-    return SegmentationData(CLASSES, source=f"drosophila-vnc at {root}", **splits)
+    return SegmentationData(CLASSES, source=source_name(), **splits)
 
 
-def download(dest=None, base_url: str | None = None, progress=print) -> Path:
-    """Fetch every file of the data set into ``dest``, verified; resumable.
+def download(dest=None, base_url: str | None = None, progress: bool = True) -> list[str]:
+    """Fetch every missing file of the data set into ``dest``, verified; return those fetched.
 
-    Files already present with the right checksum are kept, so an interrupted
-    download picks up where it stopped. Each file is written to a temporary
-    name and renamed only once its checksum matches.
+    Resumable at two levels: files already present with the right checksum
+    are kept, and a partly downloaded file (``*.part``) continues where it
+    stopped (an HTTP range request). A file is renamed into place only once
+    its checksum matches, so nothing half-written is ever read as data.
     """
     dest = Path(dest).expanduser() if dest is not None else default_root()
     base_url = (base_url or os.environ.get("FREM_DROSOPHILA_URL") or DOWNLOAD_URL).rstrip("/")
     sums = checksums()
-    for i, (relative, digest) in enumerate(sorted(sums.items()), 1):
-        target = dest / relative
-        if target.is_file() and sha256(target) == digest:
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        url = f"{base_url}/{relative}"
-        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
-            try:
-                with urllib.request.urlopen(url, timeout=60) as response:
-                    shutil.copyfileobj(response, tmp)
-            except OSError as error:
-                os.unlink(tmp.name)
-                raise DataError(f"could not download {url}: {error}") from None
-        if sha256(Path(tmp.name)) != digest:
-            os.unlink(tmp.name)
-            raise DataError(f"downloaded {url} does not match its SHA-256; try again later")
-        os.replace(tmp.name, target)
-        progress(f"[{i}/{len(sums)}] {relative}")
+    todo = [(relative, digest) for relative, digest in sorted(sums.items())
+            if not ((dest / relative).is_file() and sha256(dest / relative) == digest)]
+    fetched = []
+    with tqdm(todo, desc="Drosophila VNC", unit="file", disable=not progress or not todo,
+              file=sys.stderr) as bar:
+        for relative, digest in bar:
+            bar.set_postfix_str(relative)
+            target = dest / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            part = target.with_name(target.name + ".part")
+            _fetch(f"{base_url}/{relative}", part)
+            if sha256(part) != digest:
+                part.unlink()
+                raise DataError(f"downloaded {base_url}/{relative} does not match its SHA-256; "
+                                "try again later")
+            os.replace(part, target)
+            fetched.append(relative)
     (dest / "SHA256SUMS").write_text(_CHECKSUMS.read_text())
     (dest / "CITATION.txt").write_text(CITATION + "\n")
-    return dest
+    return fetched
+
+
+def _fetch(url: str, part: Path) -> None:
+    """Download ``url`` into ``part``, continuing a partial file with a range request."""
+    have = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            resumed = have and getattr(response, "status", None) == 206
+            with open(part, "ab" if resumed else "wb") as f:
+                shutil.copyfileobj(response, f)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and have:  # the part is already whole; its checksum decides
+            return
+        raise DataError(f"could not download {url}: {error}") from None
+    except OSError as error:
+        raise DataError(f"could not download {url}: {error} (run the command again to "
+                        "continue where it stopped)") from None

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from frem import checkpoint
-from frem.data.base import DataError
-from frem.evaluate import autocast, model_from_checkpoint, normalize
+from frem.seg import checkpoint
+from frem.seg.data.base import DataError
+from frem.seg.evaluate import autocast, model_from_checkpoint, normalize
 
 # One colour a class, in class order; background-like classes stay uncoloured
 # in overlays when named "background".

@@ -7,12 +7,13 @@ classes, one a line. Images are greyscale or RGB, all of one kind.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from frem.data.base import DataError, SegmentationData, make_split
+from frem.seg.data.base import DataError, SegmentationData, make_split
 
 IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"}
 
@@ -73,4 +74,14 @@ def load_folder(root, *, crop: int | None = None, tiles_per_section=None,
     channels = {split.images.shape[1] for split in splits.values()}
     if len(channels) > 1:
         raise DataError(f"{root} mixes greyscale and colour images; convert them to one kind")
-    return SegmentationData(classes, source=f"folder {root}", **splits)
+    return SegmentationData(classes, source=source_name(root), **splits)
+
+
+def source_name(root: Path) -> str:
+    """The folder by name and content checksum, never by a machine's path."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return f"folder '{root.name}' ({len(files)} files, SHA-256 of contents {digest.hexdigest()[:12]})"

@@ -19,13 +19,13 @@ import numpy as np
 import optuna
 import torch
 
-from frem import checkpoint, figures
-from frem.config import TrainConfig
-from frem.data import load_dataset
-from frem.evaluate import model_from_checkpoint, normalize
-from frem.models import VARIANTS
-from frem.train import train
-from frem.tune import open_storage, trials_table, tune
+from frem.seg import checkpoint, figures, paper
+from frem.seg.config import TrainConfig
+from frem.seg.data import load_dataset
+from frem.seg.evaluate import model_from_checkpoint, normalize
+from frem.seg.variants import VARIANT_DEFAULTS, VARIANTS
+from frem.seg.train import train
+from frem.seg.tune import open_storage, trials_table, tune
 
 STUDY = "reproduce-frem"
 
@@ -74,24 +74,47 @@ def summarize(results: dict, classes, seeds, variants) -> list[dict]:
     return rows
 
 
-def read_paper_table(path) -> dict:
-    """Optional CSV of the paper's numbers: variant,<class>...,miou (IoU in [0, 1])."""
-    with open(path) as f:
-        return {row["variant"]: row for row in csv.DictReader(f)}
-
-
-def table_markdown(rows, classes, paper: dict | None) -> str:
+def table_markdown(rows, classes) -> str:
     head = ["variant", *classes, "mIoU", "Δ mIoU vs baseline (paired)"]
-    if paper:
-        head.append("paper mIoU")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["variant"], *(_fmt(*row[c]) for c in classes), _fmt(*row["miou"]),
                  _fmt(*row.get("delta_miou", (math.nan, math.nan)))]
-        if paper:
-            cells.append(paper.get(row["variant"], {}).get("miou", "-"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _percent(mean: float, std: float, signed: bool = False) -> str:
+    if math.isnan(mean):
+        return "-"
+    text = f"{100 * mean:+.2f}" if signed else f"{100 * mean:.2f}"
+    return text if math.isnan(std) else f"{text} ± {100 * std:.2f}"
+
+
+def paper_markdown(number: int, rows) -> list[str]:
+    """The paper's table as printed, then its mIoU and gain over the baseline beside ours."""
+    printed = paper.load_table(number)
+    header = paper.HEADERS[number]
+    lines = [f"## The paper's {paper.TITLES[number]} beside ours", "",
+             f"IoU in percent, as printed in {paper.CITATION} The paper reports one run per "
+             "model; ours are the mean ± std over the seeds above. These are the paper's "
+             "numbers, not our measurements.", "",
+             "| model (as printed) | " + " | ".join(header) + " | mIoU |",
+             "|" + "---|" * (len(header) + 2)]
+    lines += [f"| {r.model} | " + " | ".join(f"{v:.2f}" for v in r.iou) + f" | {r.miou:.2f} |"
+              for r in printed]
+    if number in paper.HEADER_NOTE:
+        lines += ["", paper.HEADER_NOTE[number]]
+    ours = {r["variant"]: r for r in rows}
+    base = next((r.miou for r in printed if r.variant == "baseline"), math.nan)
+    lines += ["", "| variant | paper mIoU | paper Δ vs baseline | our mIoU | our Δ vs baseline (paired) |",
+              "|---|---|---|---|---|"]
+    for r in printed:
+        mine = ours.get(r.variant, {})
+        lines.append(f"| {r.variant} | {r.miou:.2f} | {r.miou - base:+.2f} | "
+                     f"{_percent(*mine.get('miou', (math.nan, math.nan)))} | "
+                     f"{_percent(*mine.get('delta_miou', (math.nan, math.nan)), signed=True)} |")
+    return lines + [""]
 
 
 def table_csv(rows, classes) -> str:
@@ -137,14 +160,13 @@ def qualitative_figure(out: Path, data, variants, seed: int, path: Path, tiles: 
                                f"test tiles ({', '.join(data.test.names[i] for i in index)})")
 
 
-def reproduce(base: TrainConfig, *, seeds, out, results_dir, tune_trials: int, paper_table=None,
+def reproduce(base: TrainConfig, *, seeds, out, results_dir, tune_trials: int, paper_tables="auto",
               variants=VARIANTS) -> dict:
     out, results_dir = Path(out), Path(results_dir)
     data = load_dataset(base.dataset, base.data, crop=base.crop,
                         tiles_per_section=base.tiles_per_section, sections=base.sections)
     results = run_all(base, seeds, out, data, variants)
     rows = summarize(results, data.classes, seeds, variants)
-    paper = read_paper_table(paper_table) if paper_table else None
 
     tuning = None
     if tune_trials:
@@ -167,11 +189,12 @@ def reproduce(base: TrainConfig, *, seeds, out, results_dir, tune_trials: int, p
 
     protocol = protocol_lines(base, seeds, data, results)
     text = ["# Reproduction: FREM on the Drosophila ssTEM data", "", *protocol, "",
-            "## Test IoU (mean ± std over seeds)", "", table_markdown(rows, data.classes, paper), "",
+            "## Test IoU (mean ± std over seeds)", "", table_markdown(rows, data.classes), "",
             verdict(rows), ""]
-    if not paper:
-        text += ["The paper's Table 2 numbers are not included: pass `--paper-table CSV` "
-                 "(columns variant,membrane,mitochondria,synapse,background,miou) to print them beside ours.", ""]
+    numbers = (paper.tables_for(base.dataset, data.classes) if paper_tables == "auto"
+               else paper.TABLES_FOR[paper_tables])
+    for number in numbers:
+        text += paper_markdown(number, rows)
     if tuning:
         text += ["## TPE search (FREM, B and X)", "",
                  f"{tuning['trials']} trials ({tuning['complete']} complete, {tuning['pruned']} pruned); "
@@ -199,6 +222,8 @@ def protocol_lines(base: TrainConfig, seeds, data, results) -> list[str]:
             f"- model: smp.Unet, encoder {base.encoder} (random init); epochs {base.epochs}, batch "
             f"{base.batch_size}, Adam lr {base.lr:g}, validation every {base.val_every} epoch(s), "
             "best validation mIoU checkpoint scored on test",
-            f"- variant settings: frem B=8 X=250, frem-fixed B=10 X=10000, dropout rate 8/C, supervision lambda 0.5",
+            "- variant settings: " + "; ".join(
+                f"{v} " + ", ".join(f"{k.rstrip('_')}={x:g}" for k, x in VARIANT_DEFAULTS[v].items())
+                for v in VARIANT_DEFAULTS if VARIANT_DEFAULTS[v]) + " (dropout rate B/C)",
             f"- seeds {list(seeds)}; device {', '.join(device)}; wall time of all runs {wall / 60:.1f} min",
             "- IoU pooled over the test split per class (smp.metrics); mIoU over the four classes"]
