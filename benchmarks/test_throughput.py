@@ -13,10 +13,10 @@ import torch
 from conftest import DEVICE, device_name, median_ms
 from torch.nn import functional as F
 
-from frem.config import TrainConfig
-from frem.evaluate import autocast
-from frem.models import build_model
-from frem.train import run_training
+from frem.seg.config import TrainConfig
+from frem.seg.evaluate import autocast
+from frem.seg.models import build_model
+from frem.seg.train import run_training
 
 DATA = Path(os.environ.get("FREM_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "drosophila-vnc")
 
