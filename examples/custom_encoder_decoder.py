@@ -1,7 +1,8 @@
-"""FREM on a hand-written encoder-decoder: ``find_bottleneck`` measures where it goes.
+"""FREM on a hand-written encoder-decoder: ``frem.candidates`` shows where it goes and why.
 
-No names are known here, so one forward pass measures each top-level block's
-shortest autograd distance to the output; the farthest block is the bottleneck.
+No names are known here, so one forward pass surveys every feature map: the
+bottleneck is the lowest-resolution map with the most channels, the last one
+before the decoder.
 
     python examples/custom_encoder_decoder.py
 """
@@ -40,7 +41,7 @@ class TinyUNet(nn.Module):
 
 model = TinyUNet()
 example = torch.randn(1, 1, 64, 64)
-print("bottleneck:", frem.find_bottleneck(model, example))  # down2: skips make the rest closer
+print(frem.candidates(model, example, limit=6))  # down2: lowest resolution, most channels
 handle = frem.attach(model, "bottleneck", B=8, X=250, example_input=example)
 print(handle)
 compiled = torch.compile(model, fullgraph=True)  # the hook and the op trace without a graph break

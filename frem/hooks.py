@@ -1,68 +1,74 @@
 """Injecting FREM into a model: attach, resample, detach.
 
-``attach`` adds the FREM as a submodule of the model itself, so
-``model.train()``, ``.eval()`` and ``.to()`` reach it (inside an smp encoder,
-``freeze_encoder()`` would stop ``train()`` from getting there), and applies it
-with a forward hook on the target layer. Its buffers are non-persistent: the
-state_dict keys never change. ``detach`` leaves the model as it was.
+``attach`` adds the FREM as a submodule (of the model itself, or of the
+nearest module on the way to the layer that is not an ``nn.Sequential`` /
+``ModuleList`` / ``ModuleDict``, whose length and iteration must not change),
+so ``model.train()``, ``.eval()`` and ``.to()`` reach it, and applies it with a
+forward hook (or pre-hook, ``at="input"``) on the layer. Its buffers are
+non-persistent: the state_dict keys never change. ``detach`` leaves the model
+exactly as it was. Hooks are picklable objects, so ``copy.deepcopy``
+(EMA, ``AveragedModel``) and ``torch.save(model)`` work with FREM attached.
 """
 
 from __future__ import annotations
 
 import difflib
 import weakref
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from frem.bottleneck import known_bottleneck, locate_bottleneck
+from frem.bottleneck import (CONTAINERS, Site, deepest_entry, get_entry, locate_bottleneck,
+                             replace_entry, unwrap)
 from frem.module import FREM
 
 BOTTLENECK = "bottleneck"
+PLACES = ("output", "input")
 
 
-@dataclass(eq=False)
-class _Attachment:
-    owner: weakref.ref  # weak: a strong reference would make a module cycle
-    child_name: str
-    handle: RemovableHandle
+class _Enhance:
+    """The hook: FREM on one entry of a layer's output (or input) while training."""
 
-    def undo(self, module: FREM) -> None:
-        self.handle.remove()
-        owner = self.owner()
-        if owner is not None and getattr(owner, self.child_name, None) is module:
-            delattr(owner, self.child_name)
-        module.applied_by_hook = False
-        module._attachment = None
+    def __init__(self, frem: FREM, at: str, entry):
+        self.frem, self.at, self.entry = frem, at, entry
+
+    def __call__(self, layer, *args):
+        value = args[-1] if self.at == "output" else args[0]
+        if not self.frem.training:
+            return None  # eval: the model runs exactly as if nothing were attached
+        if self.entry is None:
+            self.entry = deepest_entry(value)  # decided once, at the first training call
+            if self.entry is None:
+                raise ValueError(f"layer {self.frem.layer!r} {self.at} holds no tensor "
+                                 f"(got {type(value).__name__}); FREM needs (N, C, *spatial) maps")
+        try:
+            x = get_entry(value, self.entry)
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(f"layer {self.frem.layer!r} {self.at} has no entry {list(self.entry)} "
+                             f"(got {type(value).__name__})") from None
+        return replace_entry(value, self.entry, self.frem(x, _hooked=True))
 
 
-def _layer_name(model: nn.Module, layer, example_input) -> tuple[str, int | None]:
-    """Resolve ``layer`` to (dotted name, channel count if known)."""
+def _site(model: nn.Module, layer, at: str, entry, example_input) -> Site:
+    if at not in PLACES:
+        raise ValueError(f"at must be one of {PLACES}, got {at!r}")
+    entry = (entry,) if isinstance(entry, (int, str)) else (tuple(entry) if entry is not None else None)
     if isinstance(layer, nn.Module):
         for name, module in model.named_modules():
             if module is layer:
-                return name, _known_channels(module)
+                return Site(name, at, entry, _known_channels(module))
         raise ValueError(f"the module {type(layer).__name__} passed as layer is not part of the model")
     if not isinstance(layer, str):
         raise TypeError(f"layer must be a module name, a module or {BOTTLENECK!r}, got {layer!r}")
     if layer == BOTTLENECK:
-        known = known_bottleneck(model)
-        if known is not None:
-            return known
-        if example_input is None:
-            raise ValueError(
-                f"cannot tell where the bottleneck of {type(model).__name__} is without running it: "
-                "pass example_input=<a batch> so frem.find_bottleneck can measure it, "
-                "or name the layer (layer='encoder.layer4')")
         return locate_bottleneck(model, example_input)
-    names = [name for name, _ in model.named_modules() if name]
+    names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
     if layer not in names:
         close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
-        hint = f"; closest: {', '.join(close)}" if close else f"; top-level layers: {', '.join(n for n, _ in model.named_children())}"
-        raise ValueError(f"{type(model).__name__} has no layer {layer!r}{hint}")
-    return layer, _known_channels(model.get_submodule(layer))
+        hint = (f"closest: {', '.join(close)}" if close else
+                f"its top-level layers: {', '.join(n for n, _ in model.named_children()) or 'none'}")
+        raise ValueError(f"{type(model).__name__} has no layer {layer!r}; {hint}")
+    return Site(layer, at, entry, _known_channels(model.get_submodule(layer)) if at == "output" else None)
 
 
 def _known_channels(module: nn.Module) -> int | None:
@@ -72,6 +78,17 @@ def _known_channels(module: nn.Module) -> int | None:
     return out if isinstance(out, int) and not isinstance(out, bool) else None
 
 
+def _holder(model: nn.Module, layer: str) -> nn.Module:
+    """The outermost module on the way to ``layer`` whose children nobody iterates."""
+    path = [model] + [model.get_submodule(".".join(layer.split(".")[:i + 1]))
+                      for i in range(len(layer.split("."))) if layer]
+    for module in path + list(path[-1].modules()):
+        if not isinstance(module, CONTAINERS):
+            return module
+    raise ValueError(f"layer {layer!r} holds no module that is not a container; "
+                     "FREM needs one to live in (name a layer inside it)")
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
@@ -79,52 +96,50 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def attached(model: nn.Module) -> list[FREM]:
-    """The FREMs attached to ``model`` by ``frem.attach``."""
-    return [m for m in model.children() if isinstance(m, FREM) and m.applied_by_hook]
+    """The FREMs ``frem.attach`` put on ``model``."""
+    return [m for m in unwrap(model).modules() if isinstance(m, FREM) and m.applied_by_hook]
 
 
 def attach(model: nn.Module, layer="bottleneck", B: int | float = 162, X: float = 632, *,
-           mode: str = "random", seed: int = 0, example_input=None) -> FREM:
-    """Apply FREM to ``layer``'s output while training; return the FREM.
+           mode: str = "random", seed: int = 0, example_input=None, at: str = "output",
+           entry=None) -> FREM:
+    """Apply FREM to ``layer``'s output (``at="input"``: its first input) while training.
 
     ``layer`` is a dotted module name, a module of ``model``, or
-    ``"bottleneck"`` (smp models and timm ``features_only`` nets by name, any
-    other model through ``find_bottleneck(model, example_input)``). When the
-    layer returns a list/tuple/dict of feature maps, FREM acts on the last.
+    ``"bottleneck"``: by name for the libraries that name it, otherwise
+    measured on ``example_input`` (see ``frem.candidates``). When the layer
+    returns a list/tuple/dict, ``entry`` (an index, a key or a path) says which
+    tensor; by default the deepest feature map in it (lowest resolution, most
+    channels, last). Wrappers (DataParallel, DDP, ``torch.compile``) are seen
+    through. Returns the FREM: ``.remove()`` undoes the attachment.
     """
-    name, num_channels = _layer_name(model, layer, example_input)
+    model = unwrap(model)
+    site = _site(model, layer, at, entry, example_input)
+    target = model.get_submodule(site.layer)
     for existing in attached(model):
-        if existing.layer == name:
-            raise ValueError(f"a FREM is already attached to layer {name!r}; "
-                             "call .remove() on it or frem.detach(model) first")
-    module = FREM(B, X, mode=mode, seed=seed, layer=name)
-    if num_channels is not None:
-        module.bind(num_channels, device=_model_device(model))
-    child_name = "frem_" + (name.replace(".", "_") or "output")
-    if hasattr(model, child_name):
-        raise ValueError(f"{type(model).__name__} already has an attribute {child_name!r}")
-    target = model.get_submodule(name)
-    handle = target.register_forward_hook(_make_hook(module))
-    model.add_module(child_name, module)
+        if existing._target_ref() is target and existing._at == site.at:
+            raise ValueError(f"a FREM is already attached to the {site.at} of layer {site.layer!r}"
+                             + (f" (as {existing.layer!r})" if existing.layer != site.layer else "")
+                             + "; call .remove() on it or frem.detach(model) first")
+    module = FREM(B, X, mode=mode, seed=seed, layer=site.layer)
+    if site.channels is not None:
+        module.bind(site.channels, device=_model_device(model))
+    holder = _holder(model, site.layer)
+    base = "frem_" + ((site.layer.replace(".", "_") or "model") + ("_input" if site.at == "input" else ""))
+    child_name, n = base, 1
+    while child_name in holder._modules or hasattr(holder, child_name):
+        n += 1
+        child_name = f"{base}_{n}"
+    hook = _Enhance(module, site.at, site.entry)
+    if site.at == "output":
+        target.register_forward_hook(hook)
+    else:
+        target.register_forward_pre_hook(hook)
+    holder.add_module(child_name, module)
     module.applied_by_hook = True
-    module._attachment = _Attachment(weakref.ref(model), child_name, handle)
+    module._holder_ref, module._target_ref = weakref.ref(holder), weakref.ref(target)
+    module._child_name, module._at = child_name, site.at
     return module
-
-
-def _make_hook(module: FREM):
-    def hook(_layer, _inputs, output):
-        if not module.training:
-            return None  # eval: the model runs exactly as if nothing were attached
-        if isinstance(output, torch.Tensor):
-            return module.enhance(output)
-        if isinstance(output, (list, tuple)) and output:
-            return type(output)([*output[:-1], module.enhance(output[-1])])
-        if isinstance(output, dict) and output:
-            last = next(reversed(output))
-            return type(output)({**output, last: module.enhance(output[last])})
-        raise ValueError(f"layer {module.layer!r} returned {type(output).__name__}, which has no "
-                         "channel dimension; FREM needs a tensor or a list/tuple/dict of tensors")
-    return hook
 
 
 def detach(model: nn.Module) -> int:
@@ -136,8 +151,10 @@ def detach(model: nn.Module) -> int:
 
 
 def resample(model: nn.Module, epoch: int) -> list[FREM]:
-    """Re-draw the channels of every FREM in ``model`` for ``epoch``."""
-    modules = [m for m in model.modules() if isinstance(m, FREM)]
+    """Re-draw the channels of every FREM in ``model`` for ``epoch`` (call it once an epoch)."""
+    modules = [m for m in unwrap(model).modules() if isinstance(m, FREM)]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no FREM to re-draw: frem.attach(model, ...) first")
     for module in modules:
         module.resample(epoch)
     return modules

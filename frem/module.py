@@ -4,39 +4,54 @@ In training it multiplies B chosen channels by X; in eval it returns its input
 object unchanged. ``mode="random"`` re-draws the channels on every
 ``resample(epoch)``; ``mode="fixed"`` keeps the epoch-0 draw (paper Table 3).
 Its buffers are non-persistent, so it never changes a model's state_dict.
+
+The channel count is learnt at the first training call, like
+``nn.LazyConv2d``: FREM is a lazy module, so ``torch.compile`` binds it
+before tracing and even a first call inside ``fullgraph=True`` does not break
+the graph. Pass ``num_channels`` to bind at once.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from numbers import Real
+import warnings
+import weakref
+from numbers import Integral, Real
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from frem.kernels.scale_channels import scale_channels
 from frem.selection import resolve_count, select_channels, validate_count_spec
 
 MODES = ("random", "fixed")
+X_MAX = torch.finfo(torch.float32).max  # the scale is held in fp32
+# A random-mode FREM whose channels were never re-drawn after this many
+# training steps warns once: the run is silently the "fixed" variant.
+STALE_DRAW_STEPS = 1000
 
 
-class FREM(nn.Module):
+class FREM(LazyModuleMixin, nn.Module):
     """Multiply B channels of dim 1 by X while training; identity in eval.
 
     Args:
         B: channels to enhance, an int count or a float fraction in (0, 1].
-        X: the enhancement factor, finite and > 0.
-        mode: ``"random"`` (re-drawn each epoch) or ``"fixed"`` (drawn once).
+        X: the enhancement factor, finite, > 0 and at most float32's maximum.
+        mode: ``"random"`` (re-drawn by ``resample(epoch)``) or ``"fixed"``.
         seed: the draw is a pure function of (seed, epoch).
         layer: name of the hooked layer, used in error messages.
+        num_channels: the width, if known; otherwise learnt at the first training call.
     """
 
     def __init__(self, B: int | float, X: float, mode: str = "random", seed: int = 0,
-                 layer: str | None = None):
+                 layer: str | None = None, num_channels: int | None = None):
         super().__init__()
         self._B_spec = validate_count_spec(B)
-        if isinstance(X, bool) or not isinstance(X, Real) or not math.isfinite(X) or X <= 0:
-            raise ValueError(f"X must be a finite number > 0, got X={X!r}")
+        if isinstance(X, bool) or not isinstance(X, Real) or not math.isfinite(X) or not 0 < X <= X_MAX:
+            raise ValueError(f"X must be a finite number in (0, {X_MAX:.4g}] (the scale is float32), "
+                             f"got X={X!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.X = float(X)
@@ -46,11 +61,16 @@ class FREM(nn.Module):
         self.epoch = 0
         self.num_channels: int | None = None
         # Set by frem.attach: the hook applies an attached FREM, so a container
-        # that iterates its children (nn.Sequential, timm feature nets) and
-        # calls it again gets the identity.
+        # that iterates its children and calls it again gets the identity.
         self.applied_by_hook = False
+        self._holder_ref = self._target_ref = None  # weak: no module cycle
+        self._child_name = self._at = None
+        self._steps_on_draw = 0
+        self._resampled = False
         self.register_buffer("scale", torch.ones(0), persistent=False)
         self.register_buffer("channels", torch.zeros(0, dtype=torch.long), persistent=False)
+        if num_channels is not None:
+            self.bind(num_channels)
 
     @property
     def B(self) -> int | float:
@@ -64,11 +84,16 @@ class FREM(nn.Module):
         device = self.scale.device if device is None else device
         self.scale = torch.ones(num_channels, device=device)
         self.channels = torch.zeros(self._count, dtype=torch.long, device=device)
-        return self._draw()
+        self._draw()
+        self._finish_lazy_binding()
+        return self
 
     def resample(self, epoch: int) -> "FREM":
         """Draw the channels for ``epoch`` (``mode="fixed"`` keeps its first draw)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, Integral) or epoch < 0:
+            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
         self.epoch = int(epoch)
+        self._resampled = True
         return self._draw() if self.num_channels is not None else self
 
     @torch.no_grad()
@@ -78,6 +103,7 @@ class FREM(nn.Module):
         # In place, so compiled graphs and DDP buffer views stay valid.
         self.channels.copy_(chosen)
         self.scale.fill_(1.0).index_fill_(0, self.channels, self.X)
+        self._steps_on_draw = 0
         return self
 
     def enhance(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,17 +126,105 @@ class FREM(nn.Module):
         elif x.shape[1] != self.num_channels:
             raise ValueError(f"{where} has {x.shape[1]} channels, but this FREM was bound to "
                              f"{self.num_channels}")
-        return scale_channels(x, self.scale)
+        if torch.compiler.is_compiling():
+            return scale_channels(x, self.scale)
+        self._check_not_enhanced_twice(x, where)
+        self._count_step()
+        y = scale_channels(x, self.scale)
+        y._frem_layer = self.layer or "FREM"
+        return y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.applied_by_hook else self.enhance(x)
+    def _check_not_enhanced_twice(self, x: torch.Tensor, where: str) -> None:
+        first = getattr(x, "_frem_layer", None)
+        if first is not None:
+            raise RuntimeError(
+                f"FREM at {where} got a tensor that the FREM at {first!r} already enhanced: both act on "
+                f"the same feature map, so its channels would be scaled by X twice. Keep one of them "
+                "(frem.detach(model) removes all).")
+
+    def _count_step(self) -> None:
+        self._steps_on_draw += 1
+        if (self.mode == "random" and not self._resampled and self._steps_on_draw == STALE_DRAW_STEPS):
+            warnings.warn(
+                f"FREM at {self.layer or 'its module'} has enhanced the same {self.B} channels for "
+                f"{STALE_DRAW_STEPS} training steps and was never re-drawn: call "
+                "frem.resample(model, epoch) at the start of every epoch (the paper re-draws each "
+                "epoch; frem.lightning.FREMResample does it in Lightning), or use mode='fixed' if a "
+                "fixed draw is what you want.", stacklevel=4)
+
+    def forward(self, x: torch.Tensor, *, _hooked: bool = False) -> torch.Tensor:
+        return x if self.applied_by_hook and not _hooked else self.enhance(x)
+
+    # ---- lazy binding: torch.compile calls _infer_parameters before tracing
+
+    def _infer_parameters(self, module, args, kwargs=None):
+        x = args[0] if args else None
+        if self.num_channels is None and self.training and isinstance(x, torch.Tensor) and x.dim() >= 2:
+            self.bind(x.shape[1], device=x.device)
+        self._finish_lazy_binding()
+
+    def _finish_lazy_binding(self) -> None:
+        if self.num_channels is not None and "_initialize_hook" in self.__dict__:
+            self._initialize_hook.remove()
+            self._load_hook.remove()
+            del self._initialize_hook, self._load_hook
+
+    def initialize_parameters(self, *args, **kwargs) -> None:  # LazyModuleMixin's contract
+        pass
+
+    def has_uninitialized_params(self) -> bool:
+        return False
+
+    def _replicate_for_data_parallel(self):
+        return nn.Module._replicate_for_data_parallel(self)
+
+    # ---- attachment: frem.attach sets it, remove() undoes it
 
     def remove(self) -> None:
         """Undo ``frem.attach``: remove the hook and this submodule."""
-        attachment = getattr(self, "_attachment", None)
-        if attachment is None:
+        target = self._target_ref() if self._target_ref is not None else None
+        holder = self._holder_ref() if self._holder_ref is not None else None
+        if not self.applied_by_hook or target is None:
             raise RuntimeError("this FREM was not attached with frem.attach (or was removed already)")
-        attachment.undo(self)
+        for hooks in (target._forward_hooks, target._forward_pre_hooks):
+            for key in [k for k, hook in hooks.items() if getattr(hook, "frem", None) is self]:
+                del hooks[key]
+                target._forward_hooks_with_kwargs.pop(key, None)
+                target._forward_hooks_always_called.pop(key, None)
+                target._forward_pre_hooks_with_kwargs.pop(key, None)
+        if holder is not None and holder._modules.get(self._child_name) is self:
+            del holder._modules[self._child_name]
+        self.applied_by_hook = False
+        self._holder_ref = self._target_ref = self._child_name = self._at = None
+
+    def __deepcopy__(self, memo):
+        # A copied model (EMA, AveragedModel) gets a FREM driven by its own
+        # hook and removable from its own modules; a FREM copied alone is detached.
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = dict(self.__dict__)
+        refs = {name: state.pop(name) for name in ("_holder_ref", "_target_ref")}
+        new.__dict__.update(copy.deepcopy(state, memo))
+        for name, ref in refs.items():
+            original = ref() if ref is not None else None
+            twin = memo.get(id(original)) if original is not None else None
+            new.__dict__[name] = weakref.ref(twin) if twin is not None else None
+        if new._holder_ref is None or new._target_ref is None:
+            new.applied_by_hook, new._holder_ref, new._target_ref, new._child_name, new._at = (
+                False, None, None, None, None)
+        return new
+
+    def __getstate__(self):
+        # Pickling (torch.save of a whole model) keeps the links as plain references.
+        state = dict(self.__dict__)
+        for name in ("_holder_ref", "_target_ref"):
+            state[name] = state[name]() if state[name] is not None else None
+        return state
+
+    def __setstate__(self, state):
+        for name in ("_holder_ref", "_target_ref"):
+            state[name] = weakref.ref(state[name]) if state[name] is not None else None
+        super().__setstate__(state)
 
     def extra_repr(self) -> str:
         parts = [f"B={self.B}", f"X={self.X:g}", f"mode={self.mode!r}", f"seed={self.seed}"]

@@ -184,7 +184,7 @@ def test_module_not_in_the_model_is_refused():
 def test_attaching_twice_to_one_layer_is_refused():
     model = tiny_unet()
     frem.attach(model, B=8, X=5.0)
-    with pytest.raises(ValueError, match="already attached to layer 'encoder'"):
+    with pytest.raises(ValueError, match="already attached to the output of layer 'encoder'"):
         frem.attach(model, "encoder", B=8, X=5.0)
 
 

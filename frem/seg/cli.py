@@ -11,6 +11,7 @@ import argparse
 import json
 import re
 import sys
+import warnings
 from importlib import metadata
 
 from frem.seg.search_space import SEARCH_SPACE, TUNABLE
@@ -223,6 +224,9 @@ def main(argv=None) -> int:
         print(f"frem: the command line needs the '{EXTRA}' extra (missing: {', '.join(missing)}): "
               f"pip install \"frem[{EXTRA}]\"", file=sys.stderr)
         return 2
+    # timm's import on torch >= 2.14 warns about its own use of torch.jit.interface:
+    # nothing a user can act on, and it would bury our one-line messages.
+    warnings.filterwarnings("ignore", message=".*torch.jit.interface.* is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
     handler = run_download if args.command == "data" else COMMANDS[args.command]
     try:

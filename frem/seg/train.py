@@ -144,7 +144,8 @@ def _train(config, settings, data, context, device, on_validation):
                initial=state["epoch"] + 1, total=config.epochs, unit="epoch")
     for epoch in bar:
         epoch_start = time.perf_counter()
-        frem.resample(model, epoch)
+        if frem.attached(model):
+            frem.resample(model, epoch)
         net.train()
         order = torch.randperm(len(train_split), generator=epoch_generator(config.seed, epoch, "order"))
         order = order[: len(order) // context.world_size * context.world_size][context.rank::context.world_size]

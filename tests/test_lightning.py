@@ -1,0 +1,42 @@
+"""The Lightning callback re-draws FREM's channels every epoch of a real Trainer.fit."""
+
+import pytest
+import torch
+from models import HandUNet
+from torch import nn
+
+import frem
+
+lightning = pytest.importorskip("lightning")
+from frem.lightning import FREMResample  # noqa: E402
+
+
+class Segmenter(lightning.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = HandUNet()
+        frem.attach(self.net, "bottleneck", B=4, X=50.0, example_input=torch.randn(1, 1, 16, 16))
+        self.drawn = []
+
+    def training_step(self, batch, _index):
+        if not self.drawn or self.drawn[-1][0] != self.current_epoch:
+            self.drawn.append((self.current_epoch, frem.attached(self.net)[0].channels.tolist()))
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+
+def test_trainer_fit_redraws_each_epoch(tmp_path):
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 16, 16), torch.randint(0, 2, (8, 16, 16)))
+    model = Segmenter()
+    trainer = lightning.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False,
+                                default_root_dir=tmp_path, callbacks=[FREMResample()])
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
+    assert [epoch for epoch, _ in model.drawn] == [0, 1, 2]
+    for epoch, channels in model.drawn:
+        assert channels == frem.select_channels(32, 4, 0, epoch).tolist()
+    assert len({tuple(c) for _, c in model.drawn}) == 3
