@@ -1,10 +1,16 @@
 """Shared timing for the benchmarks.
 
-On CUDA every figure is a device-side median from ``triton.testing.do_bench``
-(CUDA events, warmed up), with inputs rotated so the 50 MB L2 cannot hold them.
-On CPU it is the median wall time of many runs. pytest-benchmark records both
-its own statistics and these figures (``extra_info``), and ``report.py`` turns
-the JSON into the Markdown tables of ``benchmarks/README.md``.
+Every comparison is measured in alternation (A B C A B C ...) within one run,
+so drift on a shared machine hits all of them alike, and reported as ratios.
+
+On CUDA a call's device time comes from CUDA events around it, with input
+sets rotated so that the 50 MB L2 cannot hold them; there is no L2 flush
+between calls, whose dirty lines would be written back inside the next timed
+call. Small tensors (under ``GRAPH_BYTES``) are also timed as CUDA-graph
+replays (device time without launch gaps) and by wall clock over back-to-back
+calls (host time a call). On CPU every figure is the median wall time.
+pytest-benchmark records its own statistics and these figures
+(``extra_info``); ``report.py`` turns the JSON into ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROTATE_BYTES = 256 * 2**20  # rotate input sets until they exceed every cache
+GRAPH_BYTES = 32 * 2**20    # below this, also time CUDA-graph replays and host time
 
 
 def sync():
@@ -24,35 +31,25 @@ def sync():
         torch.cuda.synchronize()
 
 
-def median_ms(fn, *, warmup: int = 3, repeat: int = 15) -> float:
-    """Median milliseconds of ``fn()`` on DEVICE."""
-    if DEVICE.type == "cuda":
-        import triton.testing
-        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def interleaved_median_ms(fns: dict, rounds: int = 5) -> dict:
-    """Median ms of each fn, measured in alternation (A B C A B C ...) so that
-    drift on a shared machine hits all of them alike."""
-    if DEVICE.type == "cuda":
-        per_round = {name: [] for name in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                per_round[name].append(median_ms(fn))
-        return {name: statistics.median(v) for name, v in per_round.items()}
+def interleaved_ms(fns: dict, repeat: int = 75, warmup: int = 3) -> dict:
+    """Median milliseconds a call of each fn, measured in alternation."""
     for fn in fns.values():
-        for _ in range(3):
+        for _ in range(warmup):
             fn()
+    sync()
+    if DEVICE.type == "cuda":
+        marks = {name: [] for name in fns}
+        for _ in range(repeat):
+            for name, fn in fns.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                marks[name].append((start, end))
+        torch.cuda.synchronize()
+        return {name: statistics.median(s.elapsed_time(e) for s, e in pairs) for name, pairs in marks.items()}
     times = {name: [] for name in fns}
-    for _ in range(15 * rounds):
+    for _ in range(repeat):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
@@ -60,21 +57,38 @@ def interleaved_median_ms(fns: dict, rounds: int = 5) -> dict:
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
+def host_us(fns: dict, calls: int = 200, rounds: int = 5) -> dict:
+    """Microseconds of host time a call: back-to-back calls, one sync at the end,
+    alternating the fns round by round (on a GPU faster than the host this is
+    the Python and dispatch cost, which decides small tensors)."""
+    per = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            per[name].append(1e6 * (time.perf_counter() - start) / calls)
+    return {name: statistics.median(v) for name, v in per.items()}
+
+
+def graph_us(fns: dict) -> dict:
+    """Microseconds of device time a call, replayed from CUDA graphs (no launch gaps)."""
+    import triton.testing
+    out = {}
+    for name, fn in fns.items():
+        try:
+            out[name] = 1e3 * float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+        except Exception as error:  # a path that cannot be captured is reported, not fatal
+            out[name] = f"not capturable: {type(error).__name__}"
+    return out
+
+
 def rotation(make, nbytes: int) -> list:
     """Enough independent input sets that cycling through them defeats the caches."""
     count = max(1, min(8, -(-ROTATE_BYTES // max(nbytes, 1))))
     return [make() for _ in range(count)]
-
-
-def run_benchmark(benchmark, fn, **extra):
-    """Time ``fn`` with pytest-benchmark (synchronised) and our median; record both."""
-    def synced():
-        fn()
-        sync()
-    ms = median_ms(fn)
-    benchmark.extra_info.update({"device": device_name(), "median_ms": ms, **extra})
-    benchmark.pedantic(synced, rounds=10 if DEVICE.type == "cuda" else 5, iterations=1, warmup_rounds=1)
-    return ms
 
 
 def device_name() -> str:
@@ -88,7 +102,7 @@ def copy_bandwidth() -> float:
     """Bytes per second of a large device-to-device copy (read + write)."""
     n = (1 << 30 if DEVICE.type == "cuda" else 1 << 26) // 4
     src, dst = torch.randn(n, device=DEVICE), torch.empty(n, device=DEVICE)
-    ms = median_ms(lambda: dst.copy_(src))
+    ms = interleaved_ms({"copy": lambda: dst.copy_(src)}, repeat=20)["copy"]
     return 2 * 4 * n / (ms * 1e-3)
 
 

@@ -5,12 +5,10 @@ drifting clocks hit both alike; a bare-vs-bare pair gives the noise floor.
 """
 
 import copy
-import statistics
-import time
 
 import segmentation_models_pytorch as smp
 import torch
-from conftest import DEVICE, device_name, sync
+from conftest import DEVICE, device_name, interleaved_ms
 from torch.nn import functional as F
 
 import frem
@@ -28,18 +26,6 @@ def default_model():
 
 def autocast():
     return torch.autocast("cuda", dtype=torch.bfloat16) if ON_GPU else torch.autocast("cpu", enabled=False)
-
-
-def interleaved_ms(fns: dict, rounds: int) -> dict:
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(1e3 * (time.perf_counter() - start))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def pair():
@@ -70,7 +56,7 @@ def test_inference_overhead(benchmark):
     for model in (bare, twin, attached):
         infer(model)()  # warm-up
     ms = interleaved_ms({"bare": infer(bare), "bare_again": infer(twin), "attached": infer(attached)},
-                        rounds=30 if ON_GPU else 10)
+                        repeat=30 if ON_GPU else 10, warmup=0)
     # The eval graph itself: the attached model exports to the very same
     # operations (FREM's two unused buffers only add graph inputs).
     ops = {name: eval_ops(m, (x[:1],)) for name, m in (("bare", bare), ("attached", attached))}
@@ -104,7 +90,7 @@ def test_training_overhead(benchmark):
     for model in (bare, twin, attached):
         step(model)()
     ms = interleaved_ms({"bare": step(bare), "bare_again": step(twin), "attached": step(attached)},
-                        rounds=20 if ON_GPU else 6)
+                        repeat=20 if ON_GPU else 6, warmup=0)
     peak = {}
     if ON_GPU:
         for name, model in (("bare", bare), ("attached", attached)):

@@ -1,31 +1,57 @@
-"""frem.scale_channels against eager PyTorch and torch.compile of the same.
+"""frem.scale_channels against eager PyTorch, torch.compile and a same-size copy.
 
 Bytes moved: forward reads x and writes y, backward reads the gradient and
-writes dx; the (C,) scale is noise. Achieved bandwidth is compared with the
-device's own copy bandwidth measured in the same run.
+writes dx; the (C,) scale is noise. Every row times, in alternation:
+
+- ``frem``: ``frem.scale_channels`` as FREM calls it (it picks the path);
+- ``kernel``: the registered op ``torch.ops.frem.scale_channels`` (the Triton
+  kernels on CUDA, its torch body on CPU), whatever the size;
+- ``eager``: ``x * scale`` in PyTorch, cast back to x's dtype;
+- ``compiled``: the same under ``torch.compile``, compiled afresh for the row
+  (``fullgraph=True``, so a row can never fall back to eager unseen);
+- ``copy``: ``copy_`` of the same bytes (two copies for forward+backward),
+  the ceiling: '% of copy' = copy time / time.
 """
 
 import itertools
 
 import pytest
 import torch
-from conftest import DEVICE, device_name, interleaved_median_ms, rotation, run_benchmark, sync
+from conftest import DEVICE, GRAPH_BYTES, device_name, graph_us, host_us, interleaved_ms, rotation
 
 import frem
 
 CPU_SIZES = [(16, 512, 8, 8), (16, 512, 32, 32), (8, 256, 128, 128)]
-CUDA_SIZES = CPU_SIZES + [(16, 512, 64, 64), (64, 512, 64, 64), (64, 2048, 64, 64)]
+CUDA_SIZES = CPU_SIZES + [(16, 512, 7, 7), (16, 500, 32, 32), (16, 512, 64, 64), (64, 512, 64, 64),
+                          (64, 2048, 64, 64), (2, 64, 64, 64, 64)]
 SIZES = CUDA_SIZES if DEVICE.type == "cuda" else CPU_SIZES
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+REPEAT = 75 if DEVICE.type == "cuda" else 15
+
+
+def layout_of(name, rank):
+    if name == "channels_last":
+        return torch.channels_last if rank == 4 else torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def eager_scale(x, scale):
-    return x * scale.view(1, -1, 1, 1).to(x.dtype)
+    return (x * scale.view((1, -1) + (1,) * (x.dim() - 2))).to(x.dtype)
 
 
-compiled_scale = torch.compile(eager_scale, dynamic=False)
-IMPLEMENTATIONS = {"frem": frem.scale_channels, "eager": eager_scale, "compiled": compiled_scale}
+def kernel_scale(x, scale):
+    return torch.ops.frem.scale_channels(x, scale)
+
+
+def fresh_compiled():
+    """A compiled eager_scale with nothing cached: every row gets its own graph."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    return torch.compile(eager_scale, dynamic=False, fullgraph=True)
+
+
+def compiled_graphs() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def make_inputs(shape, dtype, layout):
@@ -53,47 +79,69 @@ def make_step(fn, direction, sets, scale):
     return step
 
 
+def copy_step(direction, sets):
+    """The same bytes as the pass, as copies: read one tensor, write another."""
+    pairs = itertools.cycle([(x.detach(), torch.empty_like(x)) for x, _ in sets])
+    copies = 2 if direction == "forward+backward" else 1
+
+    def step():
+        src, dst = next(pairs)
+        for _ in range(copies):
+            dst.copy_(src)
+    return step
+
+
 @pytest.mark.parametrize("shape", SIZES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("direction", ["forward", "backward", "forward+backward"])
-def test_scale_channels(benchmark, copy_bandwidth, direction, dtype, layout, shape):
-    """frem, eager and compiled timed in alternation; pytest-benchmark times frem."""
+def test_scale_channels(benchmark, direction, dtype, layout, shape):
+    """frem, kernel, eager, compiled and copy in alternation; pytest-benchmark times frem."""
     scale = torch.ones(shape[1], device=DEVICE)
     scale[torch.randperm(shape[1])[: shape[1] // 3]] = 632.0
     numel = torch.Size(shape).numel()
     element = torch.finfo(DTYPES[dtype]).bits // 8
-    sets = rotation(lambda: make_inputs(shape, DTYPES[dtype], LAYOUTS[layout]), 2 * numel * element)
-    steps = {name: make_step(fn, direction, sets, scale) for name, fn in IMPLEMENTATIONS.items()}
+    fmt = layout_of(layout, len(shape))
+    sets = rotation(lambda: make_inputs(shape, DTYPES[dtype], fmt), 2 * numel * element)
+    compiled = fresh_compiled()
+    implementations = {"frem": frem.scale_channels, "kernel": kernel_scale, "eager": eager_scale,
+                       "compiled": compiled}
+    steps = {name: make_step(fn, direction, sets, scale) for name, fn in implementations.items()}
+    steps["copy"] = copy_step(direction, sets)
     nbytes = (2 if direction == "forward+backward" else 1) * 2 * numel * element
-    ms = interleaved_median_ms(steps)
-    benchmark.extra_info.update(
-        device=device_name(), direction=direction, dtype=dtype, layout=layout,
-        shape="x".join(map(str, shape)), bytes=nbytes, ms=ms,
-        gbps={k: nbytes / (v * 1e-3) / 1e9 for k, v in ms.items()},
-        copy_fraction={k: nbytes / (v * 1e-3) / copy_bandwidth for k, v in ms.items()})
-    benchmark.pedantic(lambda: (steps["frem"](), sync()), rounds=5, warmup_rounds=1)
+    ms = interleaved_ms(steps, repeat=REPEAT)
+    info = dict(device=device_name(), direction=direction, dtype=dtype, layout=layout,
+                shape="x".join(map(str, shape)), bytes=nbytes, ms=ms,
+                gbps={k: nbytes / (v * 1e-3) / 1e9 for k, v in ms.items()},
+                copy_fraction={k: ms["copy"] / v for k, v in ms.items() if k != "copy"},
+                compiled_graphs=compiled_graphs())
+    if DEVICE.type == "cuda" and nbytes < GRAPH_BYTES:
+        info.update(graph_us=graph_us(steps), host_us=host_us(steps))
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(steps["frem"], rounds=5, warmup_rounds=1)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="2**31 elements need a GPU")
-@pytest.mark.parametrize("impl", ["frem", "eager"])
-def test_scale_channels_past_2_31_elements(benchmark, copy_bandwidth, impl):
+def test_scale_channels_past_2_31_elements(benchmark):
     shape = (1, 64, 2**25 + 2**12)  # 2**31 + 2**18 elements, bf16: 4.3 GB
     x = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16).requires_grad_(True)
     g = torch.randn_like(x)
     scale = torch.ones(64, device=DEVICE)
     scale[::3] = 632.0
-    fn = IMPLEMENTATIONS[impl]
+    steps = {name: (lambda fn=fn: torch.autograd.grad(fn(x, scale), x, g))
+             for name, fn in (("frem", frem.scale_channels), ("eager", eager_scale))}
+    steps["copy"] = copy_step("forward+backward", [(x, g)])
     nbytes = 4 * x.numel() * 2
-    ms = run_benchmark(benchmark, lambda: torch.autograd.grad(fn(x, scale), x, g), impl=impl,
-                       direction="forward+backward", dtype="bf16", layout="nchw",
-                       shape="x".join(map(str, shape)), bytes=nbytes, huge=True)
-    benchmark.extra_info["gbps"] = nbytes / (ms * 1e-3) / 1e9
-    benchmark.extra_info["copy_fraction"] = nbytes / (ms * 1e-3) / copy_bandwidth
+    ms = interleaved_ms(steps, repeat=5, warmup=1)
+    benchmark.extra_info.update(device=device_name(), direction="forward+backward", dtype="bf16",
+                                layout="nchw", shape="x".join(map(str, shape)), bytes=nbytes, ms=ms,
+                                huge=True, gbps={k: nbytes / (v * 1e-3) / 1e9 for k, v in ms.items()},
+                                copy_fraction={k: ms["copy"] / v for k, v in ms.items() if k != "copy"})
+    benchmark.pedantic(steps["frem"], rounds=1, warmup_rounds=0)
 
 
 def test_copy_bandwidth(benchmark, copy_bandwidth):
-    """The ceiling every op figure is compared with."""
-    benchmark.extra_info.update({"copy_gbps": copy_bandwidth / 1e9})
+    """The device's copy bandwidth, for the report's header."""
+    benchmark.extra_info.update({"copy_gbps": copy_bandwidth / 1e9, "device": device_name()})
     x = torch.empty(1 << 20, device=DEVICE)
     benchmark.pedantic(lambda: x.clone(), rounds=3)

@@ -5,19 +5,32 @@ Layout: ``x`` is (N, C, *spatial) with 0 to 3 spatial dims; ``scale`` is (C,).
 The backward of a channel scaling is the same channel scaling of the incoming
 gradient (``dx = dy * scale``), so one pair of kernels serves both passes:
 
-* ``_scale_dense_kernel``: ``x`` is non-overlapping and dense in any dim order
-  (contiguous, channels_last, channels_last_3d, permuted). ``y`` gets the same
-  strides, so both are walked as flat memory; the channel of memory offset
-  ``i`` is ``(i // stride_c) % C``. One read, one write, 16-byte vectors.
+* ``_scale_tiles_kernel``: ``x`` is non-overlapping and dense in any dim
+  order (contiguous, channels_last, channels_last_3d, permuted). ``y`` gets
+  the same strides, and memory is read as (outer, C, inner) with
+  ``inner = stride_c``. Where a channel's run is long (``inner >= 16``,
+  NCHW-like) the tiles are (rows = outer * C, cols = inner) and each row's
+  scale is loaded once; otherwise (channels_last-like) they are (rows = outer,
+  cols = C * inner) and each column's scale is loaded once. No per-element
+  division or gather, and the contiguous axis stays contiguous for 16-byte
+  vectors.
 * ``_scale_strided_kernel``: anything else (slices, transposes, the stride-0
   expanded gradient of ``y.sum()``). ``y`` is allocated dense and walked in its
   own memory order; each element's coordinates give the address in ``x``.
 
 Both compute in fp32 (fp64 for fp64 inputs) and write the input's dtype.
 Offsets switch to int64 only when a tensor's address span passes 2**31.
+
+Which path runs (``scale_channels``): under ``torch.compile`` plain torch
+ops, which Inductor fuses into the neighbouring kernels; in eager mode on CUDA
+the Triton kernels for tensors of at least ``KERNEL_MIN_NUMEL`` elements, and
+plain torch ops below that and on CPU, where a custom op's host cost (tens of
+microseconds a call) would exceed the work.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch.library import triton_op, wrap_triton
@@ -31,35 +44,42 @@ except ImportError:  # pragma: no cover - exercised only on platforms without tr
 MAX_RANK = 5  # (N, C) plus up to three spatial dims
 _INT32_LIMIT = 2**31 - 1
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Eager CUDA calls below this many elements take plain torch ops. A prediction
+# (benchmarks/NOTES.md): the custom op's extra host time (~20-40 us) equals the
+# device time it saves (8 of 12 bytes an element in bf16) near 2**22
+# elements at 3 TB/s. The GPU benchmark measures the crossover.
+KERNEL_MIN_NUMEL = 1 << 22
+TILE_BYTES = 16384  # per program: 8 16-byte vectors a thread with 4 warps
+ROW_MIN_INNER = 16  # a channel's run at least this long: one scale per row
 
 
 if triton is not None:
 
     @triton.jit
-    def _block_offsets(numel, BLOCK: tl.constexpr, INT64: tl.constexpr):
-        pid = tl.program_id(0)
-        if INT64:
-            start = pid.to(tl.int64) * BLOCK
-        else:
-            start = pid * BLOCK
-        offs = start + tl.arange(0, BLOCK)
-        return offs, offs < numel
-
-    @triton.jit
-    def _scale_and_store(x_ptrs, scale_ptrs, y_ptrs, mask, COMPUTE: tl.constexpr):
-        s = tl.load(scale_ptrs, mask=mask, other=0.0)
-        x = tl.load(x_ptrs, mask=mask, other=0.0)
-        y = x.to(COMPUTE) * s.to(COMPUTE)
-        tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _scale_dense_kernel(
-        x_ptr, scale_ptr, y_ptr, numel, stride_c, C,
-        BLOCK: tl.constexpr, INT64: tl.constexpr, COMPUTE: tl.constexpr,
+    def _scale_tiles_kernel(
+        x_ptr, scale_ptr, y_ptr, R, K, C, inner, tiles_k,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ROW_CHANNEL: tl.constexpr,
+        INT64: tl.constexpr, COMPUTE: tl.constexpr,
     ):
-        offs, mask = _block_offsets(numel, BLOCK, INT64)
-        channel = (offs // stride_c) % C
-        _scale_and_store(x_ptr + offs, scale_ptr + channel, y_ptr + offs, mask, COMPUTE)
+        pid = tl.program_id(0)
+        pid_r = pid // tiles_k
+        pid_k = pid - pid_r * tiles_k
+        if INT64:
+            pid_r = pid_r.to(tl.int64)
+            pid_k = pid_k.to(tl.int64)
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        row_ok = rows < R
+        col_ok = cols < K
+        if ROW_CHANNEL:  # a row is one (outer, channel) run: one scale per row
+            s = tl.load(scale_ptr + rows % C, mask=row_ok, other=0.0)[:, None]
+        else:  # the channel is the column's: one scale per column
+            s = tl.load(scale_ptr + cols // inner, mask=col_ok, other=0.0)[None, :]
+        offs = rows[:, None] * K + cols[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        y = x.to(COMPUTE) * s.to(COMPUTE)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _scale_strided_kernel(
@@ -71,7 +91,13 @@ if triton is not None:
     ):
         # Dims arrive permuted into y's memory order, so y's offset is the flat
         # index and only x needs the coordinate arithmetic.
-        offs, mask = _block_offsets(numel, BLOCK, INT64)
+        pid = tl.program_id(0)
+        if INT64:
+            start = pid.to(tl.int64) * BLOCK
+        else:
+            start = pid * BLOCK
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < numel
         rest = offs
         i4 = rest % size4
         rest = rest // size4
@@ -92,10 +118,27 @@ if triton is not None:
             channel = i3
         else:
             channel = i4
-        _scale_and_store(x_ptr + x_off, scale_ptr + channel, y_ptr + offs, mask, COMPUTE)
+        s = tl.load(scale_ptr + channel, mask=mask, other=0.0)
+        x = tl.load(x_ptr + x_off, mask=mask, other=0.0)
+        y = x.to(COMPUTE) * s.to(COMPUTE)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_size(element_size: int) -> int:
+def tile_plan(x: torch.Tensor, y: torch.Tensor) -> dict:
+    """The dense kernel's view of ``x``: rows, columns, tile shape, which axis holds the channel."""
+    numel, C = x.numel(), x.shape[1]
+    inner = y.stride(1) if C > 1 else numel // x.shape[0]
+    outer = numel // (C * inner)
+    row_channel = inner >= ROW_MIN_INNER or C == 1
+    R, K = (outer * C, inner) if row_channel else (outer, C * inner)
+    elements = TILE_BYTES // x.element_size()
+    block_k = min(triton.next_power_of_2(K), elements)
+    block_r = max(1, elements // block_k)
+    return {"R": R, "K": K, "C": C, "inner": inner, "BLOCK_R": block_r, "BLOCK_K": block_k,
+            "ROW_CHANNEL": row_channel, "INT64": numel > _INT32_LIMIT}
+
+
+def _strided_block(element_size: int) -> int:
     # 16 bytes per thread per access, 4 warps, 4 accesses in flight per thread.
     return 128 * 4 * (16 // element_size)
 
@@ -110,14 +153,15 @@ def launch_scale_channels(x: torch.Tensor, scale: torch.Tensor, y: torch.Tensor,
     numel = x.numel()
     if numel == 0:
         return y
-    block = _block_size(x.element_size())
-    grid = (triton.cdiv(numel, block),)
     compute = tl.float64 if x.dtype == torch.float64 else tl.float32
-    if x.stride() == y.stride():
-        int64 = numel > _INT32_LIMIT
-        wrap(_scale_dense_kernel)[grid](
-            x, scale, y, numel, y.stride(1), x.shape[1],
-            BLOCK=block, INT64=int64, COMPUTE=compute, num_warps=4,
+    if x.stride() == y.stride():  # empty_like kept x's strides: x is dense
+        plan = tile_plan(x, y)
+        tiles_k = triton.cdiv(plan["K"], plan["BLOCK_K"])
+        grid = (triton.cdiv(plan["R"], plan["BLOCK_R"]) * tiles_k,)
+        wrap(_scale_tiles_kernel)[grid](
+            x, scale, y, plan["R"], plan["K"], plan["C"], plan["inner"], tiles_k,
+            BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"], ROW_CHANNEL=plan["ROW_CHANNEL"],
+            INT64=plan["INT64"], COMPUTE=compute, num_warps=4,
         )
         return y
     # Walk y in memory order: sort its dims by stride, largest first, and pad to
@@ -128,27 +172,21 @@ def launch_scale_channels(x: torch.Tensor, scale: torch.Tensor, y: torch.Tensor,
     x_strides = [0] * pad + [x.stride(d) for d in order]
     x_span = sum((n - 1) * s for n, s in zip(sizes, x_strides)) + 1
     int64 = max(numel, x_span) > _INT32_LIMIT
-    wrap(_scale_strided_kernel)[grid](
+    block = _strided_block(x.element_size())
+    wrap(_scale_strided_kernel)[(triton.cdiv(numel, block),)](
         x, scale, y, numel, *sizes[1:], *x_strides,
         C_DIM=pad + order.index(1), BLOCK=block, INT64=int64, COMPUTE=compute, num_warps=4,
     )
     return y
 
 
+def _broadcast(scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return scale.view((1, -1) + (1,) * (x.dim() - 2))
+
+
 def _scale_channels_torch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    out = torch.empty_like(x)  # exactly the CUDA path's and the fake's strides
-    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
-        narrow = scale.to(x.dtype)
-        # A half-precision product of two half-precision numbers is exact in
-        # fp32, so when the scale fits x's dtype the vectorised same-dtype mul
-        # (fp32 inside, one rounding) equals the fp32 computation bit for bit.
-        # Checking that reads host memory only: no device sync.
-        if torch.equal(narrow.to(scale.dtype), scale):
-            return torch.mul(x, narrow.view(shape), out=out)
-        return out.copy_(x.float().mul_(scale.view(shape)))
-    # The fp32 scale promotes the product to fp32 (fp64 for fp64 x); out= casts on store.
-    return torch.mul(x, scale.view(shape), out=out)
+    """The op on CPU: the fp32 (fp64) product, rounded once into x's dtype and strides."""
+    return torch.mul(x, _broadcast(scale, x), out=torch.empty_like(x))
 
 
 @triton_op("frem::scale_channels", mutates_args=())
@@ -158,7 +196,9 @@ def _scale_channels_op(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         # tensors too (ignoring register_kernel), which no CPU build can run.
         return _scale_channels_torch(x, scale)
     y = torch.empty_like(x)
-    return launch_scale_channels(x, scale, y, wrap=wrap_triton)
+    # Triton launches on the current device: a tensor on cuda:1 needs cuda:1 current.
+    with torch.cuda.device(x.device) if x.device.index != torch.cuda.current_device() else nullcontext():
+        return launch_scale_channels(x, scale, y, wrap=wrap_triton)
 
 
 # Eager CPU calls land here: wrap_triton refuses interpreted kernels in eager
@@ -183,12 +223,33 @@ def _backward(ctx, grad):
 _scale_channels_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def scale_channels_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Plain differentiable torch ops with the op's numerics: fp32 product, one rounding.
+
+    What ``torch.compile`` sees (Inductor fuses it into one pointwise kernel
+    with its neighbours) and what small tensors and CPU tensors run eagerly.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu" \
+            and not torch.compiler.is_compiling():
+        narrow = scale.to(x.dtype)
+        # CPU multiplies half-precision pairs in fp32 and rounds once, and the
+        # product of two half-precision numbers is exact in fp32: when the
+        # scale fits x's dtype this vectorised same-dtype multiply is the fp32
+        # result bit for bit, without the slow mixed-dtype CPU loop. Checking
+        # it reads host memory: no device sync.
+        if torch.equal(narrow.to(scale.dtype), scale):
+            return x * _broadcast(narrow, x)
+    y = x * _broadcast(scale, x)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
 def scale_channels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Return ``x * scale`` broadcast over dim 1, differentiable in ``x``.
 
     ``x``: (N, C, *spatial) with 0-3 spatial dims, floating point, any strides.
     ``scale``: (C,); cast to fp32 (fp64 for fp64 ``x``) on ``x``'s device. It
-    gets no gradient. The result has ``x``'s dtype and memory format.
+    gets no gradient. The result has ``x``'s dtype; for dense inputs also its
+    memory format. Every path computes the fp32 product and rounds once.
     """
     if not isinstance(x, torch.Tensor) or not 2 <= x.dim() <= MAX_RANK:
         raise ValueError(
@@ -201,5 +262,8 @@ def scale_channels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
             f"scale must have shape (C,) = ({x.shape[1]},) for x of shape {tuple(x.shape)}, "
             f"got {tuple(scale.shape)}")
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scale = scale.detach().to(device=x.device, dtype=compute).contiguous()
-    return _scale_channels_op(x, scale)
+    scale = scale.detach().to(device=x.device, dtype=compute)
+    if torch.compiler.is_compiling() or x.device.type != "cuda" or triton is None \
+            or x.numel() < KERNEL_MIN_NUMEL:
+        return scale_channels_reference(x, scale)
+    return _scale_channels_op(x, scale.contiguous())

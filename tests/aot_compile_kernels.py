@@ -1,50 +1,90 @@
-"""Compile every kernel variant for Hopper (sm_90) with Triton's CUDA backend.
+"""Compile the kernels for Hopper (sm_90) through the real launcher, with no GPU.
 
-Run without TRITON_INTERPRET (the test runs it in a subprocess): on a machine
-with no GPU this still takes each kernel through Triton's real code
-generation down to PTX and cubin (Triton ships ptxas), which the interpreter
-never does. Prints one line per variant.
+Run without TRITON_INTERPRET (the test runs it in a subprocess). A stand-in
+for Triton's CUDA driver reports an sm_90 device, and ``launch_scale_channels``
+is called on meta tensors with a ``wrap`` that compiles (``warmup``) instead of
+launching: the launcher's own argument binding decides the specialisation
+(divisibility-by-16 and ==1 hints, int32/int64), exactly as on a GPU, and
+Triton's CUDA backend takes it down to PTX and cubin. Prints one line per case:
+its name and the widest global load and store in the PTX, in bytes.
 """
 
-import itertools
+import re
 import warnings
 
-import triton
-import triton.language as tl
+import torch
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.runtime import driver
 
 import frem.kernels.scale_channels as k
 
 warnings.filterwarnings("ignore")
-TARGET = GPUTarget("cuda", 90, 32)
-POINTER = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "fp64": "*fp64"}
 
 
-def compile_variant(fn, signature, constexprs):
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=TARGET, options={"num_warps": 4})
-    assert compiled.asm["cubin"], "no cubin"
-    return compiled
+class HopperDriver:
+    """What the launcher asks of Triton's active driver, for an sm_90 device."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
 
 
-for dtype, int64 in itertools.product(POINTER, (False, True)):
-    compute = tl.float64 if dtype == "fp64" else tl.float32
-    index = "i64" if int64 else "i32"
-    scale = "*fp64" if dtype == "fp64" else "*fp32"
-    compile_variant(k._scale_dense_kernel,
-                    {"x_ptr": POINTER[dtype], "scale_ptr": scale, "y_ptr": POINTER[dtype], "numel": index,
-                     "stride_c": index, "C": "i32", "BLOCK": "constexpr", "INT64": "constexpr",
-                     "COMPUTE": "constexpr"},
-                    {"BLOCK": k._block_size(8 if dtype == "fp64" else 4 if dtype == "fp32" else 2),
-                     "INT64": int64, "COMPUTE": compute})
-    print(f"dense {dtype} int64={int64} ok")
+class Compile:
+    """A ``wrap`` for the launcher: ``kernel[grid](...)`` compiles and keeps the result."""
 
-for c_dim, int64 in itertools.product(range(5), (False, True)):
-    index = "i64" if int64 else "i32"
-    signature = {"x_ptr": "*bf16", "scale_ptr": "*fp32", "y_ptr": "*bf16", "numel": index,
-                 **{f"size{d}": "i32" for d in range(1, 5)}, **{f"xs{d}": index for d in range(5)},
-                 "C_DIM": "constexpr", "BLOCK": "constexpr", "INT64": "constexpr", "COMPUTE": "constexpr"}
-    compile_variant(k._scale_strided_kernel, signature,
-                    {"C_DIM": c_dim, "BLOCK": k._block_size(2), "INT64": int64, "COMPUTE": tl.float32})
-    print(f"strided C_DIM={c_dim} int64={int64} ok")
+    compiled = []
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def compile_only(*args, **kwargs):
+            Compile.compiled.append(self.kernel.warmup(*args, grid=grid, **kwargs))
+        return compile_only
+
+
+def widest(ptx: str, op: str) -> int:
+    """Bytes of the widest ``ld.global`` / ``st.global`` of x or y in the PTX."""
+    widths = [(int(vec or 1)) * int(bits) // 8
+              for vec, bits in re.findall(rf"{op}\.global(?:\.[a-z_]+)*?(?:\.v(\d))?\.b(\d+)", ptx)]
+    return max(widths, default=0)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+CASES = {  # name -> (shape, memory format or a transform making a strided view)
+    "nchw-16x512x8x8": ((16, 512, 8, 8), torch.contiguous_format),
+    "nchw-64x512x64x64": ((64, 512, 64, 64), torch.contiguous_format),
+    "channels_last-16x512x8x8": ((16, 512, 8, 8), torch.channels_last),
+    "channels_last-64x512x64x64": ((64, 512, 64, 64), torch.channels_last),
+    "nchw-7x7": ((16, 512, 7, 7), torch.contiguous_format),
+    "channels_last-C500": ((16, 500, 8, 8), torch.channels_last),
+    "ncdhw-3d": ((2, 32, 16, 16, 16), torch.contiguous_format),
+    "channels_last_3d": ((2, 32, 16, 16, 16), torch.channels_last_3d),
+    "past-2^31": ((1, 64, 2**25 + 2**12), torch.contiguous_format),
+}
+
+driver.set_active(HopperDriver())
+for dtype_name, dtype in DTYPES.items():
+    for case, (shape, fmt) in CASES.items():
+        x = torch.empty(shape, dtype=dtype, device="meta").contiguous(memory_format=fmt)
+        scale = torch.empty(shape[1], dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                            device="meta")
+        k.launch_scale_channels(x, scale, torch.empty_like(x), wrap=Compile)
+        kernel = Compile.compiled[-1]
+        assert kernel.asm["cubin"], "no cubin"
+        ptx = kernel.asm["ptx"]
+        print(f"{case} {dtype_name} tiles load={widest(ptx, 'ld')} store={widest(ptx, 'st')} ok")
+for dim in range(4):  # slices along each dim: not dense, the strided kernel
+    base = torch.empty(4, 8, 6, 10, dtype=torch.bfloat16, device="meta")
+    x = base[(slice(None),) * dim + (slice(None, None, 2),)]
+    scale = torch.empty(x.shape[1], device="meta")
+    k.launch_scale_channels(x, scale, torch.empty_like(x, memory_format=torch.contiguous_format), wrap=Compile)
+    kernel = Compile.compiled[-1]
+    assert kernel.asm["cubin"], "no cubin"
+    print(f"sliced-dim{dim} bf16 strided load={widest(kernel.asm['ptx'], 'ld')} "
+          f"store={widest(kernel.asm['ptx'], 'st')} ok")

@@ -21,7 +21,7 @@ def test_two_ranks_draw_the_same_channels_and_end_identical(tiny_config, tmp_pat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = tiny_config(epochs=2, tiles_per_section=4, batch_size=4)
+    config = tiny_config(epochs=2, tiles_per_section=4, batch_size=4, device="cpu")  # gloo, on any machine
     mp.spawn(_worker, args=(2, port, config, str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     channels0 = [h["frem_channels"] for h in rank0["history"]]

@@ -100,3 +100,25 @@ def test_folder_dataset_trains(tmp_path):
                                out=str(tmp_path / "run"), epochs=1, batch_size=2, progress=False)
     metrics = train(config)
     assert set(metrics["test"]["iou"]) == {"cell", "nucleus", "background"}
+
+
+def test_resume_loads_the_checkpoint_on_the_cpu_whatever_the_training_device(tiny_config, monkeypatch):
+    """On CUDA, RNG states loaded onto the GPU make torch.set_rng_state fail; here a meta
+    device stands in for the GPU, and the checkpoint must still be read onto the CPU."""
+    from frem.seg import train as trainer
+    from frem.seg.distributed import Context
+    train(tiny_config())
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(path, map_location="cpu"):
+        seen.append(map_location)
+        raise Stop
+
+    monkeypatch.setattr(trainer.checkpoint, "load", spy)
+    config = tiny_config(epochs=2, resume=True)
+    with pytest.raises(Stop):
+        trainer._train(config, {}, None, Context(), torch.device("meta"), None)
+    assert seen == ["cpu"]

@@ -148,14 +148,21 @@ def verdict(rows) -> str:
 
 
 @torch.no_grad()
-def qualitative_figure(out: Path, data, variants, seed: int, path: Path, tiles: int = 3) -> Path:
+def qualitative_figure(out: Path, data, variants, seed: int, path: Path, tiles: int = 3) -> Path | None:
+    """Fig. 5/6 from each variant's best checkpoint; runs whose checkpoint is not here
+    (reused from their metrics.json alone) are left out, and with none there is no figure."""
     index = torch.linspace(0, len(data.test) - 1, tiles).round().long()
     images, truth = data.test.images[index], data.test.masks[index]
     predictions = {}
     for variant in variants:
-        state = checkpoint.load(out / "runs" / f"{variant}-seed{seed}" / checkpoint.BEST)
+        best = out / "runs" / f"{variant}-seed{seed}" / checkpoint.BEST
+        if not best.is_file():
+            continue
+        state = checkpoint.load(best)
         model = model_from_checkpoint(state)
         predictions[variant] = model(normalize(images, state["normalization"])).argmax(1).numpy()
+    if not predictions:
+        return None
     return figures.qualitative(images[:, 0].numpy(), truth.numpy(), predictions, data.classes, path,
                                f"test tiles ({', '.join(data.test.names[i] for i in index)})")
 
@@ -186,6 +193,7 @@ def reproduce(base: TrainConfig, *, seeds, out, results_dir, tune_trials: int, p
                                               results_dir / "fig9_enhanced_channels.png",
                                               f"FREM: enhanced vs other bottleneck channels (seed {first})"))
     made.append(qualitative_figure(out, data, variants, first, results_dir / "fig5_qualitative.png"))
+    made = [p for p in made if p is not None]
 
     protocol = protocol_lines(base, seeds, data, results)
     text = ["# Reproduction: FREM on the Drosophila ssTEM data", "", *protocol, "",

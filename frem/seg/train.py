@@ -118,7 +118,8 @@ def _train(config, settings, data, context, device, on_validation):
     state = {"epoch": -1, "best_val_miou": -math.inf, "best_epoch": None, "history": []}
 
     if config.resume and last_path.exists():
-        saved = checkpoint.load(last_path, map_location=device)
+        # On the CPU: set_rng_state takes CPU ByteTensors; load_state_dict moves the rest.
+        saved = checkpoint.load(last_path)
         differences = config.differences(TrainConfig.from_dict(saved["config"]))
         if differences:
             raise ValueError(f"cannot resume {out}: it was trained with " + ", ".join(differences))
