@@ -62,7 +62,7 @@ def _site(model: nn.Module, layer, at: str, entry, example_input) -> Site:
         raise TypeError(f"layer must be a module name, a module or {BOTTLENECK!r}, got {layer!r}")
     if layer == BOTTLENECK:
         return locate_bottleneck(model, example_input)
-    names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    names = [name for name, _ in model.named_modules(remove_duplicate=False)]  # "": the model itself
     if layer not in names:
         close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
         hint = (f"closest: {', '.join(close)}" if close else

@@ -1,10 +1,25 @@
-"""Checkpoints written so that a killed run never leaves a half-written file."""
+"""Checkpoints and run folders: nothing half-written, nothing lost, nothing run from a file.
+
+Every file is written to a temporary name in the same folder, flushed, renamed
+over the old one and the folder synced, so a killed run or a power cut leaves
+either the old file or the new one. Checkpoints hold tensors and plain
+containers only and are read with ``weights_only=True``: a ``best.pt``
+someone sends cannot run code. A run folder is locked while a process trains
+in it (an OS lock, gone with the process).
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import math
 import os
+import pickle
+import shutil
 import tempfile
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,35 +27,138 @@ import torch
 LAST = "last.pt"  # everything needed to resume, rewritten every epoch
 BEST = "best.pt"  # the best validation mIoU model, what evaluate and predict use
 METRICS = "metrics.json"
+LOCK = ".lock"
+REQUIRED = ("config", "model", "classes", "in_channels", "normalization")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+class WriteError(OSError):
+    """A write that failed (a full disk, most often); the earlier files are intact."""
+
+
+class RunLocked(ValueError):
+    """Another process is training in this run folder."""
+
+
+def _sync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _user_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _user_mode())  # mkstemp makes it 0600
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+        _sync_folder(path.parent)
+    except BaseException as error:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, (OSError, RuntimeError)):
+            raise WriteError(_write_failure(path, error)) from None
         raise
+
+
+def _write_failure(path: Path, error: BaseException) -> str:
+    full = getattr(error, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < 2**20
+    reason = "the disk is full" if full else f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    return (f"could not write {path}: {reason}. The files written before it are intact: free some "
+            "space and run the same command with --resume to continue")
+
+
+def clean_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed write left behind (call with the run lock held)."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def save(obj, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def strict_json(obj):
+    """``obj`` with every NaN and infinity as ``None``: JSON without the non-standard tokens."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def save_json(obj, path: Path) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    text = json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def load(path: Path, map_location="cpu") -> dict:
+def load(path: Path, hint: str = "", required=REQUIRED) -> dict:
+    """A checkpoint's contents, or one ``CheckpointError`` naming the file and what to do."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    # weights_only=False: our own files carry configs and RNG states, not just tensors.
-    return torch.load(path, map_location=map_location, weights_only=False)
+        raise CheckpointError(f"no checkpoint at {path}" + (f": {hint}" if hint else ""))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # A well-formed pickle that names a callable or class: what runs code on load.
+        if "Unsupported global" in str(error):
+            raise CheckpointError(
+                f"refused {path}: it holds Python objects besides tensors and plain containers, "
+                "and loading those can run code. frem checkpoints never do; load only files you "
+                "trust with torch.load(weights_only=False) yourself") from None
+        reason = next((line.split("error:")[-1].strip() for line in str(error).splitlines()
+                       if "error:" in line and line.split("error:")[-1].strip()), "not a checkpoint")
+        raise CheckpointError(f"{path} is damaged (not a readable checkpoint: {reason})"
+                              + (f"; {hint}" if hint else "")) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path} is damaged (truncated or not a checkpoint: {reason})"
+                              + (f"; {hint}" if hint else "")) from None
+    missing = [key for key in required if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a frem checkpoint (it lacks {', '.join(missing)})"
+                              + (f"; {hint}" if hint else ""))
+    return state
+
+
+@contextmanager
+def run_lock(folder: Path):
+    """Hold ``folder/.lock`` while a run writes there; a second process is refused at once."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise RunLocked(f"{folder} is in use by {owner}: wait for it to finish, or choose "
+                            "another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"frem (pid {os.getpid()})")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing releases the lock; the OS releases it if the process dies

@@ -194,7 +194,8 @@ def run_evaluate(args) -> int:
     if args.data:
         from frem.seg import checkpoint
         from frem.seg.data import load_dataset
-        config = checkpoint.load(f"{args.run_dir}/{checkpoint.BEST}")["config"]
+        config = checkpoint.load(f"{args.run_dir}/{checkpoint.BEST}",
+                                 hint=f"train the run again (frem train --out {args.run_dir})")["config"]
         data = load_dataset(config["dataset"], args.data, crop=config["crop"],
                             tiles_per_section=config["tiles_per_section"], sections=config["sections"])
     print(json.dumps(evaluate_run(args.run_dir, data=data, device=args.device), indent=2))

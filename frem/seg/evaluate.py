@@ -12,13 +12,9 @@ from torch import nn
 import frem
 from frem.seg import checkpoint
 from frem.seg.data.base import Split
+from frem.seg.data.images import normalize
 from frem.seg.metrics import ConfusionCounter
 from frem.seg.models import build_model
-
-
-def normalize(images: torch.Tensor, normalization: dict) -> torch.Tensor:
-    """uint8 tiles -> standardised float, with the training split's statistics."""
-    return (images.float() / 255.0 - normalization["mean"]) / normalization["std"]
 
 
 def autocast(device: torch.device):
@@ -107,7 +103,7 @@ def evaluate_run(run_dir, data=None, device="cpu") -> dict:
     """Test metrics of a run's best checkpoint: what ``frem evaluate`` prints."""
     from frem.seg.config import TrainConfig
     from frem.seg.data import load_dataset
-    state = checkpoint.load(Path(run_dir) / checkpoint.BEST)
+    state = checkpoint.load(Path(run_dir) / checkpoint.BEST, hint=f"train the run again (frem train --out {run_dir})")
     config = TrainConfig.from_dict(state["config"])
     if data is None:
         data = load_dataset(config.dataset, config.data, crop=config.crop,

@@ -1,48 +1,67 @@
-"""Segmenting new images with a trained run: label images and colour overlays."""
+"""Segmenting new images with a trained run: label images and colour overlays.
+
+Any size: an image is cut into overlapping tiles (``TILE`` px, each read
+with a ``MARGIN`` of context that is then discarded), so memory stays bounded
+on a 4096x4096 section, and an image smaller than the network's stride is
+padded. A TIFF stack gives a stack of labels. Intensities are normalised as
+the run's training split was.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import tifffile
 import torch
 from PIL import Image
 from torch.nn import functional as F
 
 from frem.seg import checkpoint
 from frem.seg.data.base import DataError
-from frem.seg.evaluate import autocast, model_from_checkpoint, normalize
+from frem.seg.data.images import display_range, normalize, read_pages
+from frem.seg.evaluate import autocast, model_from_checkpoint
 
-# One colour a class, in class order; background-like classes stay uncoloured
-# in overlays when named "background".
+# One colour a class, in class order; classes named "background" stay uncoloured in overlays.
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
 MULTIPLE = 32  # the U-Net halves the resolution five times
+TILE = 1024    # output pixels a forward pass; a multiple of MULTIPLE
+MARGIN = 64    # context read around each tile and discarded
 
 
-def read_image(path: Path, channels: int) -> np.ndarray:
-    if not path.is_file():
-        raise DataError(f"no image at {path}")
-    image = Image.open(path).convert("L" if channels == 1 else "RGB")
-    array = np.array(image)
-    return array[..., None] if array.ndim == 2 else array
+def _pad_to_multiple(x: torch.Tensor) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    pad = (0, -w % MULTIPLE, 0, -h % MULTIPLE)
+    if not any(pad):
+        return x
+    # reflect needs more pixels than it pads; a tiny image repeats its edge instead
+    mode = "reflect" if pad[1] < w and pad[3] < h else "replicate"
+    return F.pad(x, pad, mode=mode)
 
 
 @torch.no_grad()
-def predict_image(model, image: np.ndarray, normalization: dict, device) -> np.ndarray:
-    """Class index per pixel for a whole image, padded (reflect) to a multiple of 32."""
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].to(device)
+def predict_image(model, image: np.ndarray, normalization: dict, device, tile: int = TILE,
+                  margin: int = MARGIN) -> np.ndarray:
+    """Class index per pixel for one (H, W, C) image, tile by tile."""
+    x = normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None], normalization)
     h, w = x.shape[-2:]
-    pad_h, pad_w = -h % MULTIPLE, -w % MULTIPLE
-    x = normalize(x, normalization)
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
-    with autocast(torch.device(device)):
-        logits = model(x)
-    return logits[0, :, :h, :w].argmax(0).byte().cpu().numpy()
+    labels = np.empty((h, w), dtype=np.uint8)
+    for top in range(0, h, tile):
+        for left in range(0, w, tile):
+            r0, c0 = max(top - margin, 0), max(left - margin, 0)
+            r1, c1 = min(top + tile + margin, h), min(left + tile + margin, w)
+            window = _pad_to_multiple(x[..., r0:r1, c0:c1]).to(device)
+            with autocast(torch.device(device)):
+                logits = model(window)
+            keep = logits[0, :, top - r0:top - r0 + min(tile, h - top), left - c0:left - c0 + min(tile, w - left)]
+            labels[top:top + tile, left:left + tile] = keep.argmax(0).byte().cpu().numpy()
+    return labels
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, classes, alpha: float = 0.45) -> np.ndarray:
+    image = display_range(image)
     base = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
     out = base.astype(np.float32)
     for index, name in enumerate(classes):
@@ -53,17 +72,41 @@ def overlay(image: np.ndarray, labels: np.ndarray, classes, alpha: float = 0.45)
     return out.round().clip(0, 255).astype(np.uint8)
 
 
-def predict(checkpoint_path, images, out_dir, device="cpu") -> list[Path]:
-    """Write ``<name>_labels.png`` (class indices) and ``<name>_overlay.png`` per image."""
-    state = checkpoint.load(checkpoint_path)
+def output_names(paths: list[Path]) -> list[str]:
+    """A distinct output name per input: its stem, or parent_stem where stems repeat."""
+    stems = Counter(p.stem for p in paths)
+    names = [p.stem if stems[p.stem] == 1 else f"{p.parent.name}_{p.stem}" for p in paths]
+    repeats, seen, unique = Counter(names), Counter(), []
+    for name in names:
+        seen[name] += 1
+        unique.append(name if repeats[name] == 1 else f"{name}_{seen[name]}")
+    return unique
+
+
+def predict(checkpoint_path, images, out_dir, device="cpu", tile: int = TILE) -> list[Path]:
+    """Write ``<name>_labels`` (class indices) and ``<name>_overlay`` per image:
+    PNG for an image, multi-page TIFF for a stack."""
+    state = checkpoint.load(checkpoint_path, hint="point --checkpoint at a run's best.pt")
     model = model_from_checkpoint(state, device)
+    paths = [Path(p) for p in images]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in map(Path, images):
-        image = read_image(path, state["in_channels"])
-        labels = predict_image(model, image, state["normalization"], device)
-        Image.fromarray(labels).save(out_dir / f"{path.stem}_labels.png")
-        Image.fromarray(overlay(image, labels, state["classes"])).save(out_dir / f"{path.stem}_overlay.png")
-        written += [out_dir / f"{path.stem}_labels.png", out_dir / f"{path.stem}_overlay.png"]
+    for path, name in zip(paths, output_names(paths)):
+        pages = read_pages(path)  # one file at a time: memory stays bounded
+        if pages[0].shape[-1] != state["in_channels"]:
+            kind = "RGB" if pages[0].shape[-1] == 3 else "greyscale"
+            raise DataError(f"{path} is {kind}, but the model was trained on "
+                            f"{'RGB' if state['in_channels'] == 3 else 'greyscale'} images")
+        labels = [predict_image(model, page, state["normalization"], device, tile) for page in pages]
+        overlays = [overlay(page, label, state["classes"]) for page, label in zip(pages, labels)]
+        if len(pages) == 1:
+            targets = [out_dir / f"{name}_labels.png", out_dir / f"{name}_overlay.png"]
+            Image.fromarray(labels[0]).save(targets[0])
+            Image.fromarray(overlays[0]).save(targets[1])
+        else:
+            targets = [out_dir / f"{name}_labels.tif", out_dir / f"{name}_overlay.tif"]
+            tifffile.imwrite(targets[0], np.stack(labels))
+            tifffile.imwrite(targets[1], np.stack(overlays), photometric="rgb")
+        written += targets
     return written

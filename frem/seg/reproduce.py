@@ -22,7 +22,8 @@ import torch
 from frem.seg import checkpoint, figures, paper
 from frem.seg.config import TrainConfig
 from frem.seg.data import load_dataset
-from frem.seg.evaluate import model_from_checkpoint, normalize
+from frem.seg.data.images import normalize
+from frem.seg.evaluate import model_from_checkpoint
 from frem.seg.variants import VARIANT_DEFAULTS, VARIANTS
 from frem.seg.train import train
 from frem.seg.tune import open_storage, trials_table, tune
@@ -215,7 +216,8 @@ def reproduce(base: TrainConfig, *, seeds, out, results_dir, tune_trials: int, p
     (results_dir / "README.md").write_text("\n".join(text) + "\n")
     (results_dir / "table.csv").write_text(table_csv(rows, data.classes))
     summary = {"rows": rows, "verdict": verdict(rows), "figures": [str(p) for p in made], "tuning": tuning}
-    checkpoint.save_json(json.loads(json.dumps(summary, default=str)), results_dir / "summary.json")
+    checkpoint.save_json(json.loads(json.dumps(checkpoint.strict_json(summary), default=str)),
+                         results_dir / "summary.json")
     return summary
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -21,9 +22,24 @@ import frem
 from frem.seg import checkpoint, distributed
 from frem.seg.config import TrainConfig
 from frem.seg.data import SegmentationData, load_dataset
-from frem.seg.evaluate import autocast, evaluate, evaluate_run, normalize
+from frem.seg.data.images import fit_normalization, normalize
+from frem.seg.evaluate import autocast, evaluate, evaluate_run
 from frem.seg.models import build_model
 from frem.seg.variants import variant_settings
+
+
+class TrainingDiverged(ValueError):
+    """The loss stopped being finite; the last finite checkpoint is kept."""
+
+
+def diverged_message(config, settings, epoch: int, loss: float, out: Path) -> str:
+    causes = [f"the learning rate (--lr {config.lr:g}) is too high"]
+    if "X" in settings:
+        causes.insert(0, f"X={settings['X']:g} overflows the features (try a smaller --X)")
+    kept = (f"{out / checkpoint.LAST} still holds epoch {epoch - 1}, the last finite one"
+            if epoch > 0 else "no epoch finished with a finite loss, so nothing was kept")
+    return (f"training diverged in epoch {epoch}: the training loss is {loss}. Likely cause: "
+            f"{' or '.join(causes)}. {kept}")
 
 
 def epoch_generator(seed: int, epoch: int, purpose: str) -> torch.Generator:
@@ -88,7 +104,9 @@ def run_training(config: TrainConfig, data: SegmentationData | None = None, on_v
     settings = variant_settings(config.variant, config.B, config.X, config.lambda_)
     context, device = distributed.setup(config.device)
     try:
-        return _train(config, settings, data, context, device, on_validation)
+        # One process a run folder: rank 0 holds the lock for all ranks.
+        with checkpoint.run_lock(config.out) if context.is_main else nullcontext():
+            return _train(config, settings, data, context, device, on_validation)
     finally:
         distributed.teardown(context)
 
@@ -99,13 +117,13 @@ def _train(config, settings, data, context, device, on_validation):
     if last_path.exists() and not config.resume:
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, "
                          "or choose another --out")
+    if context.is_main:
+        checkpoint.clean_stale_temporaries(out)  # a write killed mid-way left its temporary file
     started = time.perf_counter()
     if data is None:
         data = load_dataset(config.dataset, config.data, crop=config.crop,
                             tiles_per_section=config.tiles_per_section, sections=config.sections)
-    train_float = data.train.images.float() / 255.0
-    normalization = {"mean": float(train_float.mean()), "std": float(train_float.std()) or 1.0}
-    del train_float
+    normalization = fit_normalization(data.train.images)
 
     torch.manual_seed(config.seed)
     model = build_model(config.variant, encoder=config.encoder, in_channels=data.in_channels,
@@ -119,7 +137,9 @@ def _train(config, settings, data, context, device, on_validation):
 
     if config.resume and last_path.exists():
         # On the CPU: set_rng_state takes CPU ByteTensors; load_state_dict moves the rest.
-        saved = checkpoint.load(last_path)
+        saved = checkpoint.load(last_path, required=("config", "model", "optimizer", "rng", "state"),
+                                hint=f"{out / checkpoint.BEST} may still be intact (frem evaluate {out}); "
+                                     "otherwise start afresh with another --out")
         differences = config.differences(TrainConfig.from_dict(saved["config"]))
         if differences:
             raise ValueError(f"cannot resume {out}: it was trained with " + ", ".join(differences))
@@ -171,6 +191,8 @@ def _train(config, settings, data, context, device, on_validation):
             steps += 1
         record = {"epoch": epoch, "train_loss": float(loss_sum) / max(steps, 1),  # one sync per epoch
                   "train_time_s": time.perf_counter() - epoch_start, "train_images": len(order)}
+        if not math.isfinite(record["train_loss"]):
+            raise TrainingDiverged(diverged_message(config, settings, epoch, record["train_loss"], out))
         if frem.attached(model):
             record["frem_channels"] = frem.attached(model)[0].channels.tolist()
         if (epoch + 1) % config.val_every == 0 or epoch == config.epochs - 1:

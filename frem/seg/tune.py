@@ -2,13 +2,16 @@
 
 Each trial is a training run in ``OUT/trials/trial-NNNN``, reporting its
 validation mIoU every validation to Optuna so a pruner can stop hopeless
-trials early. Storage is SQLite by default: a killed search resumes, and
-Optuna's heartbeat marks a killed trial failed and re-queues it with the same
-parameters, whose training resumes from its last checkpoint.
+trials early. Storage is SQLite by default: a killed search resumes. A killed
+trial is failed and re-queued with the same parameters, its training resuming
+from its last checkpoint: at once on restart when its process (on this host)
+is gone, otherwise by Optuna's heartbeat. Concurrent starts on a new study
+wait for each other (a file lock) instead of racing to create its tables.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shlex
@@ -43,11 +46,58 @@ def open_storage(url: str | None, out: Path):
         path = Path(url.removeprefix("journal:"))
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
-    with warnings.catch_warnings():  # heartbeats and retries are marked experimental
+    with warnings.catch_warnings():  # heartbeats are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=3, inherit_intermediate_values=True)
         return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S,
-                          heartbeat_stale_trial_callback=retry)
+                          heartbeat_stale_trial_callback=_retry_callback())
+
+
+def _retry_callback() -> RetryHeartbeatStaleTrialCallback:
+    with warnings.catch_warnings():  # marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=3, inherit_intermediate_values=True)
+
+
+def open_study(storage: str | None, out: Path, study_name: str, pruner) -> optuna.Study:
+    """Create or load the study, one process at a time: two workers starting on a new
+    SQLite study would otherwise both try to create its tables."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".study.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        return optuna.create_study(study_name=study_name, storage=open_storage(storage, out),
+                                   direction="maximize", load_if_exists=True, pruner=pruner)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_killed_trials(study: optuna.Study) -> list[int]:
+    """Fail and re-queue the RUNNING trials whose worker process on this host is gone.
+
+    Optuna's heartbeat finds them too, but only after its grace period and only
+    inside ``optimize``; a search restarted at once must not lose them.
+    """
+    host = socket.gethostname()
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if worker_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first
+        _retry_callback()(study, study._storage.get_trial(trial._trial_id))
+        recovered.append(trial.number)
+    optuna.storages.fail_stale_trials(study)  # other hosts' dead workers, by heartbeat
+    return recovered
 
 
 def make_pruner(name: str, validations: int):
@@ -103,9 +153,8 @@ def tune(base: TrainConfig, *, trials: int, study_name: str, storage: str | None
                                                in_channels=data.in_channels, classes=len(data.classes),
                                                B=1, X=1.0))
     validations = -(-base.epochs // base.val_every)
-    study = optuna.create_study(study_name=study_name, storage=open_storage(storage, out),
-                                direction="maximize", load_if_exists=True,
-                                pruner=make_pruner(pruner, validations))
+    study = open_study(storage, out, study_name, make_pruner(pruner, validations))
+    recover_killed_trials(study)
     # Seeded, and offset by the trials already there, so a resumed or a second
     # worker does not replay the first worker's random start-up points.
     study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials))
@@ -134,8 +183,11 @@ def tune(base: TrainConfig, *, trials: int, study_name: str, storage: str | None
         return metrics["best_val_miou"]
 
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
-    if len(study.get_trials(states=finished)) < trials:
-        study.optimize(objective, callbacks=[MaxTrialsCallback(trials, states=finished)],
+    # Re-queued trials run even when enough others have finished: a killed trial is never lost.
+    target = max(trials, len(study.get_trials(states=finished))
+                 + len(study.get_trials(states=(TrialState.WAITING,))))
+    if len(study.get_trials(states=finished)) < target:
+        study.optimize(objective, callbacks=[MaxTrialsCallback(target, states=finished)],
                        catch=(), gc_after_trial=True)
     summary = summarize(study, base)
     checkpoint.save_json(summary, out / SUMMARY)

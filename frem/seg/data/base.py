@@ -14,7 +14,7 @@ class DataError(ValueError):
 
 @dataclass
 class Split:
-    images: torch.Tensor  # (N, channels, H, W) uint8
+    images: torch.Tensor  # (N, channels, H, W): uint8, or float32 for 16-bit and float data
     masks: torch.Tensor   # (N, H, W) uint8 class indices
     names: list[str]      # where each tile came from
 
@@ -60,10 +60,25 @@ def tile_grid(height: int, width: int, crop: int | None, limit: int | None = Non
     return corners
 
 
+def describe(image: np.ndarray) -> str:
+    depth = {np.dtype(np.uint8): "8-bit", np.dtype(np.uint16): "16-bit", np.dtype(np.float32): "32-bit float"}
+    return f"{depth.get(image.dtype, str(image.dtype))} {'RGB' if image.shape[-1] == 3 else 'greyscale'}"
+
+
 def make_split(pairs, crop, limit, label) -> Split:
-    """Tile (name, image HxWxC uint8, mask HxW uint8) triples into a Split."""
+    """Tile (name, image HxWxC, mask HxW of class indices) triples into a Split.
+
+    8-bit images stay uint8 (the whole data set lives on the device); 16-bit
+    and float images become float32, their values unchanged.
+    """
     images, masks, names = [], [], []
+    first = None
     for name, image, mask in pairs:
+        if first is None:
+            first = (name, image)
+        elif describe(image) != describe(first[1]):
+            raise DataError(f"the {label} split mixes images: {name} is {describe(image)} but {first[0]} is "
+                            f"{describe(first[1])}; convert them to one kind")
         for r, c in tile_grid(*mask.shape, crop, limit):
             size = crop or mask.shape[0], crop or mask.shape[1]
             images.append(image[r:r + size[0], c:c + size[1]])
@@ -74,5 +89,8 @@ def make_split(pairs, crop, limit, label) -> Split:
     shapes = {m.shape for m in masks}
     if len(shapes) > 1:
         raise DataError(f"the {label} split mixes image sizes {sorted(shapes)}: pass a crop size")
-    stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return Split(stacked, torch.from_numpy(np.stack(masks)), names)
+    stacked = np.stack(images)
+    if stacked.dtype != np.uint8:
+        stacked = stacked.astype(np.float32)
+    return Split(torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous(),
+                 torch.from_numpy(np.stack(masks).astype(np.uint8)), names)

@@ -16,10 +16,10 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from frem.seg.data.base import DataError, SegmentationData, make_split
+from frem.seg.data.images import read_pages
 
 CLASSES = ("membrane", "mitochondria", "synapse", "background")
 # Merged label value -> class index (the data set's README).
@@ -121,10 +121,10 @@ def labels_to_classes(labels: np.ndarray, path) -> np.ndarray:
 
 
 def load_section(root: Path, section: int, sums: dict[str, str]):
-    image = np.array(Image.open(_verified(root, raw_path(section), sums)))
+    (image,) = read_pages(_verified(root, raw_path(section), sums))
     label_file = _verified(root, label_path(section), sums)
-    mask = labels_to_classes(np.array(Image.open(label_file)), label_file)
-    return f"section{section:02d}", image[..., None], mask
+    (labels,) = read_pages(label_file, mask=True)
+    return f"section{section:02d}", image, labels_to_classes(labels.astype(np.uint8), label_file)
 
 
 def load_drosophila(root=None, *, crop: int | None = DEFAULT_CROP, tiles_per_section=None,

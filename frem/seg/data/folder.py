@@ -1,8 +1,9 @@
 """Your own images: ``train/``, ``val/``, ``test/``, each with ``images/`` and ``masks/``.
 
-Masks share the image's file name (any extension PIL reads, e.g. .png/.tif),
-hold class indices 0..K-1, and ``classes.txt`` beside the splits names the K
-classes, one a line. Images are greyscale or RGB, all of one kind.
+Masks share the image's file name (TIFF, PNG, ...), hold class indices
+0..K-1, and ``classes.txt`` beside the splits names the K classes, one a
+line. Images are 8-bit, 16-bit or float, greyscale or RGB, all of one kind; a
+multi-page TIFF stack (with a stack of masks) gives one image per page.
 """
 
 from __future__ import annotations
@@ -10,12 +11,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from frem.seg.data.base import DataError, SegmentationData, make_split
-
-IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"}
+from frem.seg.data.images import IMAGE_SUFFIXES, read_pages
 
 
 def read_classes(root: Path) -> tuple[str, ...]:
@@ -26,16 +23,6 @@ def read_classes(root: Path) -> tuple[str, ...]:
     if len(classes) < 2:
         raise DataError(f"{path} names {len(classes)} class(es); segmentation needs at least 2")
     return classes
-
-
-def _read_image(path: Path) -> np.ndarray:
-    image = Image.open(path)
-    if image.mode not in ("L", "RGB"):
-        image = image.convert("RGB" if image.mode in ("RGBA", "P", "CMYK") else "L")
-    array = np.array(image)
-    if array.dtype != np.uint8:
-        raise DataError(f"{path} is {array.dtype}; frem reads 8-bit images")
-    return array[..., None] if array.ndim == 2 else array
 
 
 def _pairs(root: Path, split: str, num_classes: int):
@@ -49,16 +36,19 @@ def _pairs(root: Path, split: str, num_classes: int):
         mask_path = masks.get(image_path.stem)
         if mask_path is None:
             raise DataError(f"{image_path} has no mask: expected {masks_dir / image_path.stem}.png")
-        image, mask = _read_image(image_path), np.array(Image.open(mask_path))
-        if mask.ndim != 2:
-            raise DataError(f"{mask_path} must be a single-channel image of class indices")
-        if mask.shape != image.shape[:2]:
-            raise DataError(f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} but "
-                            f"{image_path} is {image.shape[1]}x{image.shape[0]}")
-        if mask.max() >= num_classes:
-            raise DataError(f"{mask_path} holds class index {int(mask.max())}, but classes.txt "
-                            f"names {num_classes} classes (0..{num_classes - 1})")
-        yield f"{split}/{image_path.name}", image, mask.astype(np.uint8)
+        pages, mask_pages = read_pages(image_path), read_pages(mask_path, mask=True)
+        if len(pages) != len(mask_pages):
+            raise DataError(f"{image_path} has {len(pages)} page(s) but {mask_path} has {len(mask_pages)}")
+        for k, (image, mask) in enumerate(zip(pages, mask_pages)):
+            if mask.shape != image.shape[:2]:
+                raise DataError(f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} but "
+                                f"{image_path} is {image.shape[1]}x{image.shape[0]}")
+            if mask.min() < 0 or mask.max() >= num_classes:
+                bad = int(mask.max()) if mask.max() >= num_classes else int(mask.min())
+                raise DataError(f"{mask_path} holds class index {bad}, but classes.txt "
+                                f"names {num_classes} classes (0..{num_classes - 1})")
+            page = f"[page {k}]" if len(pages) > 1 else ""
+            yield f"{split}/{image_path.name}{page}", image, mask
 
 
 def load_folder(root, *, crop: int | None = None, tiles_per_section=None,
@@ -71,9 +61,10 @@ def load_folder(root, *, crop: int | None = None, tiles_per_section=None,
     classes = read_classes(root)
     splits = {name: make_split(list(_pairs(root, name, len(classes))), crop, tiles_per_section, name)
               for name in ("train", "val", "test")}
-    channels = {split.images.shape[1] for split in splits.values()}
-    if len(channels) > 1:
-        raise DataError(f"{root} mixes greyscale and colour images; convert them to one kind")
+    kinds = {(split.images.shape[1], split.images.dtype) for split in splits.values()}
+    if len(kinds) > 1:
+        raise DataError(f"{root} mixes kinds of images across its splits (greyscale/colour, 8-bit/"
+                        "16-bit/float); convert them to one kind")
     return SegmentationData(classes, source=source_name(root), **splits)
 
 
