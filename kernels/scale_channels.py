@@ -124,6 +124,13 @@ if triton is not None:
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def needs_int64(x: torch.Tensor) -> bool:
+    """Whether an offset into ``x`` can pass int32: by its address span, not its element
+    count (a small view of a large storage spans far more than it holds)."""
+    span = sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride())) + 1
+    return max(x.numel(), span) > _INT32_LIMIT
+
+
 def tile_plan(x: torch.Tensor, y: torch.Tensor) -> dict:
     """The dense kernel's view of ``x``: rows, columns, tile shape, which axis holds the channel."""
     numel, C = x.numel(), x.shape[1]
@@ -135,7 +142,7 @@ def tile_plan(x: torch.Tensor, y: torch.Tensor) -> dict:
     block_k = min(triton.next_power_of_2(K), elements)
     block_r = max(1, elements // block_k)
     return {"R": R, "K": K, "C": C, "inner": inner, "BLOCK_R": block_r, "BLOCK_K": block_k,
-            "ROW_CHANNEL": row_channel, "INT64": numel > _INT32_LIMIT}
+            "ROW_CHANNEL": row_channel, "INT64": needs_int64(x)}
 
 
 def _strided_block(element_size: int) -> int:
@@ -170,8 +177,7 @@ def launch_scale_channels(x: torch.Tensor, scale: torch.Tensor, y: torch.Tensor,
     pad = MAX_RANK - x.dim()
     sizes = [1] * pad + [x.shape[d] for d in order]
     x_strides = [0] * pad + [x.stride(d) for d in order]
-    x_span = sum((n - 1) * s for n, s in zip(sizes, x_strides)) + 1
-    int64 = max(numel, x_span) > _INT32_LIMIT
+    int64 = needs_int64(x)
     block = _strided_block(x.element_size())
     wrap(_scale_strided_kernel)[(triton.cdiv(numel, block),)](
         x, scale, y, numel, *sizes[1:], *x_strides,

@@ -26,7 +26,7 @@ def drosophila_root() -> Path:
     if not (DATA / "SHA256SUMS").is_file():
         if os.environ.get("CI"):
             pytest.fail(f"CI must have the Drosophila data at {DATA} (FREM_DATA)")
-        pytest.skip(f"no Drosophila data at {DATA}; set FREM_DATA")
+        pytest.skip(f"no Drosophila data at {DATA}; set FREM_DATA")  # said loudly in the header
     return DATA
 
 
@@ -41,3 +41,21 @@ def tiny_config(drosophila_root, tmp_path):
         settings.update(changes)
         return TrainConfig.build(quick=True, **settings)
     return make
+
+
+def _data_missing() -> bool:
+    return not (DATA / "SHA256SUMS").is_file()
+
+
+def pytest_report_header(config):
+    if _data_missing():
+        return [f"!!! NO DROSOPHILA DATA at {DATA}: every test that trains or reads it will be SKIPPED. "
+                "Set FREM_DATA=/path/to/drosophila-vnc (CI fails instead of skipping) !!!"]
+    return [f"Drosophila data: {DATA}"]
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _data_missing():
+        skipped = [r for r in terminalreporter.stats.get("skipped", []) if "Drosophila data" in str(r.longrepr)]
+        terminalreporter.write_line(f"!!! {len(skipped)} tests were SKIPPED for want of the Drosophila data "
+                                    f"at {DATA}: set FREM_DATA !!!", red=True, bold=True)

@@ -129,10 +129,13 @@ def test_resample_redraws_every_attached_frem():
     a = frem.attach(model, "middle", B=4, X=10.0)
     b = frem.attach(model, model.enc2, B=0.5, X=10.0, seed=1)
     model.train()(torch.randn(1, 1, 16, 16))  # binds b, whose width is known only at forward
-    before = a.channels.clone(), b.channels.clone()
     assert frem.resample(model, 5) == [a, b]
     assert a.epoch == b.epoch == 5
-    assert not (torch.equal(a.channels, before[0]) and torch.equal(b.channels, before[1]))
+    # each one holds exactly the draw for (its seed, epoch 5), not the epoch-0 one
+    assert torch.equal(a.channels, frem.select_channels(32, 4, 0, 5))
+    assert torch.equal(b.channels, frem.select_channels(16, 8, 1, 5))
+    assert not torch.equal(a.channels, frem.select_channels(32, 4, 0, 0))
+    assert not torch.equal(b.channels, frem.select_channels(16, 8, 1, 0))
 
 
 def test_train_and_eval_reach_frem_when_the_smp_encoder_is_frozen():

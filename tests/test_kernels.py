@@ -72,16 +72,44 @@ def test_64_bit_offset_path(monkeypatch, layout):
     assert_close_to_reference(y, reference(x, scale).float().double(), torch.float32)
 
 
-def test_address_span_past_int32_uses_64_bit_offsets():
-    """A small view whose addresses span more than 2**31 elements."""
+@pytest.mark.parametrize("first_stride, int64", [(2**31 - 17, False), (2**31 - 16, True), (2**31, True)])
+def test_the_64_bit_switch_follows_the_address_span(first_stride, int64):
+    """A (2, 3, 2) view whose addresses span first_stride + 16 elements: int64 exactly
+    when that passes 2**31 - 1, whatever the element count (12)."""
+    storage = torch.empty(2**31 + 64, device="meta")
+    x = storage.as_strided((2, 3, 2), (first_stride, 7, 1))
+    assert op.needs_int64(x) is int64
+    dense = torch.empty(2**31 - 1 + int64, device="meta")[None]  # (1, C): span = numel
+    assert op.needs_int64(dense) is int64
+
+
+class RecordFlags:
+    """A launcher ``wrap`` that records the constexpr flags each launch gets."""
+    flags = []
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            RecordFlags.flags.append(kwargs["INT64"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_a_view_spanning_more_than_2_31_elements_runs_with_64_bit_offsets():
+    """A small view over a large storage, as_strided so its span really passes 2**31 elements."""
     if KERNEL_DEVICE == "cpu":
-        storage = torch.empty(2**31 + 8, dtype=torch.bfloat16)  # virtual memory, pages untouched
+        storage = torch.empty(2**31 + 16, dtype=torch.bfloat16)  # virtual memory, pages untouched
     else:
-        storage = torch.empty(2**31 + 8, dtype=torch.bfloat16, device=KERNEL_DEVICE)
-    x = storage.as_strided((2, 3, 2), (2**30, 7, 1))
+        storage = torch.empty(2**31 + 16, dtype=torch.bfloat16, device=KERNEL_DEVICE)
+    x = storage.as_strided((2, 3, 2), (2**31, 7, 1))
+    assert sum((n - 1) * s for n, s in zip(x.shape, x.stride())) + 1 == 2**31 + 16
     x.copy_(torch.randn(2, 3, 2).bfloat16())
     scale = torch.tensor([1.0, 632.0, 3.0], device=storage.device)
-    y = op.launch_scale_channels(x, scale, torch.empty_like(x))
+    RecordFlags.flags.clear()
+    y = op.launch_scale_channels(x, scale, torch.empty_like(x), wrap=RecordFlags)
+    assert RecordFlags.flags == [True]
     assert_close_to_reference(y, reference(x.cpu(), scale.cpu()).bfloat16().double(), torch.bfloat16)
 
 

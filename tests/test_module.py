@@ -67,8 +67,20 @@ def test_buffers_follow_to_and_stay_out_of_state_dict():
     module = FREM(2, 10).bind(4)
     assert module.state_dict() == {}
     module.to(torch.float64)
+    assert module.scale.dtype == torch.float64 and module.channels.dtype == torch.long
     x = torch.randn(1, 4, 2, 2)
     assert module.train()(x).dtype == torch.float32  # the op casts the scale, not x
+    module.to("meta")
+    assert module.scale.device.type == module.channels.device.type == "meta"
+    assert module.state_dict() == {}
+
+
+def test_a_fractional_B_is_rounded_and_the_channels_come_sorted():
+    assert FREM(0.3, 10).bind(512).B == 154  # 153.6 rounds up; truncation would give 153
+    assert FREM(0.2, 10).bind(12).B == 2     # 2.4 rounds down
+    for epoch in range(5):
+        channels = frem.select_channels(512, 40, 3, epoch)
+        assert torch.equal(channels, channels.sort().values) and channels.unique().numel() == 40
 
 
 def test_bfloat16_trains_and_float16_is_refused_with_a_pointer_to_bf16():

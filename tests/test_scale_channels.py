@@ -91,3 +91,15 @@ def test_fake_and_meta_keep_memory_format():
 def test_bad_input_is_named(x, scale, message):
     with pytest.raises((ValueError, TypeError), match=message):
         frem.scale_channels(x, scale)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_half_precision_is_one_rounding_of_the_fp32_product_bit_for_bit(data):
+    """CPU and small-tensor path: exactly ``(x.float() * scale).to(dtype)``, never rounded twice
+    (a scale such as 10000 or 0.1 is not exact in bf16/fp16; 632 and 250 are)."""
+    x = data.draw(feature_maps(dtypes=(torch.bfloat16, torch.float16)))
+    scale = data.draw(scales(x.shape[1]))
+    expected = (x.float() * scale.view((1, -1) + (1,) * (x.dim() - 2))).to(x.dtype)
+    y = frem.scale_channels(x, scale)
+    assert torch.equal(y, expected)

@@ -11,7 +11,7 @@ from frem.seg import checkpoint
 from frem.seg.cli import main
 from frem.seg.evaluate import evaluate_run
 from frem.seg.models import build_model
-from frem.seg.variants import VARIANTS
+from frem.seg.variants import VARIANT_DEFAULTS, VARIANTS
 from frem.seg.train import augment, run_training, train
 
 
@@ -21,7 +21,8 @@ def test_quick_run_writes_metrics_with_all_four_classes(tiny_config, tmp_path):
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert written["variant"] == "frem"
     assert set(written["test"]["iou"]) == {"membrane", "mitochondria", "synapse", "background"}
-    assert 0 <= written["test"]["miou"] <= 1
+    present = [v for v in written["test"]["iou"].values() if v is not None]
+    assert written["test"]["miou"] == pytest.approx(sum(present) / len(present))
     assert written["best_epoch"] in (0, 1) and len(written["history"]) == 2
     epoch = written["history"][-1]
     for key in ("train_loss", "val_miou", "bottleneck_mean", "skip_mean", "enhanced_mean",
@@ -65,7 +66,14 @@ def test_a_run_is_never_overwritten_and_resume_checks_the_settings(tiny_config):
 def test_every_variant_trains(variant, tiny_config):
     metrics = train(tiny_config(variant=variant, tiles_per_section=2, batch_size=2))
     assert math.isfinite(metrics["history"][0]["train_loss"])
-    assert metrics["variant"] == variant
+    assert metrics["variant"] == variant and metrics["settings"] == VARIANT_DEFAULTS[variant]
+    attached = metrics["frem"]
+    if variant.startswith("frem"):
+        assert [(f["B"], f["X"], f["mode"]) for f in attached] == [
+            (VARIANT_DEFAULTS[variant]["B"], VARIANT_DEFAULTS[variant]["X"],
+             "fixed" if variant == "frem-fixed" else "random")]
+    else:
+        assert attached == []
 
 
 def test_variants_differ_where_the_paper_says():
@@ -113,12 +121,70 @@ def test_resume_loads_the_checkpoint_on_the_cpu_whatever_the_training_device(tin
     class Stop(Exception):
         pass
 
-    def spy(path, map_location="cpu"):
+    def spy(path, map_location=None, **kwargs):
         seen.append(map_location)
         raise Stop
 
-    monkeypatch.setattr(trainer.checkpoint, "load", spy)
+    monkeypatch.setattr(trainer.checkpoint.torch, "load", spy)
     config = tiny_config(epochs=2, resume=True)
     with pytest.raises(Stop):
         trainer._train(config, {}, None, Context(), torch.device("meta"), None)
     assert seen == ["cpu"]
+
+
+def test_the_best_checkpoint_is_the_epoch_of_the_highest_validation_miou(tiny_config, tmp_path):
+    metrics = train(tiny_config(epochs=4, lr=3e-3))
+    history = [h["val_miou"] for h in metrics["history"]]
+    assert len(set(history)) > 1, "the epochs must differ for this test to mean anything"
+    best = max(range(len(history)), key=lambda e: (history[e], -e))  # the first of equal bests
+    assert metrics["best_epoch"] == best and metrics["best_val_miou"] == history[best]
+    assert checkpoint.load(tmp_path / "run" / "best.pt")["epoch"] == best
+
+
+def test_resume_restores_the_random_state_the_dropout_variant_draws_from(tiny_config, tmp_path):
+    """FREM's draw needs no RNG; channel dropout does, so only a restored RNG gives equal weights."""
+    config = dict(variant="dropout", B=64)
+    straight = run_training(tiny_config(epochs=2, out=str(tmp_path / "straight"), **config))[1]
+    run_training(tiny_config(epochs=1, out=str(tmp_path / "resumed"), **config))
+    torch.manual_seed(12345)  # whatever the process did in between
+    resumed = run_training(tiny_config(epochs=2, out=str(tmp_path / "resumed"), resume=True, **config))[1]
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_epoch_is_shuffled_differently(tiny_config, monkeypatch):
+    from frem.seg import train as trainer
+    seen = []
+    real = trainer.augment
+
+    def spy(images, masks, flips):
+        seen.append(tuple(images.float().mean(dim=(1, 2, 3)).tolist()))
+        return real(images, masks, flips)
+
+    monkeypatch.setattr(trainer, "augment", spy)
+    train(tiny_config(epochs=3, tiles_per_section=8, batch_size=8))
+    assert len(seen) == 3 and len(set(seen)) == 3  # three different orders
+    assert sorted(seen[0]) == sorted(seen[1]) == sorted(seen[2])  # of the same tiles
+
+
+def test_evaluate_agrees_with_an_independent_iou_count(tiny_config, tmp_path):
+    """The test metrics against numpy's confusion matrix of best.pt's own predictions."""
+    import numpy as np
+
+    from frem.seg.data import load_dataset
+    from frem.seg.data.images import normalize
+    from frem.seg.evaluate import model_from_checkpoint
+    config = tiny_config(epochs=2)
+    metrics = train(config)
+    state = checkpoint.load(tmp_path / "run" / "best.pt")
+    data = load_dataset(config.dataset, config.data, crop=config.crop,
+                        tiles_per_section=config.tiles_per_section, sections=config.sections)
+    with torch.no_grad():
+        predicted = model_from_checkpoint(state)(normalize(data.test.images, state["normalization"])).argmax(1)
+    truth, predicted = data.test.masks.numpy().ravel().astype(int), predicted.numpy().ravel()
+    confusion = np.bincount(truth * 4 + predicted, minlength=16).reshape(4, 4)
+    for k, name in enumerate(data.classes):
+        union = confusion[k].sum() + confusion[:, k].sum() - confusion[k, k]
+        expected = confusion[k, k] / union if union else math.nan
+        got = metrics["test"]["iou"][name]
+        assert (math.isnan(expected) and math.isnan(got)) or abs(got - expected) < 1e-6, name
