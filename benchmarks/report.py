@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections import defaultdict
 
 HEADER = """# Benchmarks
 

@@ -123,12 +123,6 @@ def _timm_features(model):
     return None
 
 
-def _timm_encoder(model):
-    encoder = getattr(model, "encoder", None)
-    site = _timm_features(encoder) if isinstance(encoder, nn.Module) else None
-    return Site("encoder", entry=site.entry, channels=site.channels) if site else None
-
-
 def _monai_dynunet(model):
     if type(model).__name__ == "DynUNet" and isinstance(getattr(model, "bottleneck", None), nn.Module):
         return Site("bottleneck", channels=int(model.filters[-1]))
@@ -162,7 +156,7 @@ def _torchvision_segmentation(model):
     return None
 
 
-KNOWN = (_smp, _timm_features, _timm_encoder, _monai_dynunet, _monai_unetr, _nnunet,
+KNOWN = (_smp, _timm_features, _monai_dynunet, _monai_unetr, _nnunet,
          _torchvision_segmentation)
 
 
@@ -302,7 +296,7 @@ def survey(model: nn.Module, example_input) -> list[Candidate]:
 def _preference(site: Site):
     """Of the sites of one tensor: an output over an input, then the outermost
     module (where the encoder hands the map on), then whole over an entry."""
-    return (site.at != "output", site.layer.count(".") if site.layer else -1, bool(site.entry), site.layer)
+    return (site.at != "output", site.layer.count("."), bool(site.entry), site.layer)
 
 
 def choose(candidates: list[Candidate], model_name: str = "the model") -> Candidate:
@@ -345,16 +339,18 @@ def locate_bottleneck(model: nn.Module, example_input=None) -> Site:
     if site is not None:
         return site
     if example_input is None:
+        example = _example_name(model)
         raise ValueError(
             f"cannot tell where the bottleneck of {type(model).__name__} is without running it: "
-            "pass example_input=<a batch> so frem can measure it, or name the layer "
-            f"(for example layer={_example_name(model)!r})")
+            "pass example_input=<a batch> so frem can measure it, or name the layer"
+            + (f" (for example layer={example!r})" if example else ""))
     return choose(survey(model, example_input), type(model).__name__).site
 
 
-def _example_name(model: nn.Module) -> str:
+def _example_name(model: nn.Module) -> str | None:
+    """A layer the model really has (not a container), to show in an error message."""
     names = [name for name, module in model.named_modules() if name and not isinstance(module, CONTAINERS)]
-    return names[len(names) // 2] if names else "encoder"
+    return names[len(names) // 2] if names else None
 
 
 def find_bottleneck(model: nn.Module, example_input=None) -> str:
@@ -371,7 +367,7 @@ class CandidateTable(list):
 
     def __str__(self) -> str:
         head = ("layer", "at", "shape", "channels", "distance to output", "")
-        rows = [(c.site.layer or "<model>", c.site.at + format_entry(c.site.entry),
+        rows = [(c.site.layer, c.site.at + format_entry(c.site.entry),
                  "x".join(map(str, c.shape)), str(c.channels), str(c.distance),
                  ("<- " if c is self.chosen else "") + c.note) for c in self]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]

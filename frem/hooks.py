@@ -29,22 +29,22 @@ PLACES = ("output", "input")
 class _Enhance:
     """The hook: FREM on one entry of a layer's output (or input) while training."""
 
-    def __init__(self, frem: FREM, at: str, entry):
-        self.frem, self.at, self.entry = frem, at, entry
+    def __init__(self, frem: FREM, entry):
+        self.frem, self.entry = frem, entry
 
     def __call__(self, layer, *args):
-        value = args[-1] if self.at == "output" else args[0]
+        value = args[-1]  # a forward hook gets (inputs, output), a pre-hook (inputs,)
         if not self.frem.training:
             return None  # eval: the model runs exactly as if nothing were attached
         if self.entry is None:
             self.entry = deepest_entry(value)  # decided once, at the first training call
             if self.entry is None:
-                raise ValueError(f"layer {self.frem.layer!r} {self.at} holds no tensor "
+                raise ValueError(f"layer {self.frem.layer!r} {self.frem._at} holds no tensor "
                                  f"(got {type(value).__name__}); FREM needs (N, C, *spatial) maps")
         try:
             x = get_entry(value, self.entry)
         except (KeyError, IndexError, TypeError):
-            raise ValueError(f"layer {self.frem.layer!r} {self.at} has no entry {list(self.entry)} "
+            raise ValueError(f"layer {self.frem.layer!r} {self.frem._at} has no entry {list(self.entry)} "
                              f"(got {type(value).__name__})") from None
         return replace_entry(value, self.entry, self.frem(x, _hooked=True))
 
@@ -130,7 +130,7 @@ def attach(model: nn.Module, layer="bottleneck", B: int | float = 162, X: float 
     while child_name in holder._modules or hasattr(holder, child_name):
         n += 1
         child_name = f"{base}_{n}"
-    hook = _Enhance(module, site.at, site.entry)
+    hook = _Enhance(module, site.entry)
     if site.at == "output":
         target.register_forward_hook(hook)
     else:

@@ -65,7 +65,6 @@ class FREM(LazyModuleMixin, nn.Module):
         self.applied_by_hook = False
         self._holder_ref = self._target_ref = None  # weak: no module cycle
         self._child_name = self._at = None
-        self._steps_on_draw = 0
         self._resampled = False
         self.register_buffer("scale", torch.ones(0), persistent=False)
         self.register_buffer("channels", torch.zeros(0, dtype=torch.long), persistent=False)
@@ -106,8 +105,10 @@ class FREM(LazyModuleMixin, nn.Module):
         self._steps_on_draw = 0
         return self
 
-    def enhance(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+    def forward(self, x: torch.Tensor, *, _hooked: bool = False) -> torch.Tensor:
+        # An attached FREM acts through its hook (_hooked=True); a container that
+        # iterates its children and calls it again gets the identity.
+        if not self.training or (self.applied_by_hook and not _hooked):
             return x
         where = f"layer {self.layer!r}" if self.layer is not None else "FREM's input"
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
@@ -121,9 +122,7 @@ class FREM(LazyModuleMixin, nn.Module):
                 f"FREM at {where} got float16 features: multiplying by X={self.X:g} overflows "
                 "float16 (max 65504). Train with bfloat16 autocast "
                 "(torch.autocast('cuda', dtype=torch.bfloat16)) or float32.")
-        if self.num_channels is None:
-            self.bind(x.shape[1], device=x.device)
-        elif x.shape[1] != self.num_channels:
+        if x.shape[1] != self.num_channels:  # bound by _infer_parameters before this call
             raise ValueError(f"{where} has {x.shape[1]} channels, but this FREM was bound to "
                              f"{self.num_channels}")
         if torch.compiler.is_compiling():
@@ -152,28 +151,20 @@ class FREM(LazyModuleMixin, nn.Module):
                 "epoch; frem.lightning.FREMResample does it in Lightning), or use mode='fixed' if a "
                 "fixed draw is what you want.", stacklevel=4)
 
-    def forward(self, x: torch.Tensor, *, _hooked: bool = False) -> torch.Tensor:
-        return x if self.applied_by_hook and not _hooked else self.enhance(x)
-
     # ---- lazy binding: torch.compile calls _infer_parameters before tracing
 
     def _infer_parameters(self, module, args, kwargs=None):
-        x = args[0] if args else None
+        # The forward pre-hook of a lazy module (and what torch.compile calls before tracing):
+        # the first training call with a feature map fixes the width.
+        x = args[0]
         if self.num_channels is None and self.training and isinstance(x, torch.Tensor) and x.dim() >= 2:
             self.bind(x.shape[1], device=x.device)
-        self._finish_lazy_binding()
 
     def _finish_lazy_binding(self) -> None:
         if self.num_channels is not None and "_initialize_hook" in self.__dict__:
             self._initialize_hook.remove()
             self._load_hook.remove()
             del self._initialize_hook, self._load_hook
-
-    def initialize_parameters(self, *args, **kwargs) -> None:  # LazyModuleMixin's contract
-        pass
-
-    def has_uninitialized_params(self) -> bool:
-        return False
 
     def _replicate_for_data_parallel(self):
         return nn.Module._replicate_for_data_parallel(self)
@@ -183,21 +174,19 @@ class FREM(LazyModuleMixin, nn.Module):
     def remove(self) -> None:
         """Undo ``frem.attach``: remove the hook and this submodule."""
         target = self._target_ref() if self._target_ref is not None else None
-        holder = self._holder_ref() if self._holder_ref is not None else None
-        if not self.applied_by_hook or target is None:
+        if target is None:
             raise RuntimeError("this FREM was not attached with frem.attach (or was removed already)")
+        # frem.attach registers its hooks without kwargs or always_call, so these two dicts are all.
         for hooks in (target._forward_hooks, target._forward_pre_hooks):
             for key in [k for k, hook in hooks.items() if getattr(hook, "frem", None) is self]:
                 del hooks[key]
-                target._forward_hooks_with_kwargs.pop(key, None)
-                target._forward_hooks_always_called.pop(key, None)
-                target._forward_pre_hooks_with_kwargs.pop(key, None)
-        if holder is not None and holder._modules.get(self._child_name) is self:
+        holder = self._holder_ref()  # an ancestor or a part of the target: alive while it is
+        if holder._modules.get(self._child_name) is self:
             del holder._modules[self._child_name]
         self.applied_by_hook = False
         self._holder_ref = self._target_ref = self._child_name = self._at = None
 
-    def __deepcopy__(self, memo):
+    def __deepcopy__(self, memo):  # pragma: no mutate block
         # A copied model (EMA, AveragedModel) gets a FREM driven by its own
         # hook and removable from its own modules; a FREM copied alone is detached.
         new = type(self).__new__(type(self))
@@ -214,14 +203,14 @@ class FREM(LazyModuleMixin, nn.Module):
                 False, None, None, None, None)
         return new
 
-    def __getstate__(self):
+    def __getstate__(self):  # pragma: no mutate block
         # Pickling (torch.save of a whole model) keeps the links as plain references.
         state = dict(self.__dict__)
         for name in ("_holder_ref", "_target_ref"):
             state[name] = state[name]() if state[name] is not None else None
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state):  # pragma: no mutate block
         for name in ("_holder_ref", "_target_ref"):
             state[name] = weakref.ref(state[name]) if state[name] is not None else None
         super().__setstate__(state)

@@ -55,7 +55,7 @@ def pytest_report_header(config):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _data_missing():
-        skipped = [r for r in terminalreporter.stats.get("skipped", []) if "Drosophila data" in str(r.longrepr)]
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "Drosophila data" in str(r.longrepr)]
+    if skipped:
         terminalreporter.write_line(f"!!! {len(skipped)} tests were SKIPPED for want of the Drosophila data "
                                     f"at {DATA}: set FREM_DATA !!!", red=True, bold=True)

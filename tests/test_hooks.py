@@ -220,3 +220,171 @@ def test_eval_graph_of_an_attached_model_is_the_bare_graph():
     no_compute = {"aten.detach.default", "aten.to.device", "aten.view.default",
                   "aten._assert_tensor_metadata.default"}
     assert {op: n for op, n in added.items() if op not in no_compute} == {"aten.mul.Tensor": 1}
+
+
+def test_a_named_layer_with_out_channels_is_bound_at_attach():
+    model = HandUNet()
+    assert frem.attach(model, "head", B=1, X=2.0).num_channels == 2  # Conv2d.out_channels, no forward yet
+    assert frem.attach(model, model.up1, B=1, X=2.0).num_channels == 8  # given as a module
+    assert frem.attach(model, "dec1", B=1, X=2.0).num_channels is None  # a Sequential: learnt at first call
+    assert frem.attach(model, "dec2.0", at="input", B=1, X=2.0).num_channels is None  # input width unknown
+    smp_model = tiny_unet()
+    assert frem.attach(smp_model, "encoder", B=1, X=2.0).num_channels == 128  # out_channels[-1]
+    flagged = nn.Sequential(nn.Identity())
+    flagged[0].out_channels = True  # not a width
+    assert frem.attach(flagged, "0", B=1, X=2.0).num_channels is None
+
+
+def test_the_frem_is_bound_on_the_model_device_and_keeps_its_mode():
+    model = HandUNet().to("meta")
+    handle = frem.attach(model, "head", B=1, X=2.0, mode="fixed")
+    assert handle.scale.device.type == "meta" and handle.mode == "fixed"
+    bare = nn.Sequential(nn.Identity())  # no parameters: the CPU
+    bare[0].out_channels = 3
+    assert frem.attach(bare, "0", B=1, X=2.0).scale.device.type == "cpu"
+
+
+class Pair(nn.Module):
+    def forward(self, x):
+        return x, x.flip(1)  # alike: by default the last one would be picked
+
+
+@pytest.mark.parametrize("entry", [0, (0,), [0]], ids=["int", "tuple", "list"])
+@pytest.mark.parametrize("by", ["name", "module"])
+def test_an_explicit_entry_picks_the_tensor(entry, by):
+    model = nn.Sequential(Pair())
+    handle = frem.attach(model, "0" if by == "name" else model[0], B=1, X=10.0, entry=entry)
+    x = torch.randn(1, 3, 2, 2)
+    first, second = model.train()(x)
+    assert torch.equal(first, x * handle.scale.view(1, -1, 1, 1))
+    assert torch.equal(second, x.flip(1))
+
+
+def test_an_explicit_key_picks_the_entry_of_a_dict():
+    class Named(nn.Module):
+        def forward(self, x):
+            return {"small": x[:, :1], "big": x}
+
+    model = nn.Sequential(Named())
+    handle = frem.attach(model, "0", B=1, X=10.0, entry="small")
+    out = model.train()(torch.ones(1, 3, 2, 2))
+    assert handle.num_channels == 1 and out["small"].eq(10.0).all() and out["big"].eq(1.0).all()
+
+
+def test_generated_names_say_where_and_never_collide():
+    model = HandUNet()
+    model.frem_middle = 5  # an attribute that is not a module
+    a = frem.attach(model, "middle", B=1, X=2.0)
+    b = frem.attach(model, "dec2.0", B=1, X=2.0)
+    c = frem.attach(model, "dec2.0", at="input", B=1, X=2.0)
+    root = frem.attach(model, model, B=1, X=2.0)
+    assert [m._child_name for m in (a, b, c, root)] == ["frem_middle_2", "frem_dec2_0", "frem_dec2_0_input",
+                                                       "frem_model"]
+    wrapped = nn.Sequential(nn.Sequential(HandUNet()))
+    first = frem.attach(wrapped, "0.0.middle", B=1, X=2.0)
+    second = frem.attach(wrapped, "0.0.dec1", B=1, X=2.0)
+    third = frem.attach(wrapped, "0.0.enc1", B=1, X=2.0)
+    assert first._holder_ref() is wrapped[0][0]  # the first module on the way that nobody iterates
+    assert [m._child_name for m in (first, second, third)] == ["frem_0_0_middle", "frem_0_0_dec1",
+                                                               "frem_0_0_enc1"]
+
+
+def test_the_holder_is_the_first_module_on_the_way_that_is_not_a_container():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    model = nn.Sequential(nn.Sequential(Block()))
+    handle = frem.attach(model, "0.0.conv", B=1, X=2.0)
+    assert handle._holder_ref() is model[0][0]
+    assert len(model) == len(model[0]) == 1
+    only_containers = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 1)))
+    assert frem.attach(only_containers, "0", B=1, X=2.0)._holder_ref() is only_containers[0][0]
+
+
+def test_unknown_layer_without_close_names_lists_the_top_level_layers():
+    with pytest.raises(ValueError, match=r"HandUNet has no layer 'zzz'; its top-level layers: enc1, enc2, "
+                                         r"middle, up2, dec2, up1, dec1, head$"):
+        frem.attach(HandUNet(), "zzz", B=1, X=2.0)
+    many = nn.ModuleDict({f"block{i}": nn.Identity() for i in range(1, 10)})
+    with pytest.raises(ValueError, match=r"has no layer 'block'; closest: block9, block8, block7, block6, block5$"):
+        frem.attach(many, "block", B=1, X=2.0)
+
+
+def test_the_defaults_are_the_papers_mouse_setting():
+    model = smp.Unet("resnet18", encoder_weights=None, encoder_depth=4, decoder_channels=(32, 16, 8, 4))
+    handle = frem.attach(model)  # 256 bottleneck channels: room for B=162
+    assert (handle.B, handle.X, handle.mode, handle.seed) == (162, 632.0, "random", 0)
+
+
+def test_an_attached_frem_called_directly_is_the_identity_until_removed():
+    model = HandUNet()
+    handle = frem.attach(model, "middle", B=4, X=10.0)
+    x = torch.randn(1, 32, 4, 4)
+    handle.train()
+    assert handle(x) is x  # a container iterating its children must not apply it twice
+    handle.remove()
+    assert not handle.applied_by_hook
+    assert torch.equal(handle(x), x * handle.scale.view(1, -1, 1, 1))  # inline use after removal
+
+
+def test_detach_leaves_the_users_own_hooks():
+    model = HandUNet()
+    seen = []
+    model.middle.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model.middle.register_forward_pre_hook(lambda m, i: seen.append("pre"))
+    frem.attach(model, "middle", B=4, X=10.0)
+    frem.attach(model, "middle", at="input", B=1, X=10.0)
+    assert frem.detach(model) == 2
+    assert len(model.middle._forward_hooks) == len(model.middle._forward_pre_hooks) == 1
+    model(torch.randn(1, 1, 16, 16))
+    assert seen == ["pre", torch.Size([1, 32, 4, 4])]
+
+
+def test_a_close_but_different_name_is_suggested():
+    with pytest.raises(ValueError, match=r"has no layer 'abcmid'; closest: middle$"):
+        frem.attach(HandUNet(), "abcmid", B=1, X=2.0)
+
+
+def test_the_holder_of_a_layer_inside_a_block_inside_a_sequential():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = nn.Sequential(nn.Conv2d(1, 2, 1))
+
+        def forward(self, x):
+            return self.seq(x)
+
+    model = nn.Sequential(Block())
+    assert frem.attach(model, "0.seq.0", B=1, X=2.0)._holder_ref() is model[0]
+
+
+def test_two_inline_frems_on_one_tensor_are_refused():
+    first, second = frem.FREM(1, 2.0).train(), frem.FREM(1, 2.0).train()
+    with pytest.raises(RuntimeError, match=r"^FREM at FREM's input got a tensor that the FREM at 'FREM' already"):
+        second(first(torch.randn(1, 3, 2)))
+
+
+def test_the_holder_is_the_outermost_non_container_not_the_nearest():
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Inner()
+
+        def forward(self, x):
+            return self.inner(x)
+
+    model = nn.Sequential(Outer())
+    assert frem.attach(model, "0.inner.conv", B=1, X=2.0)._holder_ref() is model[0]

@@ -37,3 +37,10 @@ def test_a_class_predicted_but_never_true_scores_zero_not_nan():
     counter.update(torch.tensor([[1, 0]]), torch.tensor([[0, 0]]))
     result = counter.iou(("x", "y"))
     assert result["iou"] == {"x": 0.5, "y": 0.0} and result["miou"] == 0.25
+
+
+def test_a_split_with_no_class_present_has_a_nan_miou():
+    counter = ConfusionCounter(2)
+    counter.update(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2, dtype=torch.long))
+    result = counter.iou(("x", "y"))
+    assert math.isnan(result["miou"]) and all(math.isnan(v) for v in result["iou"].values())

@@ -115,9 +115,14 @@ def test_a_sequential_keeps_its_length_and_iteration():
 
 
 def test_the_example_input_error_names_layers_the_model_has():
-    with pytest.raises(ValueError, match=r"pass example_input=.*layer='(enc1|enc2|middle|up2|dec2|up1|dec1|head)"
-                                         r"[.0-9]*'"):
-        frem.attach(HandUNet(), B=4, X=10.0)
+    model = HandUNet()
+    with pytest.raises(ValueError, match=r"pass example_input=") as error:
+        frem.attach(model, B=4, X=10.0)
+    suggested = error.value.args[0].split("layer=")[-1].strip("')")
+    assert not isinstance(model.get_submodule(suggested), (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+    bare = nn.Linear(2, 2)  # no submodules: nothing to suggest
+    with pytest.raises(ValueError, match=r"or name the layer$"):
+        frem.attach(bare, B=1, X=2.0)
 
 
 def test_a_forgotten_resample_warns_once(monkeypatch):

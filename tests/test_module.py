@@ -124,3 +124,81 @@ def test_B_larger_than_the_channels_is_named_at_first_forward():
 def test_no_channel_dimension_is_named():
     with pytest.raises(ValueError, match="layer 'pool' has no channel dimension"):
         FREM(1, 2.0, layer="pool").train()(torch.randn(5))
+
+
+@pytest.mark.parametrize("X", ["8", True, None, 1e300, float(torch.finfo(torch.float32).max) * 1.01])
+def test_X_must_be_a_real_number_the_float32_scale_can_hold(X):
+    with pytest.raises(ValueError, match=r"X must be a finite number in \(0, 3\.403e\+38\]"):
+        FREM(8, X)
+
+
+def test_the_largest_float32_X_is_allowed():
+    assert FREM(1, float(torch.finfo(torch.float32).max)).bind(2).scale.max() == torch.finfo(torch.float32).max
+
+
+DRAW_OF_RECORD = [104, 119, 124, 141, 149, 241, 264, 416]  # seed 0, epoch 0, 8 of 512: since frem 0.1
+
+
+def test_the_draw_is_pinned_so_results_stay_reproducible_across_versions():
+    """Changing the draw silently changes every FREM result: these are the channels of record."""
+    assert frem.select_channels(512, 8, 0, 0).tolist() == DRAW_OF_RECORD
+    assert torch.equal(FREM(8, 250).bind(512).channels, frem.select_channels(512, 8, 0, 0))  # epoch 0 first
+
+
+def test_bind_puts_the_buffers_where_asked_or_where_the_module_is():
+    assert FREM(2, 5.0).bind(4, device="meta").scale.device.type == "meta"
+    moved = FREM(2, 5.0).to("meta").bind(4)
+    assert moved.scale.device.type == moved.channels.device.type == "meta"
+    lazy = FREM(2, 5.0).train()
+    lazy(torch.empty(3, 4, 2, device="meta"))  # learnt at the first call, on the input's device
+    assert lazy.num_channels == 4 and lazy.scale.device.type == "meta"
+
+
+def test_a_two_dimensional_input_is_a_feature_map_too():
+    module = FREM(1, 5.0).train()
+    x = torch.randn(3, 4)
+    y = module(x)
+    assert module.num_channels == 4
+    assert torch.equal(y, x * module.scale)
+
+
+def test_binding_removes_the_lazy_hook():
+    module = FREM(1, 5.0)
+    assert "_initialize_hook" in module.__dict__ and len(module._forward_pre_hooks) == 1
+    module.train()(torch.randn(1, 3, 2))
+    assert "_initialize_hook" not in module.__dict__ and not module._forward_pre_hooks
+    assert "_initialize_hook" not in FREM(1, 5.0, num_channels=3).__dict__
+
+
+def test_messages_for_an_unnamed_frem():
+    with pytest.raises(ValueError, match=r"^FREM's input has no channel dimension \(output \(5,\)\)"):
+        FREM(1, 2.0).train()(torch.randn(5))
+    with pytest.raises(ValueError, match=r"^FREM's input has no channel dimension \(output list\)"):
+        FREM(1, 2.0).train()([1.0, 2.0])
+    with pytest.raises(ValueError, match=r"B=10 is larger than the 4 channels of the layer$"):
+        FREM(10, 2.0).bind(4)
+    assert "channels=?" in repr(FREM(1, 2.0))
+
+
+def test_remove_on_a_frem_that_was_never_attached():
+    with pytest.raises(RuntimeError, match="not attached with frem.attach"):
+        FREM(1, 2.0).remove()
+
+
+def test_the_stale_draw_warning_comes_exactly_once(monkeypatch):
+    import warnings
+
+    import frem.module
+    monkeypatch.setattr(frem.module, "STALE_DRAW_STEPS", 3)
+    module = FREM(2, 5.0).train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(6):
+            module(torch.randn(1, 4, 2, 2))
+    assert len([w for w in caught if "never re-drawn" in str(w.message)]) == 1
+
+
+def test_binding_again_to_another_width():
+    module = FREM(2, 5.0, num_channels=4)
+    module.bind(6)
+    assert module.num_channels == 6 and module.scale.numel() == 6 and module.channels.numel() == 2

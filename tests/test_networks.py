@@ -141,7 +141,8 @@ def test_the_measured_rule_agrees_with_the_names(name):
 
 def test_unetr_measured_alone_is_ambiguous_and_says_so():
     build, make_input, *_ = NETWORKS["monai-unetr"]
-    with pytest.raises(BottleneckNotFound, match=r"4 parallel maps .*decoder5 input\[0\].*encoder2 input\[0\]"):
+    with pytest.raises(BottleneckNotFound, match=r"bottleneck of the model: 4 parallel maps .*\(decoder5 input\[0\] "
+                                                 r"\(2, 48, 2, 2\); encoder4 input\[0\].*encoder2 input\[0\]"):
         choose(survey(build(), make_input()))
 
 
@@ -165,7 +166,7 @@ def test_a_wrapped_model_gets_the_wrapped_bottleneck():
     assert frem.attach(wrapped, "bottleneck", B=2, X=7.0).layer == "1.encoder.stages.3"
 
 
-def test_data_parallel_and_compiled_wrappers_are_seen_through():
+def test_data_parallel_and_dynamo_wrappers_are_seen_through():
     model = monai_unet(2)
     handle = frem.attach(nn.DataParallel(model), "bottleneck", B=2, X=7.0, example_input=x2d())
     assert handle in frem.attached(model)
@@ -263,3 +264,283 @@ def test_the_nnunet_example_attaches_at_the_last_encoder_stage():
         (handle,) = frem.attached(network)
         assert handle.layer == f"encoder.stages.{3 if dims == 2 else 2}"
         assert handle.B == round(example.FREM_B * handle.num_channels)
+
+
+KNOWN_BY_NAME = {  # network -> (layer, at, entry, channels) with no example input at all
+    "monai-unetr": ("decoder5", "input", (0,), 48),
+    "monai-dynunet": ("bottleneck", "output", (), 32),
+    "nnunet-plain-2d": ("encoder.stages.3", "output", (), 32),
+    "nnunet-plain-3d": ("encoder.stages.2", "output", (), 16),
+    "nnunet-residual-2d": ("encoder.stages.3", "output", (), 32),
+    "torchvision-deeplabv3": ("backbone", "output", ("out",), None),
+    "torchvision-fcn": ("backbone", "output", ("out",), None),
+    "torchvision-lraspp": ("backbone", "output", ("high",), None),
+}
+
+
+@pytest.mark.parametrize("name", KNOWN_BY_NAME)
+def test_libraries_that_name_their_bottleneck_need_no_example_input(name):
+    model = NETWORKS[name][0]()
+    site = frem.locate_bottleneck(model)
+    assert (site.layer, site.at, site.entry, site.channels) == KNOWN_BY_NAME[name]
+    assert frem.attach(model, "bottleneck", B=2, X=7.0).layer == KNOWN_BY_NAME[name][0]
+    for unknown in ("monai-unet-2d", "monai-basicunet", "monai-swinunetr"):
+        assert frem.bottleneck.known_bottleneck(NETWORKS[unknown][0]()) is None, unknown
+
+
+def test_timm_and_smp_encoders_are_known_by_name():
+    import segmentation_models_pytorch as smp
+    import timm
+    features = timm.create_model("resnet18", features_only=True, pretrained=False, in_chans=1)
+    assert frem.locate_bottleneck(features) == frem.Site("", "output", (-1,), 512)
+    as_dict = timm.create_model("resnet18", features_only=True, pretrained=False, in_chans=1,
+                                feature_cls="dict")
+    assert frem.locate_bottleneck(as_dict) == frem.Site("", "output", None, 512)  # picked at the first call
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = timm.create_model("resnet18", features_only=True, pretrained=False, in_chans=1)
+
+    assert frem.locate_bottleneck(Wrapped()) == frem.Site("encoder", "output", (-1,), 512)
+    unet = smp.Unet("resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=(16, 8, 4))
+    assert frem.locate_bottleneck(unet) == frem.Site("encoder", "output", (-1,), 128)
+
+
+class TwoEncoders(nn.Module):
+    """Two parallel encoders meeting only in the head: no single bottleneck."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.ConvTranspose2d(16, 2, 2, stride=2)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_parallel_candidates_are_refused_by_attach_and_shown_in_the_table():
+    with pytest.raises(BottleneckNotFound, match=r"bottleneck of TwoEncoders: 3 parallel maps share the lowest "
+                                                 r"resolution and the most channels \(b output \(1, 8, 8, 8\); "
+                                                 r"a output \(1, 8, 8, 8\); a\.0 output \(1, 8, 8, 8\)\)"):
+        frem.attach(TwoEncoders(), B=1, X=2.0, example_input=torch.randn(1, 1, 16, 16))
+    text = str(frem.candidates(TwoEncoders(), torch.randn(1, 1, 16, 16)))
+    assert text.splitlines()[-1] == ("attach picks nothing: frem cannot tell which feature map is the "
+                                     "bottleneck of TwoEncoders")
+    assert "<-" not in text
+    assert any(line.endswith("  parallel branch: ambiguous") for line in text.splitlines())
+
+
+def test_the_table_is_sorted_readable_and_points_at_one_row():
+    from models import HandUNet
+    table = frem.candidates(HandUNet(), torch.randn(1, 1, 16, 16), limit=50)
+    keys = [(c.resolution, -c.channels) for c in table]
+    assert keys == sorted(keys)
+    lines = str(table).splitlines()
+    assert sum("<-" in line for line in lines) == 1
+    assert not any(line != line.rstrip() for line in lines)
+    rows = {line.split()[0]: line for line in lines[1:-1]}
+    assert re.search(r"^head +output +1x2x16x16 +2 +0 +higher resolution$", rows["head"])  # the output itself
+    assert re.search(r"^dec1 +output +1x8x16x16 +8 +1 +higher resolution$", rows["dec1"])
+    root = frem.candidates(__import__("timm").create_model("resnet18", features_only=True, pretrained=False,
+                                                           in_chans=1), torch.randn(1, 1, 64, 64))
+    assert str(root).splitlines()[-1] == "attach picks <model> output[-1]: known by name for this architecture"
+
+
+class Gated(nn.Module):
+    """A squeeze-excitation gate (N, C, 1, 1) beside the real bottleneck."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.squeeze = nn.AdaptiveAvgPool2d(1)
+        self.gate = nn.Sequential(nn.Conv2d(8, 16, 1), nn.Sigmoid())
+        self.up = nn.ConvTranspose2d(8, 2, 2, stride=2)
+
+    def forward(self, x):
+        d = self.down(x)
+        return self.up(d * self.gate(self.squeeze(d))[:, :8])
+
+
+def test_gates_are_not_bottlenecks():
+    table = frem.candidates(Gated(), torch.randn(1, 1, 16, 16))
+    assert (table.chosen.site.layer, table.chosen.site.at) == ("up", "input")  # the gated map the decoder takes
+    assert re.search(r"\ngate +output +1x16x1x1 +16 +\d+ +a gate \(every spatial size 1\)", str(table))
+
+
+class TokensBeside(nn.Module):
+    """A transformer-like side branch whose (N, L, D) tokens must not count as a feature map."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.tokens = nn.Linear(4, 2)
+        self.up = nn.ConvTranspose2d(4, 2, 2, stride=2)
+
+    def forward(self, x):
+        d = self.down(x)
+        t = self.tokens(d.flatten(2).transpose(1, 2))  # (N, 64, 2)
+        return self.up(d) + t.mean()
+
+
+def test_token_sequences_are_not_candidates():
+    found = survey(TokensBeside(), torch.randn(1, 1, 16, 16))
+    assert "tokens" not in {c.site.layer for c in found}
+    assert choose(found).site.layer == "down"
+
+
+def test_one_dimensional_signals_have_a_bottleneck_too():
+    model = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.Conv1d(4, 8, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.ConvTranspose1d(8, 2, 2, stride=2))
+    assert frem.find_bottleneck(model, torch.randn(2, 1, 32)) == "2"
+
+
+class SharedActivation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(1, 4, 3, padding=1)
+        self.down = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.act = nn.ReLU()  # called twice: no single place
+        self.up = nn.ConvTranspose2d(8, 2, 2, stride=2)
+
+    def forward(self, x):
+        return self.up(self.act(self.down(self.act(self.enc(x)))))
+
+
+def test_a_module_called_twice_is_never_the_pick():
+    found = survey(SharedActivation(), torch.randn(1, 1, 16, 16))
+    assert "act" not in {s.layer for c in found for s in (c.site, *c.also)}
+    chosen = choose(found).site  # the activated map, reached as the decoder's input instead
+    assert (chosen.layer, chosen.at) == ("up", "input")
+
+
+class NoParameters(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool, self.up = nn.MaxPool2d(2), nn.Upsample(scale_factor=2.0)
+
+    def forward(self, x, factor):
+        return self.up(self.pool(x) * factor)
+
+
+def test_the_survey_takes_several_inputs_and_needs_no_parameters():
+    pool = NoParameters()
+    found = survey(pool, (torch.randn(1, 3, 8, 8), 2.0))  # the graph starts at the input itself
+    assert choose(found).site.describe() == "up input[0]"  # the pooled map, scaled
+
+
+def test_the_table_shows_twelve_rows_unless_asked():
+    model, x = monai_unet(2), x2d()
+    assert len(frem.candidates(model, x)) == 12 and len(frem.candidates(model, x, limit=3)) == 3
+
+
+def test_entries_are_described_and_replaced_at_any_depth():
+    from collections import namedtuple
+
+    from frem.bottleneck import Site, deepest_entry, replace_entry
+    assert Site("backbone", entry=("out", 0)).describe() == "backbone output['out'][0]"
+    Out = namedtuple("Out", "features extra")
+    value = {"a": [torch.zeros(1), Out(torch.zeros(1), torch.zeros(2))], "b": 1}
+    new = replace_entry(value, ("a", 1, 0), torch.ones(3))
+    assert type(new["a"][1]) is Out and torch.equal(new["a"][1].features, torch.ones(3))
+    assert torch.equal(new["a"][1].extra, torch.zeros(2)) and new["b"] == 1 and torch.equal(new["a"][0], torch.zeros(1))
+    assert value["a"][1].features.numel() == 1  # the original is left as it was
+    features, extra = torch.zeros(2, 8, 4), torch.zeros(2, 1, 16)  # 1-D maps: (N, C, L)
+    assert deepest_entry((features, extra)) == (0,)
+    assert deepest_entry((torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 4, 4))) == (0,)  # resolution, not width
+    assert deepest_entry((torch.zeros(2, 4, 4, 4), torch.zeros(2, 4, 4, 4))) == (1,)  # alike: the last
+    assert deepest_entry(("text", 3)) is None and deepest_entry((torch.zeros(3), torch.zeros(4))) == (1,)
+
+
+class LookAlike(nn.Module):
+    """Modules with some of a library's attribute names, but not that library's model."""
+
+
+def lookalikes():
+    smp_like = LookAlike()
+    smp_like.encoder = LookAlike()
+    smp_like.encoder.out_channels = ["a", "b"]
+    feature_info_only = LookAlike()
+    feature_info_only.feature_info = type("Info", (), {"channels": lambda self: [3]})()
+    dyn = LookAlike()
+    dyn.bottleneck = nn.Conv2d(1, 1, 1)
+    unetr = type("UNETR", (nn.Module,), {})()
+    half_nnunet = LookAlike()
+    half_nnunet.encoder = LookAlike()
+    half_nnunet.encoder.stages = nn.Sequential(nn.Conv2d(1, 1, 1))
+    half_nnunet.encoder.output_channels = [1]
+    only_decoder = LookAlike()
+    only_decoder.decoder = nn.Conv2d(1, 1, 1)
+    tv = LookAlike()
+    tv.backbone = LookAlike()
+    tv.backbone.return_layers = {"layer4": "out"}
+    return [smp_like, feature_info_only, nn.ModuleDict(), dyn, unetr, half_nnunet, only_decoder, tv]
+
+
+@pytest.mark.parametrize("model", lookalikes(), ids=["smp", "feature_info", "moduledict", "dynunet", "unetr",
+                                                     "nnunet-without-decoder", "decoder-only", "torchvision"])
+def test_look_alikes_are_not_taken_for_the_libraries(model):
+    assert frem.bottleneck.known_bottleneck(model) is None
+
+
+def test_a_module_with_an_orig_mod_attribute_is_not_a_dynamo_wrapper():
+    model = LookAlike()
+    model._orig_mod = nn.Conv2d(1, 1, 1)
+    assert frem.bottleneck.unwrap(model) is model
+
+
+class IntegerOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down, self.up = nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ConvTranspose2d(4, 2, 2, stride=2)
+
+    def forward(self, x):
+        logits = self.up(self.down(x))
+        return logits, logits.argmax(1)  # a label map: no autograd history
+
+
+def test_outputs_without_autograd_history_are_fine():
+    assert choose(survey(IntegerOutput(), x2d(16))).site.layer == "down"
+
+
+class HandOver(nn.Module):
+    """The bottleneck block is called inside its parent (never the parent itself), and handed to a
+    shallower decoder module: its output site is deeper than the decoder's input site."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Module()
+        self.enc.block = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.up = nn.ConvTranspose2d(8, 2, 2, stride=2)
+
+    def forward(self, x):
+        return self.up(self.enc.block(x))
+
+
+def test_an_output_site_is_preferred_over_a_shallower_input_site():
+    site = choose(survey(HandOver(), x2d(16))).site
+    assert (site.layer, site.at) == ("enc.block", "output")
+
+
+class PackedHandOver(nn.Module):
+    """One map under two sites at one depth: whole from its block, as an entry of a tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.zblock = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.pack = Pack()
+        self.up = nn.ConvTranspose2d(8, 2, 2, stride=2)
+
+    def forward(self, x):
+        features, total = self.pack(self.zblock(x))
+        return self.up(features) + total
+
+
+class Pack(nn.Module):
+    def forward(self, f):
+        return f, f.mean()
+
+
+def test_a_whole_output_is_preferred_over_the_same_map_as_an_entry():
+    assert choose(survey(PackedHandOver(), x2d(16))).site.describe() == "zblock output"

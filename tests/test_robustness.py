@@ -8,15 +8,12 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import optuna
 import pytest
 import tifffile
 import torch
-from optuna.trial import TrialState
 from PIL import Image
 
 from frem.seg import checkpoint
@@ -26,7 +23,6 @@ from frem.seg.config import TrainConfig
 from frem.seg.data import DataError, load_dataset
 from frem.seg.predict import predict, predict_image
 from frem.seg.train import train
-from frem.seg.tune import open_storage
 
 TINY = ["--quick", "--epochs", "1", "--tiles-per-section", "4", "--batch-size", "4", "--no-progress"]
 
@@ -178,32 +174,6 @@ def test_concurrent_starts_on_a_new_sqlite_study(tmp_path):
             stdout, stderr = w.communicate(timeout=120)
             assert w.returncode == 0, stderr[-2000:]
             assert stdout.strip() == "frem"
-
-
-def test_a_search_restarted_at_once_recovers_its_killed_trial(drosophila_root, tmp_path):
-    out = tmp_path / "t"
-    env = {**os.environ, "FREM_TUNE_HEARTBEAT": "600"}  # the heartbeat alone would wait 20 minutes
-    cmd = [sys.executable, "-m", "frem", "tune", "--data", str(drosophila_root), "--out", str(out), "--quick",
-           "--tiles-per-section", "2", "--batch-size", "2", "--no-progress", "--trials", "2", "--epochs", "6",
-           "--pruner", "none"]
-    worker = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = out / "trials" / "trial-0000" / "last.pt"
-    deadline = time.time() + 300
-    while not last.exists() and time.time() < deadline:
-        time.sleep(0.2)
-    assert last.exists(), "the first trial never wrote a checkpoint"
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # at once
-    assert result.returncode == 0, result.stderr[-2000:]
-    study = optuna.load_study(study_name="frem", storage=open_storage(None, out))
-    states = [t.state for t in study.trials]
-    assert states.count(TrialState.RUNNING) == 0 and states.count(TrialState.FAIL) == 1
-    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == 0]
-    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
-    assert retried[0].params == study.trials[0].params
-    history = json.loads((out / "trials" / "trial-0000" / "metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == list(range(6))
 
 
 # ---------------------------------------------------------------- images

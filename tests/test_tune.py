@@ -33,10 +33,8 @@ def test_tune_finds_a_best_setting_and_prints_the_train_command(drosophila_root,
     assert all(t.user_attrs["run_dir"].endswith(f"trial-{t.number:04d}") for t in study.trials)
 
 
-def test_a_killed_search_resumes_and_its_trial_continues(drosophila_root, tmp_path):
-    out = tmp_path / "t"
-    env = {**os.environ, "FREM_TUNE_HEARTBEAT": "1"}
-    cmd = tune_cmd(drosophila_root, out, "--trials", "2", "--epochs", "6", "--pruner", "none")
+def kill_during_the_first_trial(cmd, env, out):
+    """Start a search and SIGKILL it once its first trial has written a checkpoint."""
     worker = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = out / "trials" / "trial-0000" / "last.pt"
     deadline = time.time() + 300
@@ -45,6 +43,13 @@ def test_a_killed_search_resumes_and_its_trial_continues(drosophila_root, tmp_pa
     assert last.exists(), "the first trial never wrote a checkpoint"
     worker.send_signal(signal.SIGKILL)  # mid-trial: no cleanup, like a lost machine
     worker.wait()
+
+
+def test_a_killed_search_resumes_and_its_trial_continues(drosophila_root, tmp_path):
+    out = tmp_path / "t"
+    env = {**os.environ, "FREM_TUNE_HEARTBEAT": "1"}
+    cmd = tune_cmd(drosophila_root, out, "--trials", "2", "--epochs", "6", "--pruner", "none")
+    kill_during_the_first_trial(cmd, env, out)
     time.sleep(3)  # past the 2 s grace period: the trial's heartbeat is stale
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -56,6 +61,23 @@ def test_a_killed_search_resumes_and_its_trial_continues(drosophila_root, tmp_pa
     assert retried[0].user_attrs["run_dir"].endswith("trial-0000")  # resumed in place
     history = json.loads((out / "trials" / "trial-0000" / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == list(range(6))  # every epoch once: nothing retrained
+
+
+def test_a_search_restarted_at_once_recovers_its_killed_trial(drosophila_root, tmp_path):
+    out = tmp_path / "t"
+    env = {**os.environ, "FREM_TUNE_HEARTBEAT": "600"}  # the heartbeat alone would wait 20 minutes
+    cmd = tune_cmd(drosophila_root, out, "--trials", "2", "--epochs", "6", "--pruner", "none")
+    kill_during_the_first_trial(cmd, env, out)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # at once
+    assert result.returncode == 0, result.stderr[-2000:]
+    study = optuna.load_study(study_name="frem", storage=open_storage(None, out))
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.RUNNING) == 0 and states.count(TrialState.FAIL) == 1
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert retried[0].params == study.trials[0].params
+    history = json.loads((out / "trials" / "trial-0000" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == list(range(6))
 
 
 def test_two_workers_share_one_journal_study(drosophila_root, tmp_path):

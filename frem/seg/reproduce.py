@@ -15,7 +15,6 @@ import math
 import statistics
 from pathlib import Path
 
-import numpy as np
 import optuna
 import torch
 

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The hand-written mutants of the mutation audit (issue 12) that mutmut's run does not reach
+# (the trainer, the kernel launcher, the metric), each applied alone to the working tree and
+# reverted: every one must make its test fail. Run from the repository root:
+#   FREM_DATA=../shared/data/drosophila-vnc bash tests/audit_mutants.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+survived=0
+check() {  # FILE FROM TO PYTEST-ARGS: apply one textual mutant, run the tests, revert
+  local file=$1 from=$2 to=$3 tests=$4 saved
+  saved=$(mktemp)
+  cp "$file" "$saved"
+  python3 - "$file" "$from" "$to" <<'PY'
+import sys
+from pathlib import Path
+path, old, new = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+text = path.read_text()
+assert old in text, f"{path}: the code to mutate is gone: {old!r}"
+path.write_text(text.replace(old, new, 1))
+PY
+  # shellcheck disable=SC2086
+  if OMP_NUM_THREADS=1 python3 -m pytest -x -q -p no:cacheprovider $tests >/dev/null 2>&1; then
+    echo "SURVIVED  $file: $from  ->  $to"
+    survived=$((survived + 1))
+  else
+    echo "killed    $file: $from  ->  $to"
+  fi
+  cp "$saved" "$file"
+  rm -f "$saved"
+}
+check frem/seg/train.py 'if val["miou"] > state["best_val_miou"]:' \
+  'if val["miou"] < state["best_val_miou"] or state["best_epoch"] is None:' "tests/test_train.py -k best_checkpoint"
+check frem/seg/train.py '        _set_rng_state(saved["rng"], device)' '        pass' "tests/test_train.py -k random_state"
+check frem/seg/train.py 'epoch_generator(config.seed, epoch, "order")' 'epoch_generator(config.seed, 0, "order")' \
+  "tests/test_train.py -k shuffled"
+check kernels/scale_channels.py 'return max(x.numel(), span) > _INT32_LIMIT' 'return x.numel() > _INT32_LIMIT' \
+  "tests/test_kernels.py -k 64_bit"
+check kernels/scale_channels.py '_INT32_LIMIT = 2**31 - 1' '_INT32_LIMIT = 2**32 - 1' "tests/test_kernels.py -k 64_bit"
+check kernels/scale_channels.py '_INT32_LIMIT = 2**31 - 1' '_INT32_LIMIT = 2**30 - 1' "tests/test_kernels.py -k 64_bit"
+check kernels/scale_channels.py '    y = x * _broadcast(scale, x)' '    y = x * _broadcast(scale.to(x.dtype), x)' \
+  "tests/test_scale_channels.py -k bit_for_bit"
+check frem/selection.py 'count = max(1, round(B * num_channels))' 'count = max(1, int(B * num_channels))' \
+  "tests/test_module.py -k rounded"
+check frem/selection.py '    return chosen.sort().values' '    return chosen' "tests/test_module.py -k sorted"
+check frem/seg/metrics.py 'reduction="none", zero_division=math.nan)' \
+  'reduction="none", zero_division=math.nan) * 0 + tp / (tp + fp)' "tests/test_metrics.py"
+check frem/seg/metrics.py 'present = [v for v in iou.values() if not math.isnan(v)]' \
+  'present = [0.0 if math.isnan(v) else v for v in iou.values()]' "tests/test_metrics.py"
+check frem/hooks.py '            self.entry = deepest_entry(value)' '            self.entry = (list(value)[-1],) if isinstance(value, dict) else (-1,)' \
+  "tests/test_networks.py -k several_maps"
+echo "$survived survived"
+exit "$survived"
