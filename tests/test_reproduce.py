@@ -12,6 +12,9 @@ def test_quick_reproduction_writes_table_and_figures_from_the_runs(drosophila_ro
             str(results), "--epochs", "1", "--tiles-per-section", "2", "--batch-size", "2",
             "--tune-trials", "2", "--no-progress"]
     assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "## The paper's Table 2 (Drosophila) beside ours" in printed  # on the terminal too
+    assert "| Proposed method (FREM) | 92.93 | 78.71 | 78.02 | 58.14 | 76.95 |" in printed
     for name in ("README.md", "table.csv", "fig2_feature_magnitudes.png", "fig5_qualitative.png",
                  "fig7_bx_search.png", "fig9_enhanced_channels.png"):
         assert (results / name).is_file(), name

@@ -185,6 +185,8 @@ def run_reproduce(args) -> int:
     summary = reproduce(base, seeds=list(range(seeds)), out=args.out, results_dir=results,
                         tune_trials=trials, paper_tables=args.paper)
     print(f"{results}/README.md\n{summary['verdict']}")
+    if summary["beside_paper"]:
+        print("\n" + summary["beside_paper"])
     return 0
 
 

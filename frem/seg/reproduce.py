@@ -201,8 +201,8 @@ def reproduce(base: TrainConfig, *, seeds, out, results_dir, tune_trials: int, p
             verdict(rows), ""]
     numbers = (paper.tables_for(base.dataset, data.classes) if paper_tables == "auto"
                else paper.TABLES_FOR[paper_tables])
-    for number in numbers:
-        text += paper_markdown(number, rows)
+    beside_paper = [line for number in numbers for line in paper_markdown(number, rows)]
+    text += beside_paper
     if tuning:
         text += ["## TPE search (FREM, B and X)", "",
                  f"{tuning['trials']} trials ({tuning['complete']} complete, {tuning['pruned']} pruned); "
@@ -214,7 +214,8 @@ def reproduce(base: TrainConfig, *, seeds, out, results_dir, tune_trials: int, p
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "README.md").write_text("\n".join(text) + "\n")
     (results_dir / "table.csv").write_text(table_csv(rows, data.classes))
-    summary = {"rows": rows, "verdict": verdict(rows), "figures": [str(p) for p in made], "tuning": tuning}
+    summary = {"rows": rows, "verdict": verdict(rows), "figures": [str(p) for p in made], "tuning": tuning,
+               "beside_paper": "\n".join(beside_paper)}
     checkpoint.save_json(json.loads(json.dumps(checkpoint.strict_json(summary), default=str)),
                          results_dir / "summary.json")
     return summary
