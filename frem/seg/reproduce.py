@@ -236,4 +236,4 @@ def protocol_lines(base: TrainConfig, seeds, data, results) -> list[str]:
                 f"{v} " + ", ".join(f"{k.rstrip('_')}={x:g}" for k, x in VARIANT_DEFAULTS[v].items())
                 for v in VARIANT_DEFAULTS if VARIANT_DEFAULTS[v]) + " (dropout rate B/C)",
             f"- seeds {list(seeds)}; device {', '.join(device)}; wall time of all runs {wall / 60:.1f} min",
-            "- IoU pooled over the test split per class (smp.metrics); mIoU over the four classes"]
+            f"- IoU pooled over the test split per class (smp.metrics); mIoU over the {len(data.classes)} classes"]

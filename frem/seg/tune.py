@@ -96,7 +96,9 @@ def recover_killed_trials(study: optuna.Study) -> list[int]:
             continue  # another worker got there first
         _retry_callback()(study, study._storage.get_trial(trial._trial_id))
         recovered.append(trial.number)
-    optuna.storages.fail_stale_trials(study)  # other hosts' dead workers, by heartbeat
+    with warnings.catch_warnings():  # stable since Optuna 2.9; the 'experimental' label only adds noise
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # other hosts' dead workers, by heartbeat
     return recovered
 
 

@@ -34,8 +34,8 @@ TITLES = {
 }
 HEADER_NOTE = {
     2: ("Table 2's header is printed as for Table 1; the Drosophila classes have no nucleus, "
-        "so its second column must be mitochondria (which column is which cannot be settled "
-        "from the paper)."),
+        "so its second column must be mitochondria (whether the first, 91.80-92.93, is really "
+        "membrane cannot be settled from the paper)."),
 }
 # The paper's model names -> our variants.
 VARIANT_OF = {
