@@ -216,7 +216,11 @@ def test_16_bit_tiffs_train_and_predict_without_clipping(tmp_path):
     names = [p.name for p in written]
     assert names == ["stack_labels.tif", "stack_overlay.tif", "tiny_labels.png", "tiny_overlay.png",
                      "a_img1_labels.png", "a_img1_overlay.png", "b_img1_labels.png", "b_img1_overlay.png"]
-    assert tifffile.imread(tmp_path / "pred" / "stack_labels.tif").shape == (3, 64, 64)
+    with tifffile.TiffFile(tmp_path / "pred" / "stack_labels.tif") as labels:  # a page per input page, not RGB
+        assert len(labels.pages) == 3 and labels.pages[0].photometric == tifffile.PHOTOMETRIC.MINISBLACK
+        assert labels.asarray().shape == (3, 64, 64)
+    with tifffile.TiffFile(tmp_path / "pred" / "stack_overlay.tif") as overlays:
+        assert len(overlays.pages) == 3 and overlays.asarray().shape == (3, 64, 64, 3)
     assert np.array(Image.open(tmp_path / "pred" / "tiny_labels.png")).shape == (2, 2)
 
 

@@ -106,7 +106,7 @@ def predict(checkpoint_path, images, out_dir, device="cpu", tile: int = TILE) ->
             Image.fromarray(overlays[0]).save(targets[1])
         else:
             targets = [out_dir / f"{name}_labels.tif", out_dir / f"{name}_overlay.tif"]
-            tifffile.imwrite(targets[0], np.stack(labels))
+            tifffile.imwrite(targets[0], np.stack(labels), photometric="minisblack")  # 3 pages are not RGB
             tifffile.imwrite(targets[1], np.stack(overlays), photometric="rgb")
         written += targets
     return written
