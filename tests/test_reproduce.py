@@ -44,6 +44,15 @@ def test_quick_reproduction_writes_table_and_figures_from_the_runs(drosophila_ro
     assert main(args) == 0  # a second call reuses every finished run
     assert (out / "runs" / "frem-seed0" / "metrics.json").stat().st_mtime == stamp
 
+    # Another protocol on the same --out must not reuse these runs as its own.
+    for change in (["--lr", "0.01"], ["--epochs", "2"]):
+        capsys.readouterr()
+        assert main(args + change) == 2  # the last --epochs wins
+        err = capsys.readouterr().err
+        assert "baseline-seed0 holds a finished run of another protocol" in err, err
+        assert change[0].lstrip("-") + "=" in err and err.count("\n") == 1
+    assert (out / "runs" / "frem-seed0" / "metrics.json").stat().st_mtime == stamp
+
 
 def test_a_mouse_liver_copy_gets_tables_1_and_3_and_others_none():
     from frem.seg import paper

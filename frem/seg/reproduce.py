@@ -35,14 +35,26 @@ def run_all(base: TrainConfig, seeds, out: Path, data, variants=VARIANTS) -> dic
     for variant in variants:
         for seed in seeds:
             run_dir = out / "runs" / f"{variant}-seed{seed}"
+            config = base.for_variant(variant, seed=seed, out=str(run_dir), progress=False,
+                                      resume=(run_dir / checkpoint.LAST).exists())
             if (run_dir / checkpoint.METRICS).exists():
                 metrics = json.loads((run_dir / checkpoint.METRICS).read_text())
+                _check_same_protocol(config, metrics, run_dir)
             else:
-                config = base.for_variant(variant, seed=seed, out=str(run_dir), progress=False,
-                                          resume=(run_dir / checkpoint.LAST).exists())
-                metrics = train(config, data)
+                metrics = train(config, data)  # an unfinished run resumes (train checks its settings)
             results[(variant, seed)] = metrics
     return results
+
+
+def _check_same_protocol(config: TrainConfig, metrics: dict, run_dir: Path) -> None:
+    """A finished run is reused only if it is the run this reproduction would train."""
+    finished = TrainConfig.from_dict(metrics["config"])
+    mismatch = config.differences(finished)
+    if finished.epochs != config.epochs:
+        mismatch.insert(0, f"epochs={finished.epochs!r} (this run: {config.epochs!r})")
+    if mismatch:
+        raise ValueError(f"{run_dir} holds a finished run of another protocol ({', '.join(mismatch)}): "
+                         "choose another --out, or the options it was made with")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
