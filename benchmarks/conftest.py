@@ -15,6 +15,7 @@ pytest-benchmark records its own statistics and these figures
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -22,6 +23,8 @@ import pytest
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# benchmarks/gpu.sh's CPU-sized form (CI): proves every benchmark runs, measures nothing worth keeping.
+SMALL = os.environ.get("FREM_GPU_SMALL") == "1"
 ROTATE_BYTES = 256 * 2**20  # rotate input sets until they exceed every cache
 GRAPH_BYTES = 32 * 2**20    # below this, also time CUDA-graph replays and host time
 

@@ -8,14 +8,14 @@ import copy
 
 import segmentation_models_pytorch as smp
 import torch
-from conftest import DEVICE, device_name, interleaved_ms
+from conftest import DEVICE, SMALL, device_name, interleaved_ms
 from torch.nn import functional as F
 
 import frem
 
 ON_GPU = DEVICE.type == "cuda"
-# The paper's setting on a GPU; a CPU-sized batch otherwise.
-BATCH, SIZE = (16, 256) if ON_GPU else (2, 128)
+# The paper's setting on a GPU; a CPU-sized batch otherwise; a token one in gpu.sh's CI form.
+BATCH, SIZE = (1, 64) if SMALL else (16, 256) if ON_GPU else (2, 128)
 
 
 def default_model():
@@ -56,7 +56,7 @@ def test_inference_overhead(benchmark):
     for model in (bare, twin, attached):
         infer(model)()  # warm-up
     ms = interleaved_ms({"bare": infer(bare), "bare_again": infer(twin), "attached": infer(attached)},
-                        repeat=30 if ON_GPU else 10, warmup=0)
+                        repeat=2 if SMALL else 30 if ON_GPU else 10, warmup=0)
     # The eval graph itself: the attached model exports to the very same
     # operations (FREM's two unused buffers only add graph inputs).
     ops = {name: eval_ops(m, (x[:1],)) for name, m in (("bare", bare), ("attached", attached))}
@@ -90,7 +90,7 @@ def test_training_overhead(benchmark):
     for model in (bare, twin, attached):
         step(model)()
     ms = interleaved_ms({"bare": step(bare), "bare_again": step(twin), "attached": step(attached)},
-                        repeat=20 if ON_GPU else 6, warmup=0)
+                        repeat=2 if SMALL else 20 if ON_GPU else 6, warmup=0)
     peak = {}
     if ON_GPU:
         for name, model in (("bare", bare), ("attached", attached)):

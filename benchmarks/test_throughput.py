@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, device_name, interleaved_ms
+from conftest import DEVICE, SMALL, device_name, interleaved_ms
 from torch.nn import functional as F
 
 from frem.seg.config import TrainConfig
@@ -23,7 +23,10 @@ DATA = Path(os.environ.get("FREM_DATA") or Path(__file__).resolve().parents[2] /
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="needs the Drosophila data (FREM_DATA)")
 def test_trainer_throughput(benchmark, tmp_path):
-    if DEVICE.type == "cuda":  # the paper's protocol: 192 tiles of 256, batch 16
+    if SMALL:
+        config = TrainConfig.build(quick=True, data=str(DATA), out=str(tmp_path / "run"), epochs=2,
+                                   tiles_per_section=4, batch_size=4, progress=False)
+    elif DEVICE.type == "cuda":  # the paper's protocol: 192 tiles of 256, batch 16
         config = TrainConfig.build(data=str(DATA), out=str(tmp_path / "run"), epochs=6, progress=False)
     else:
         config = TrainConfig.build(quick=True, data=str(DATA), out=str(tmp_path / "run"), epochs=3,
@@ -49,7 +52,7 @@ def test_trainer_throughput(benchmark, tmp_path):
         loss.backward()
         optimizer.step()
 
-    model_ips = config.batch_size / (interleaved_ms({"step": step}, repeat=20)["step"] * 1e-3)
+    model_ips = config.batch_size / (interleaved_ms({"step": step}, repeat=3 if SMALL else 20)["step"] * 1e-3)
     benchmark.extra_info.update(device=device_name(), trainer_images_per_s=trainer_ips,
                                 model_images_per_s=model_ips, epoch_s=epoch_s,
                                 protocol=f"{config.encoder}, batch {config.batch_size}, crop {config.crop}, "
