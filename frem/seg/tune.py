@@ -17,6 +17,7 @@ import os
 import shlex
 import socket
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -31,10 +32,20 @@ from frem.seg.data import load_dataset
 from frem.seg.models import bottleneck_channels, build_model
 from frem.seg.search_space import LAMBDA_RANGE, SEARCH_SPACE, TUNABLE, X_RANGE
 from frem.seg.train import train
+
 # Seconds between heartbeats of a running trial; twice that without one and
 # the trial counts as dead, is failed and re-queued.
 HEARTBEAT_S = int(os.environ.get("FREM_TUNE_HEARTBEAT", "30"))
 SUMMARY = "tune_summary.json"
+
+
+@contextmanager
+def _stable_despite_label():
+    """Heartbeats, retries and stale-trial checks have worked since Optuna 2.9 but are
+    still labelled experimental; the label's warning only adds noise for a user."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 def open_storage(url: str | None, out: Path):
@@ -46,15 +57,13 @@ def open_storage(url: str | None, out: Path):
         path = Path(url.removeprefix("journal:"))
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
-    with warnings.catch_warnings():  # heartbeats are marked experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with _stable_despite_label():
         return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S,
                           heartbeat_stale_trial_callback=_retry_callback())
 
 
 def _retry_callback() -> RetryHeartbeatStaleTrialCallback:
-    with warnings.catch_warnings():  # marked experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with _stable_despite_label():
         return RetryHeartbeatStaleTrialCallback(max_retry=3, inherit_intermediate_values=True)
 
 
@@ -96,8 +105,7 @@ def recover_killed_trials(study: optuna.Study) -> list[int]:
             continue  # another worker got there first
         _retry_callback()(study, study._storage.get_trial(trial._trial_id))
         recovered.append(trial.number)
-    with warnings.catch_warnings():  # stable since Optuna 2.9; the 'experimental' label only adds noise
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with _stable_despite_label():
         optuna.storages.fail_stale_trials(study)  # other hosts' dead workers, by heartbeat
     return recovered
 
