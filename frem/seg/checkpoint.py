@@ -115,6 +115,7 @@ def save_json(obj, path: Path) -> None:
 def load(path: Path, hint: str = "", required=REQUIRED) -> dict:
     """A checkpoint's contents, or one ``CheckpointError`` naming the file and what to do."""
     path = Path(path)
+    advice = f"; {hint}" if hint else ""
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}" + (f": {hint}" if hint else ""))
     try:
@@ -128,16 +129,13 @@ def load(path: Path, hint: str = "", required=REQUIRED) -> dict:
                 "trust with torch.load(weights_only=False) yourself") from None
         reason = next((line.split("error:")[-1].strip() for line in str(error).splitlines()
                        if "error:" in line and line.split("error:")[-1].strip()), "not a checkpoint")
-        raise CheckpointError(f"{path} is damaged (not a readable checkpoint: {reason})"
-                              + (f"; {hint}" if hint else "")) from None
+        raise CheckpointError(f"{path} is damaged (not a readable checkpoint: {reason}){advice}") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"{path} is damaged (truncated or not a checkpoint: {reason})"
-                              + (f"; {hint}" if hint else "")) from None
+        raise CheckpointError(f"{path} is damaged (truncated or not a checkpoint: {reason}){advice}") from None
     missing = [key for key in required if not isinstance(state, dict) or key not in state]
     if missing:
-        raise CheckpointError(f"{path} is not a frem checkpoint (it lacks {', '.join(missing)})"
-                              + (f"; {hint}" if hint else ""))
+        raise CheckpointError(f"{path} is not a frem checkpoint (it lacks {', '.join(missing)}){advice}")
     return state
 
 

@@ -228,8 +228,8 @@ def reproduce(base: TrainConfig, *, seeds, out, results_dir, tune_trials: int, p
     (results_dir / "table.csv").write_text(table_csv(rows, data.classes))
     summary = {"rows": rows, "verdict": verdict(rows), "figures": [str(p) for p in made], "tuning": tuning,
                "beside_paper": "\n".join(beside_paper)}
-    checkpoint.save_json(json.loads(json.dumps(checkpoint.strict_json(summary), default=str)),
-                         results_dir / "summary.json")
+    # save_json writes NaN (an absent class) as null; default=str keeps any non-JSON value readable.
+    checkpoint.save_json(json.loads(json.dumps(summary, default=str)), results_dir / "summary.json")
     return summary
 
 
