@@ -19,7 +19,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from frem.seg import checkpoint
-from frem.seg.data.base import DataError
+from frem.seg.data.base import DataError, colour_name
 from frem.seg.data.images import display_range, normalize, read_pages
 from frem.seg.evaluate import autocast, model_from_checkpoint
 
@@ -95,9 +95,8 @@ def predict(checkpoint_path, images, out_dir, device="cpu", tile: int = TILE) ->
     for path, name in zip(paths, output_names(paths)):
         pages = read_pages(path)  # one file at a time: memory stays bounded
         if pages[0].shape[-1] != state["in_channels"]:
-            kind = "RGB" if pages[0].shape[-1] == 3 else "greyscale"
-            raise DataError(f"{path} is {kind}, but the model was trained on "
-                            f"{'RGB' if state['in_channels'] == 3 else 'greyscale'} images")
+            raise DataError(f"{path} is {colour_name(pages[0].shape[-1])}, but the model was trained on "
+                            f"{colour_name(state['in_channels'])} images")
         labels = [predict_image(model, page, state["normalization"], device, tile) for page in pages]
         overlays = [overlay(page, label, state["classes"]) for page, label in zip(pages, labels)]
         if len(pages) == 1:

@@ -60,9 +60,13 @@ def tile_grid(height: int, width: int, crop: int | None, limit: int | None = Non
     return corners
 
 
+def colour_name(channels: int) -> str:
+    return "RGB" if channels == 3 else "greyscale"
+
+
 def describe(image: np.ndarray) -> str:
     depth = {np.dtype(np.uint8): "8-bit", np.dtype(np.uint16): "16-bit", np.dtype(np.float32): "32-bit float"}
-    return f"{depth.get(image.dtype, str(image.dtype))} {'RGB' if image.shape[-1] == 3 else 'greyscale'}"
+    return f"{depth.get(image.dtype, str(image.dtype))} {colour_name(image.shape[-1])}"
 
 
 def make_split(pairs, crop, limit, label) -> Split:
