@@ -91,6 +91,13 @@ def copy_step(direction, sets):
     return step
 
 
+def row_info(ms: dict, nbytes: int, shape, **fields) -> dict:
+    """One row of the report: the times, and bandwidth and fraction of the row's own copy."""
+    return dict(device=device_name(), shape="x".join(map(str, shape)), bytes=nbytes, ms=ms,
+                gbps={k: nbytes / (v * 1e-3) / 1e9 for k, v in ms.items()},
+                copy_fraction={k: ms["copy"] / v for k, v in ms.items() if k != "copy"}, **fields)
+
+
 @pytest.mark.parametrize("shape", SIZES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -110,11 +117,8 @@ def test_scale_channels(benchmark, direction, dtype, layout, shape):
     steps["copy"] = copy_step(direction, sets)
     nbytes = (2 if direction == "forward+backward" else 1) * 2 * numel * element
     ms = interleaved_ms(steps, repeat=REPEAT)
-    info = dict(device=device_name(), direction=direction, dtype=dtype, layout=layout,
-                shape="x".join(map(str, shape)), bytes=nbytes, ms=ms,
-                gbps={k: nbytes / (v * 1e-3) / 1e9 for k, v in ms.items()},
-                copy_fraction={k: ms["copy"] / v for k, v in ms.items() if k != "copy"},
-                compiled_graphs=compiled_graphs())
+    info = row_info(ms, nbytes, shape, direction=direction, dtype=dtype, layout=layout,
+                    compiled_graphs=compiled_graphs())
     if DEVICE.type == "cuda" and nbytes < GRAPH_BYTES:
         info.update(graph_us=graph_us(steps), host_us=host_us(steps))
     benchmark.extra_info.update(info)
@@ -133,10 +137,8 @@ def test_scale_channels_past_2_31_elements(benchmark):
     steps["copy"] = copy_step("forward+backward", [(x, g)])
     nbytes = 4 * x.numel() * 2
     ms = interleaved_ms(steps, repeat=5, warmup=1)
-    benchmark.extra_info.update(device=device_name(), direction="forward+backward", dtype="bf16",
-                                layout="nchw", shape="x".join(map(str, shape)), bytes=nbytes, ms=ms,
-                                huge=True, gbps={k: nbytes / (v * 1e-3) / 1e9 for k, v in ms.items()},
-                                copy_fraction={k: ms["copy"] / v for k, v in ms.items() if k != "copy"})
+    benchmark.extra_info.update(row_info(ms, nbytes, shape, direction="forward+backward", dtype="bf16",
+                                         layout="nchw", huge=True))
     benchmark.pedantic(steps["frem"], rounds=1, warmup_rounds=0)
 
 
