@@ -20,6 +20,7 @@ import torch
 from conftest import DEVICE, GRAPH_BYTES, device_name, graph_us, host_us, interleaved_ms, rotation
 
 import frem
+from frem.kernels.scale_channels import op
 
 CPU_SIZES = [(16, 512, 8, 8), (16, 512, 32, 32), (8, 256, 128, 128)]
 CUDA_SIZES = CPU_SIZES + [(16, 512, 7, 7), (16, 500, 32, 32), (16, 512, 64, 64), (64, 512, 64, 64),
@@ -40,7 +41,7 @@ def eager_scale(x, scale):
 
 
 def kernel_scale(x, scale):
-    return torch.ops.frem.scale_channels(x, scale)
+    return op()(x, scale)
 
 
 def fresh_compiled():

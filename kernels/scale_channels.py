@@ -33,13 +33,11 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-from torch.library import triton_op, wrap_triton
 
-try:  # triton is a Linux-only dependency; elsewhere the op runs its torch path.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only on platforms without triton
-    triton = None
+# Triton (and, through torch.library.triton_op, Inductor and Dynamo) is imported
+# on first use, not by ``import frem``: together they take seconds to import,
+# and most processes never launch the kernel (CPU, small tensors, torch.compile).
+triton = tl = None
 
 MAX_RANK = 5  # (N, C) plus up to three spatial dims
 _INT32_LIMIT = 2**31 - 1
@@ -53,75 +51,91 @@ TILE_BYTES = 16384  # per program: 8 16-byte vectors a thread with 4 warps
 ROW_MIN_INNER = 16  # a channel's run at least this long: one scale per row
 
 
-if triton is not None:
+# The two kernels, JIT-compiled by load_triton(); their tl.constexpr annotations are
+# strings until then (postponed annotations), which Triton reads as written.
+def _scale_tiles_kernel(
+    x_ptr, scale_ptr, y_ptr, R, K, C, inner, tiles_k,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ROW_CHANNEL: tl.constexpr,
+    INT64: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_r = pid // tiles_k
+    pid_k = pid - pid_r * tiles_k
+    if INT64:
+        pid_r = pid_r.to(tl.int64)
+        pid_k = pid_k.to(tl.int64)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < R
+    col_ok = cols < K
+    if ROW_CHANNEL:  # a row is one (outer, channel) run: one scale per row
+        s = tl.load(scale_ptr + rows % C, mask=row_ok, other=0.0)[:, None]
+    else:  # the channel is the column's: one scale per column
+        s = tl.load(scale_ptr + cols // inner, mask=col_ok, other=0.0)[None, :]
+    offs = rows[:, None] * K + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    y = x.to(COMPUTE) * s.to(COMPUTE)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
-    def _scale_tiles_kernel(
-        x_ptr, scale_ptr, y_ptr, R, K, C, inner, tiles_k,
-        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ROW_CHANNEL: tl.constexpr,
-        INT64: tl.constexpr, COMPUTE: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        pid_r = pid // tiles_k
-        pid_k = pid - pid_r * tiles_k
-        if INT64:
-            pid_r = pid_r.to(tl.int64)
-            pid_k = pid_k.to(tl.int64)
-        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        row_ok = rows < R
-        col_ok = cols < K
-        if ROW_CHANNEL:  # a row is one (outer, channel) run: one scale per row
-            s = tl.load(scale_ptr + rows % C, mask=row_ok, other=0.0)[:, None]
-        else:  # the channel is the column's: one scale per column
-            s = tl.load(scale_ptr + cols // inner, mask=col_ok, other=0.0)[None, :]
-        offs = rows[:, None] * K + cols[None, :]
-        mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        y = x.to(COMPUTE) * s.to(COMPUTE)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
-    def _scale_strided_kernel(
-        x_ptr, scale_ptr, y_ptr, numel,
-        size1, size2, size3, size4,
-        xs0, xs1, xs2, xs3, xs4,
-        C_DIM: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr,
-        COMPUTE: tl.constexpr,
-    ):
-        # Dims arrive permuted into y's memory order, so y's offset is the flat
-        # index and only x needs the coordinate arithmetic.
-        pid = tl.program_id(0)
-        if INT64:
-            start = pid.to(tl.int64) * BLOCK
-        else:
-            start = pid * BLOCK
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < numel
-        rest = offs
-        i4 = rest % size4
-        rest = rest // size4
-        i3 = rest % size3
-        rest = rest // size3
-        i2 = rest % size2
-        rest = rest // size2
-        i1 = rest % size1
-        i0 = rest // size1
-        x_off = i0 * xs0 + i1 * xs1 + i2 * xs2 + i3 * xs3 + i4 * xs4
-        if C_DIM == 0:
-            channel = i0
-        elif C_DIM == 1:
-            channel = i1
-        elif C_DIM == 2:
-            channel = i2
-        elif C_DIM == 3:
-            channel = i3
-        else:
-            channel = i4
-        s = tl.load(scale_ptr + channel, mask=mask, other=0.0)
-        x = tl.load(x_ptr + x_off, mask=mask, other=0.0)
-        y = x.to(COMPUTE) * s.to(COMPUTE)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+def _scale_strided_kernel(
+    x_ptr, scale_ptr, y_ptr, numel,
+    size1, size2, size3, size4,
+    xs0, xs1, xs2, xs3, xs4,
+    C_DIM: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    # Dims arrive permuted into y's memory order, so y's offset is the flat
+    # index and only x needs the coordinate arithmetic.
+    pid = tl.program_id(0)
+    if INT64:
+        start = pid.to(tl.int64) * BLOCK
+    else:
+        start = pid * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < numel
+    rest = offs
+    i4 = rest % size4
+    rest = rest // size4
+    i3 = rest % size3
+    rest = rest // size3
+    i2 = rest % size2
+    rest = rest // size2
+    i1 = rest % size1
+    i0 = rest // size1
+    x_off = i0 * xs0 + i1 * xs1 + i2 * xs2 + i3 * xs3 + i4 * xs4
+    if C_DIM == 0:
+        channel = i0
+    elif C_DIM == 1:
+        channel = i1
+    elif C_DIM == 2:
+        channel = i2
+    elif C_DIM == 3:
+        channel = i3
+    else:
+        channel = i4
+    s = tl.load(scale_ptr + channel, mask=mask, other=0.0)
+    x = tl.load(x_ptr + x_off, mask=mask, other=0.0)
+    y = x.to(COMPUTE) * s.to(COMPUTE)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def load_triton() -> bool:
+    """Import Triton and JIT-compile the kernels, once; False where Triton is not installed."""
+    global triton, tl, _scale_tiles_kernel, _scale_strided_kernel
+    if triton is not None:
+        return True
+    try:
+        import triton as triton_module
+        import triton.language as language
+    except ImportError:  # pragma: no cover - exercised only on platforms without triton
+        return False
+    tl = language
+    _scale_tiles_kernel = triton_module.jit(_scale_tiles_kernel)
+    _scale_strided_kernel = triton_module.jit(_scale_strided_kernel)
+    triton = triton_module
+    return True
 
 
 def needs_int64(x: torch.Tensor) -> bool:
@@ -139,7 +153,7 @@ def tile_plan(x: torch.Tensor, y: torch.Tensor) -> dict:
     row_channel = inner >= ROW_MIN_INNER or C == 1
     R, K = (outer * C, inner) if row_channel else (outer, C * inner)
     elements = TILE_BYTES // x.element_size()
-    block_k = min(triton.next_power_of_2(K), elements)
+    block_k = min(1 << max(K - 1, 0).bit_length(), elements)
     block_r = max(1, elements // block_k)
     return {"R": R, "K": K, "C": C, "inner": inner, "BLOCK_R": block_r, "BLOCK_K": block_k,
             "ROW_CHANNEL": row_channel, "INT64": needs_int64(x)}
@@ -157,6 +171,8 @@ def launch_scale_channels(x: torch.Tensor, scale: torch.Tensor, y: torch.Tensor,
     ``wrap`` is ``torch.library.wrap_triton`` inside the registered op and the
     identity when tests call the launcher directly (``TRITON_INTERPRET=1``).
     """
+    if not load_triton():
+        raise RuntimeError("the scale_channels kernels need triton (pip install triton)")
     numel = x.numel()
     if numel == 0:
         return y
@@ -195,26 +211,39 @@ def _scale_channels_torch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.mul(x, _broadcast(scale, x), out=torch.empty_like(x))
 
 
-@triton_op("frem::scale_channels", mutates_args=())
-def _scale_channels_op(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    if x.device.type != "cuda" or triton is None:
-        # Inductor traces this body and would lower the Triton kernel for CPU
-        # tensors too (ignoring register_kernel), which no CPU build can run.
-        return _scale_channels_torch(x, scale)
-    y = torch.empty_like(x)
-    # Triton launches on the current device: a tensor on cuda:1 needs cuda:1 current.
-    with torch.cuda.device(x.device) if x.device.index != torch.cuda.current_device() else nullcontext():
-        return launch_scale_channels(x, scale, y, wrap=wrap_triton)
+def _registered():
+    """Define the op (imports Triton and Inductor: triton_op reads the launcher for its kernels)."""
+    from torch.library import triton_op, wrap_triton
+    load_triton()
+
+    @triton_op("frem::scale_channels", mutates_args=())
+    def scale_channels_op(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda" or triton is None:
+            # Inductor traces this body and would lower the Triton kernel for CPU
+            # tensors too (ignoring register_kernel), which no CPU build can run.
+            return _scale_channels_torch(x, scale)
+        y = torch.empty_like(x)
+        # Triton launches on the current device: a tensor on cuda:1 needs cuda:1 current.
+        with torch.cuda.device(x.device) if x.device.index != torch.cuda.current_device() else nullcontext():
+            return launch_scale_channels(x, scale, y, wrap=wrap_triton)
+
+    # Eager CPU calls land here: wrap_triton refuses interpreted kernels in eager
+    # mode (pytorch#152868), so tests drive the kernels via launch_scale_channels.
+    scale_channels_op.register_kernel("cpu")(_scale_channels_torch)
+    scale_channels_op.register_fake(lambda x, scale: torch.empty_like(x))
+    scale_channels_op.register_autograd(_backward, setup_context=_setup_context)
+    return scale_channels_op
 
 
-# Eager CPU calls land here: wrap_triton refuses interpreted kernels in eager
-# mode (pytorch#152868), so tests drive the kernels via launch_scale_channels.
-_scale_channels_op.register_kernel("cpu")(_scale_channels_torch)
+_op = None
 
 
-@_scale_channels_op.register_fake
-def _scale_channels_fake(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+def op():
+    """The registered op, ``torch.ops.frem.scale_channels``: defined at the first call."""
+    global _op
+    if _op is None:
+        _op = _registered()
+    return _op
 
 
 def _setup_context(ctx, inputs, output):
@@ -223,10 +252,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (scale,) = ctx.saved_tensors
-    return _scale_channels_op(grad, scale), None
-
-
-_scale_channels_op.register_autograd(_backward, setup_context=_setup_context)
+    return op()(grad, scale), None
 
 
 def scale_channels_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -269,7 +295,7 @@ def scale_channels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
             f"got {tuple(scale.shape)}")
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     scale = scale.detach().to(device=x.device, dtype=compute)
-    if torch.compiler.is_compiling() or x.device.type != "cuda" or triton is None \
-            or x.numel() < KERNEL_MIN_NUMEL:
+    if torch.compiler.is_compiling() or x.device.type != "cuda" or x.numel() < KERNEL_MIN_NUMEL \
+            or not load_triton():
         return scale_channels_reference(x, scale)
-    return _scale_channels_op(x, scale.contiguous())
+    return op()(x, scale.contiguous())

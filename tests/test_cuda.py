@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def test_op_forward_and_backward_on_cuda(data):
     x = data.draw(feature_maps()).cuda().requires_grad_(True)
     scale = data.draw(scales(x.shape[1])).cuda()
-    y = torch.ops.frem.scale_channels(x, scale)  # the Triton kernels, whatever the size
+    y = op.op()(x, scale)  # the Triton kernels, whatever the size
     assert_close_to_reference(y, reference(x.detach().cpu(), scale.cpu()).to(x.dtype).double(), x.dtype)
     grad = torch.randn(x.shape, dtype=torch.float64).to(x.dtype).cuda()
     y.backward(grad)
@@ -38,14 +38,14 @@ def test_op_backward_with_odd_gradients_on_cuda(grad_kind):
         grad = torch.randn(4, 6, 10, 24, device="cuda")[..., ::2]
     else:
         grad = torch.randn(x.shape, device="cuda").contiguous(memory_format=torch.channels_last)
-    torch.ops.frem.scale_channels(x, scale).backward(grad)
+    op.op()(x, scale).backward(grad)
     assert torch.allclose(x.grad, grad * scale.view(1, -1, 1, 1), rtol=2**-23, atol=0)
 
 
 def test_large_tensors_take_the_kernel_and_small_ones_plain_torch(monkeypatch):
     calls = []
-    real = op._scale_channels_op
-    monkeypatch.setattr(op, "_scale_channels_op", lambda x, s: calls.append(x.numel()) or real(x, s))
+    real = op.op()
+    monkeypatch.setattr(op, "op", lambda: lambda x, s: calls.append(x.numel()) or real(x, s))
     scale = torch.ones(512, device="cuda")
     small = torch.randn(16, 512, 8, 8, device="cuda", dtype=torch.bfloat16)
     large = torch.randn(op.KERNEL_MIN_NUMEL // 512 + 1, 512, 1, 1, device="cuda", dtype=torch.bfloat16)
@@ -76,6 +76,6 @@ def test_a_tensor_on_the_second_gpu_is_scaled_there():
     torch.cuda.set_device(0)
     x = torch.randn(8, 4, 64, 64, device="cuda:1")
     scale = torch.tensor([1.0, 2.0, 3.0, 4.0], device="cuda:1")
-    y = torch.ops.frem.scale_channels(x, scale)
+    y = op.op()(x, scale)
     assert y.device == x.device and torch.cuda.current_device() == 0
     assert torch.equal(y, x * scale.view(1, -1, 1, 1))

@@ -35,6 +35,7 @@ def test_kernel_matches_float64_reference(data):
 
 def test_dense_layouts_take_the_dense_kernel(monkeypatch):
     """One flat pass for any dense layout: the strided kernel must not run."""
+    op.load_triton()
     monkeypatch.setattr(op, "_scale_strided_kernel", None)
     for x in (torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),
               torch.randn(2, 3, 2, 4, 5).contiguous(memory_format=torch.channels_last_3d)):

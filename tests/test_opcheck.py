@@ -5,7 +5,9 @@ import itertools
 import pytest
 import torch
 
-import frem  # noqa: F401  (registers torch.ops.frem.scale_channels)
+from frem.kernels.scale_channels import op
+
+op()  # registers torch.ops.frem.scale_channels (on first use, not at import)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

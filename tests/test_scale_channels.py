@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from strategies import assert_close_to_reference, feature_maps, reference, scales
 
 import frem
+from frem.kernels.scale_channels import op
 
 SETTINGS = settings(max_examples=80, deadline=None)
 
@@ -77,7 +78,7 @@ def test_compile_fullgraph_forward_and_backward():
 
 def test_fake_and_meta_keep_memory_format():
     x = torch.empty(2, 3, 4, 4, device="meta").contiguous(memory_format=torch.channels_last)
-    y = torch.ops.frem.scale_channels(x, torch.empty(3, device="meta"))
+    y = op()(x, torch.empty(3, device="meta"))
     assert y.shape == x.shape and y.stride() == x.stride()
 
 
