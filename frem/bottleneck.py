@@ -1,339 +1,236 @@
-"""Finding "the bottleneck": the encoder's deepest feature map, farthest from the loss.
+"""Finding "the bottleneck": the encoder's deepest output, where the decoder takes over.
 
-Libraries that name their bottleneck resolve by name (``known_bottleneck``):
-smp models, timm ``features_only`` nets, MONAI ``DynUNet`` and ``UNETR``,
-nnU-Net's ``dynamic_network_architectures`` U-Nets and torchvision's
-segmentation models, also when wrapped in another module. Any other model is
-measured (``survey``): one forward pass in eval mode records every module's
-input and output feature maps, and the rule below picks one or says it cannot.
+Libraries that name their bottleneck resolve by name (``frem.known``): smp
+models, timm ``features_only`` nets, MONAI ``UNet``, ``AttentionUnet``,
+``DynUNet`` and ``UNETR``, nnU-Net's U-Nets and torchvision's segmentation
+models, also inside another module. Any other model is measured: one forward
+pass in eval mode (``frem.survey``) records every feature map, the module
+calls around it and the autograd graph, and the rule below picks one map or
+refuses, saying why and listing what it saw.
 
-The rule, decided from the networks people train (MONAI, nnU-Net,
-torchvision, smp, hand-written U-Nets; see ``tests/test_networks.py``):
+The rule rests on the structure of an encoder-decoder, not on channel counts
+alone. It was decided from a corpus of networks (``tests/corpus.py``: MONAI,
+nnU-Net, smp's architectures, timm ``features_only`` backbones of every
+family under hand-written decoders, torchvision, and hand-written U-Nets with
+inverted-residual and ConvNeXt/MedNeXt blocks, attention gates, sub-pixel
+decoders, dense blocks, 2-D and 3-D), each of which must end right or refuse:
 
-1. Feature maps only: tensors of the input's rank, (N, C, *spatial), that
-   reach the output through autograd. Token sequences (N, L, D) of a
-   transformer, squeeze-excitation gates (all spatial sizes 1) and
-   concatenations (a skip connection merged with a decoder feature) are not
-   features an encoder block computes.
-2. The lowest resolution: an encoder downsamples, the decoder upsamples, so
-   the bottleneck lives at the smallest spatial size.
-3. The most channels there: the bottleneck block widens; projections, heads
-   and attention maps at the same size are narrower.
-4. The last such map in execution order (the end of the bottleneck block,
-   where the decoder takes over); of the modules that produce that very
-   tensor, the outermost one (where the encoder hands it on).
-5. It must be downstream of every other candidate of steps 2-3. Parallel
-   branches (two encoders, UNETR's hidden states of several depths) make the
-   choice ambiguous, and ``choose`` raises an error listing them.
+1. *Feature maps* are tensors of the input's rank, (N, C, *spatial), made
+   from the input, that reach the output without passing a *gate* (a map
+   that enters a multiply by broadcasting: squeeze-excitation, attention
+   coefficients). Maps that descend from a global or adaptive pool (SE
+   squeezes, PSP/ASPP context) are context, not a level of the encoder: a map
+   is a gate or context by what made it and where it goes, not by its size,
+   so a real bottleneck of 1x1 (a small input) still counts.
+2. *The lowest resolution* L among them is where the encoder ends. If it is
+   the input's own resolution the model never downsamples (MONAI HighResNet):
+   there is no bottleneck, and frem refuses.
+3. Maps at L made inside a module that upsamples (a decoder block: its
+   output is finer than its input) belong to the decoder: FPN laterals,
+   LinkNet projections, the widening convolution of a sub-pixel block.
+4. *The main path*: of the remaining maps at L, those that every path from
+   the input through L to the output passes (dominators of the graph). Side
+   branches drop out (the gating convolution of an attention U-Net, a deep
+   supervision head); if nothing dominates, the deepest maps are parallel
+   (two encoders, UNETR's hidden states) and frem refuses.
+5. *Block boundaries*: a main-path map made inside a module whose own output
+   is a later main-path map is the inside of a block (the widened map of an
+   inverted residual, a MedNeXt/ConvNeXt MLP, a dense layer): the block's
+   output stands for it. Maps whose channels a pixel shuffle folds into space
+   (a flat sub-pixel decoder) are not features either.
+6. The pick is the *last* remaining map: the end of the encoder's work at L,
+   where the decoder takes over. A dense block ending in a concatenation is
+   picked whole.
+7. frem refuses rather than guess when the pick is narrower than an earlier
+   remaining map (other than the map that entered L): a narrowing
+   projection after the encoder may be the encoder's last layer or the
+   decoder's first; and when no layer with weights works at a higher
+   resolution after the pick: a head at L with no decoder (PSPNet, DeepLab,
+   FCN), whose encoder end no structure shows.
+
+A refusal is a ``BottleneckNotFound`` naming the candidates; ``frem.candidates``
+prints the whole table, and ``layer=`` settles it.
 """
 
 from __future__ import annotations
 
-import math
-from collections import deque
-from dataclasses import dataclass, field
-
-import torch
 from torch import nn
+
+from frem.known import known_bottleneck
+from frem.sites import Site, deepest_entry, format_entry, get_entry, replace_entry, tensor_entries
+from frem.survey import FeatureMap, Survey, reach, survey
+from frem.wrappers import unwrap
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
-
-@dataclass(frozen=True)
-class Site:
-    """Where FREM acts: a module's output (or input), and which entry of it.
-
-    ``entry`` is the path into a list/tuple/dict output, ``()`` for a tensor,
-    ``None`` to pick the deepest feature map at the first training call.
-    """
-    layer: str
-    at: str = "output"
-    entry: tuple | None = ()
-    channels: int | None = None
-
-    def describe(self) -> str:
-        return f"{self.layer or '<model>'} {self.at}{format_entry(self.entry)}"
-
-
-def format_entry(entry) -> str:
-    if not entry:
-        return ""
-    return "".join(f"[{key!r}]" for key in entry)
-
-
-def tensor_entries(value, path=()):
-    """(path, tensor) for a tensor or every tensor inside nested lists/tuples/dicts."""
-    if isinstance(value, torch.Tensor):
-        yield path, value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from tensor_entries(item, path + (key,))
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            yield from tensor_entries(item, path + (index,))
-
-
-def get_entry(value, entry):
-    for key in entry:
-        value = value[key]
-    return value
-
-
-def replace_entry(value, entry, new):
-    """``value`` with the tensor at ``entry`` replaced, containers rebuilt as their own type."""
-    if not entry:
-        return new
-    key, rest = entry[0], entry[1:]
-    if isinstance(value, dict):
-        return type(value)({**value, key: replace_entry(value[key], rest, new)})
-    items = list(value)
-    items[key] = replace_entry(items[key], rest, new)
-    if hasattr(value, "_fields"):  # a namedtuple
-        return type(value)(*items)
-    return type(value)(items)
-
-
-def deepest_entry(value) -> tuple | None:
-    """The entry holding the deepest feature map: lowest resolution, most channels, last."""
-    maps = [(path, t) for path, t in tensor_entries(value) if t.dim() >= 3]
-    if not maps:
-        entries = list(tensor_entries(value))
-        return entries[-1][0] if entries else None
-    order = {path: i for i, (path, _) in enumerate(maps)}
-    return min(maps, key=lambda pt: (pt[1].shape[2:].numel(), -pt[1].shape[1], -order[pt[0]]))[0]
-
-
-# ---------------------------------------------------------------- known by name
-
-def _smp(model):
-    out = getattr(getattr(model, "encoder", None), "out_channels", None)
-    if isinstance(out, (list, tuple)) and out and isinstance(out[-1], int):
-        return Site("encoder", entry=(-1,), channels=int(out[-1]))
-    return None
-
-
-def _timm_features(model):
-    info = getattr(model, "feature_info", None)
-    if isinstance(model, nn.ModuleDict) and hasattr(info, "channels"):
-        channels = info.channels()
-        # FeatureListNet returns a list; FeatureDictNet a dict, whose deepest
-        # entry is picked at the first training call.
-        entry = None if type(model).__name__ == "FeatureDictNet" else (-1,)
-        return Site("", entry=entry, channels=int(channels[-1]))
-    return None
-
-
-def _monai_dynunet(model):
-    if type(model).__name__ == "DynUNet" and isinstance(getattr(model, "bottleneck", None), nn.Module):
-        return Site("bottleneck", channels=int(model.filters[-1]))
-    return None
-
-
-def _monai_unetr(model):
-    # The ViT's last hidden state becomes a feature map only inside proj_feat,
-    # which no module outputs: decoder5's first input is that map.
-    if type(model).__name__ == "UNETR" and hasattr(model, "proj_feat") and hasattr(model, "decoder5"):
-        return Site("decoder5", at="input", entry=(0,), channels=int(model.hidden_size))
-    return None
-
-
-def _nnunet(model):
-    encoder = getattr(model, "encoder", None)
-    stages = getattr(encoder, "stages", None)
-    channels = getattr(encoder, "output_channels", None)
-    if isinstance(stages, nn.Sequential) and isinstance(channels, (list, tuple)) and hasattr(model, "decoder"):
-        return Site(f"encoder.stages.{len(stages) - 1}", channels=int(channels[-1]))
-    return None
-
-
-def _torchvision_segmentation(model):
-    backbone = getattr(model, "backbone", None)
-    names = getattr(backbone, "return_layers", None)
-    if type(backbone).__name__ == "IntermediateLayerGetter" and isinstance(names, dict):
-        key = "high" if "high" in names.values() else "out"  # lraspp names its deepest map "high"
-        if key in names.values():
-            return Site("backbone", entry=(key,))
-    return None
-
-
-KNOWN = (_smp, _timm_features, _monai_dynunet, _monai_unetr, _nnunet,
-         _torchvision_segmentation)
-
-
-def known_bottleneck(model: nn.Module) -> Site | None:
-    """The bottleneck of a library that names it, at the model or in the outermost module that is one."""
-    for prefix, module in model.named_modules():
-        for rule in KNOWN:
-            site = rule(module)
-            if site is not None:
-                layer = ".".join(p for p in (prefix, site.layer) if p)
-                return Site(layer, site.at, site.entry, site.channels)
-    return None
-
-
-# ---------------------------------------------------------------- measured
-
-@dataclass
-class Candidate:
-    """One feature map seen in the survey, under the modules that produce or take it."""
-    site: Site
-    shape: tuple
-    distance: int          # shortest autograd path to the model's output
-    order: int             # execution order of its last appearance
-    tensor: torch.Tensor = field(repr=False)
-    also: list = field(default_factory=list)  # other sites of the same tensor
-    note: str = ""
-
-    @property
-    def channels(self) -> int:
-        return self.shape[1]
-
-    @property
-    def resolution(self) -> int:
-        return math.prod(self.shape[2:])
+__all__ = ["BottleneckNotFound", "CONTAINERS", "CandidateTable", "FeatureMap", "Site", "Survey", "candidates",
+           "choose", "deepest_entry", "find_bottleneck", "format_entry", "get_entry", "known_bottleneck",
+           "locate_bottleneck", "replace_entry", "survey", "tensor_entries", "unwrap"]
 
 
 class BottleneckNotFound(ValueError):
-    """The survey found no clear bottleneck; the message lists the best candidates."""
+    """The survey found no clear bottleneck; the message names the candidates, ``.candidates`` holds them."""
+
+    def __init__(self, message: str, candidates=()):
+        super().__init__(message)
+        self.candidates = [m for m in candidates if m.site is not None]
 
 
-def _distances(outputs: list[torch.Tensor]) -> dict:
-    distance, queue = {}, deque()
-    for t in outputs:
-        if t.grad_fn is not None and t.grad_fn not in distance:
-            distance[t.grad_fn] = 0
-            queue.append(t.grad_fn)
-    while queue:
-        node = queue.popleft()
-        for parent, _ in node.next_functions:
-            if parent is not None and parent not in distance:
-                distance[parent] = distance[node] + 1
-                queue.append(parent)
-    return distance
+def _describe(maps, limit: int = 6) -> str:
+    """The first few maps by their outermost site (a module's whole output first)."""
+    maps = sorted((m for m in maps if m.site is not None), key=lambda m: (m.site.layer.count("."), -m.order))
+    rows = [f"{m.site.describe()} {m.shape}" for m in maps[:limit]]
+    return "; ".join(rows) + (f"; and {len(maps) - limit} more" if len(maps) > limit else "")
 
 
-def _ancestors(node) -> set:
-    seen, queue = {node}, deque([node])
-    while queue:
-        for parent, _ in queue.popleft().next_functions:
-            if parent is not None and parent not in seen:
-                seen.add(parent)
-                queue.append(parent)
-    return seen
+def _advice() -> str:
+    return ("Pass layer=<module name> (and at='input' for a module's input) to frem.attach; "
+            "frem.candidates(model, example_input) prints the table")
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+def _param_node(node, inputs) -> bool:
+    """A node with weights: one of its parents accumulates into a leaf that is not the input."""
+    return any(type(p).__name__ == "AccumulateGrad" and p not in inputs for p, _ in node.next_functions
+               if p is not None)
 
 
-def survey(model: nn.Module, example_input) -> list[Candidate]:
-    """Every feature map of one forward pass, one ``Candidate`` per tensor.
+def choose(found: Survey, model_name: str = "the model") -> FeatureMap:
+    """The bottleneck by the module docstring's rule, or ``BottleneckNotFound``.
 
-    Runs in eval mode (no running statistics change) and leaves every
-    submodule's own train/eval flag as it found it.
+    Every map of the survey gets a ``note`` saying what the rule made of it.
     """
-    model = unwrap(model)
-    events = []  # (module name, "output"|"input", entry, tensor), in execution order
-    calls: dict[str, int] = {}
-
-    def after(name):
-        def hook(_module, _inputs, output):
-            calls[name] = calls.get(name, 0) + 1
-            events.extend((name, "output", path, t) for path, t in tensor_entries(output))
-        return hook
-
-    def before(name):
-        def hook(_module, inputs):
-            events.extend((name, "input", path, t) for path, t in tensor_entries(inputs))
-        return hook
-
-    handles = []
-    for name, module in model.named_modules():
-        if name:
-            handles += [module.register_forward_hook(after(name)),
-                        module.register_forward_pre_hook(before(name))]
-    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
-    inputs = [t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
-              for t in inputs]
-    flags = {module: module.training for module in model.modules()}
-    try:
-        model.eval()
-        with torch.enable_grad():
-            outputs = [t for _, t in tensor_entries(model(*inputs))]
-    finally:
-        for module, flag in flags.items():
-            module.training = flag
-        for handle in handles:
-            handle.remove()
-    rank = next((t.dim() for t in inputs if isinstance(t, torch.Tensor)), 4)
-    distance = _distances(outputs)
-
-    by_tensor: dict[int, Candidate] = {}
-    for order, (name, at, path, t) in enumerate(events):
-        if (t.dim() != rank or rank < 3 or t.grad_fn not in distance or calls.get(name, 1) != 1):
-            continue
-        site = Site(name, at, path, int(t.shape[1]))
-        found = by_tensor.get(id(t))
-        if found is None:
-            by_tensor[id(t)] = Candidate(site, tuple(t.shape), distance[t.grad_fn], order, t)
-        else:
-            found.also.append(site)
-            found.order = order
-    for candidate in by_tensor.values():
-        sites = [candidate.site, *candidate.also]
-        candidate.site = min(sites, key=_preference)
-        candidate.also = [s for s in sites if s != candidate.site]
-    return sorted(by_tensor.values(), key=lambda c: (c.resolution, -c.channels, -c.order))
-
-
-def _preference(site: Site):
-    """Of the sites of one tensor: an output over an input, then the outermost
-    module (where the encoder hands the map on), then whole over an entry."""
-    return (site.at != "output", site.layer.count("."), bool(site.entry), site.layer)
-
-
-def choose(candidates: list[Candidate], model_name: str = "the model") -> Candidate:
-    """The bottleneck by the module docstring's rule, or ``BottleneckNotFound``."""
-    for c in candidates:
-        c.note = ("a gate (every spatial size 1)" if all(s == 1 for s in c.shape[2:]) else
-                  "a concatenation (skip merged with decoder)" if c.tensor.grad_fn.name() == "CatBackward0"
-                  else "")
-    maps = [c for c in candidates if not c.note]
-    if not maps:
+    maps = [m for m in found.maps.values() if m.distance is not None]
+    for m in maps:
+        m.note = ("global context (from a global or adaptive pool)" if m.pooled else
+                  "reaches the output only through a gate" if not m.live else "")
+    features = [m for m in maps if not m.note]
+    if not features:
         raise BottleneckNotFound(
             f"frem found no feature map (N, C, *spatial) in {model_name} that reaches its output; "
             "pass layer=<module name> to frem.attach (frem.candidates lists what it saw)")
-    lowest = min(c.resolution for c in maps)
-    widest = max(c.channels for c in maps if c.resolution == lowest)
-    tied = [c for c in maps if c.resolution == lowest and c.channels == widest]
-    chosen = max(tied, key=lambda c: c.order)
-    upstream = _ancestors(chosen.tensor.grad_fn)
-    parallel = [c for c in tied if c is not chosen and c.tensor.grad_fn not in upstream]
-    for c in maps:
-        c.note = ("parallel branch: ambiguous" if c in parallel else
-                  "upstream of the pick" if c in tied else
-                  "fewer channels at that resolution" if c.resolution == lowest else "higher resolution")
-    if parallel:
-        rows = "; ".join(f"{c.site.describe()} {tuple(c.shape)}" for c in [chosen, *parallel])
+    lowest = min(m.resolution for m in features)
+    for m in features:
+        if m.resolution > lowest:
+            m.note = "higher resolution"
+    if lowest >= found.input_resolution:
         raise BottleneckNotFound(
-            f"frem cannot tell which feature map is the bottleneck of {model_name}: {len(parallel) + 1} "
-            f"parallel maps share the lowest resolution and the most channels ({rows}). "
-            "Pass layer=<module name> (and at='input' for a module's input) to frem.attach; "
-            "frem.candidates(model, example_input) prints the table")
-    chosen.note = (f"bottleneck: lowest resolution {'x'.join(map(str, chosen.shape[2:]))}, "
-                   f"most channels there ({widest}), last before the decoder")
-    return chosen
+            f"{model_name} never lowers the resolution of its input (every feature map is "
+            f"{'x'.join(map(str, features[0].shape[2:]))} or finer), so it has no bottleneck for FREM "
+            f"to act on. {_advice()}")
+    decoders = [c for c in found.calls if c.upsamples]
+    deep = []
+    for m in (m for m in features if m.resolution == lowest):
+        decoder = next((c for c in decoders if c.made_inside(m.order)), None)
+        if decoder is not None:
+            m.note = f"decoder (made inside {decoder.name}, which upsamples)"
+        else:
+            deep.append(m)
+    deep = _without_detours(deep, features, lowest, found)
+    if not deep:
+        raise BottleneckNotFound(f"frem found the lowest resolution of {model_name} only inside modules that "
+                                 f"upsample or on detours. {_advice()}")
+    chain = [m for m in deep if _on_every_deep_path(m, deep, found)]
+    for m in deep:
+        if m not in chain:
+            m.note = "side branch: not on every path through the lowest resolution"
+    if not chain:
+        parallel = sorted(deep, key=lambda m: (-m.channels, -m.order))
+        raise BottleneckNotFound(
+            f"frem cannot tell which feature map is the bottleneck of {model_name}: the "
+            f"{sum(m.site is not None for m in deep)} maps at the lowest resolution lie on parallel paths and "
+            f"none is on all of them "
+            f"({_describe(parallel)}). {_advice()}", parallel)
+    chain.sort(key=lambda m: m.order)
+    nodes = {m.node for m in chain}
+    boundaries = []
+    for m in chain:
+        block = next((c for c in found.calls if c.made_inside(m.order) and m.node not in c.output_nodes
+                      and any(n in nodes for n in c.output_nodes)), None)
+        if block is not None:
+            m.note = f"inside {block.name}, whose output is on the main path"
+        elif m.sub_pixel:
+            m.note = "sub-pixel channels: a pixel shuffle folds them into space"
+        elif m.site is None:
+            m.note = "no module hands it over"
+        else:
+            boundaries.append(m)
+    if not boundaries:
+        raise BottleneckNotFound(f"frem found no module boundary on the main path of {model_name} at its lowest "
+                                 f"resolution. {_advice()}")
+    pick, entry = boundaries[-1], chain[0]
+    # Maps as wide as the pick, made from it and feeding the decoder on paths of their own: the
+    # encoder may go on past the pick (a transformer's later hidden states, a dilated last stage
+    # beside a same-resolution skip). A narrow side head (deep supervision) is no such map.
+    after = reach({pick.node}, found.children)
+    branches = [m for m in deep if m not in chain and m.node in after and m.channels >= pick.channels
+                and _decoder_follows(m, lowest, found)]
+    if branches:
+        for m in branches:
+            m.note = "parallel branch after the last main-path map, as wide: feeds the decoder"
+        raise BottleneckNotFound(
+            f"frem cannot tell which feature map is the bottleneck of {model_name}: after "
+            f"{_describe([pick])}, {sum(m.site is not None for m in branches)} more maps at the lowest "
+            f"resolution, as wide or wider, are "
+            f"made from it and feed the decoder on paths of their own, so the encoder may go on past it ({_describe(branches)}). {_advice()}", [pick, *branches])
+    for m in boundaries[:-1]:
+        m.note = "entry into the lowest resolution" if m is entry else "upstream of the pick"
+    wider = [m for m in boundaries[:-1] if m is not entry and m.channels > pick.channels]
+    if wider:
+        for m in wider:
+            m.note = "wider than the last map: encoder or decoder?"
+        pick.note = "narrower than an earlier map on the main path"
+        raise BottleneckNotFound(
+            f"frem cannot tell where the encoder of {model_name} ends: the last map at the lowest resolution "
+            f"({_describe([pick])}) is narrower than an earlier one ({_describe(wider)}), so it may be the "
+            f"decoder's first projection. {_advice()}", [pick, *wider])
+    if not _decoder_follows(pick, lowest, found):
+        pick.note = "last map at the lowest resolution, but no decoder follows"
+        raise BottleneckNotFound(
+            f"frem cannot tell where the encoder of {model_name} ends: after its lowest resolution nothing "
+            "with weights works at a higher resolution (a head at the lowest resolution, as in PSPNet, "
+            f"DeepLab or FCN), so the encoder's last map and the head's first look alike "
+            f"({_describe(boundaries)}). {_advice()}", boundaries)
+    pick.note = (f"bottleneck: the last map at the lowest resolution "
+                 f"{'x'.join(map(str, pick.shape[2:]))} on the main path, where the decoder takes over")
+    return pick
+
+
+def _without_detours(deep, features, lowest: int, found: Survey) -> list:
+    """``deep`` without the maps from which the main path reaches other maps at the lowest resolution
+    only through finer ones: a detour through the lowest resolution (the keys and values of
+    spatial-reduction attention, the first of two stacked hourglasses), not the encoder's last level."""
+    finer = {m.node for m in features if m.resolution > lowest}
+    nodes = {m.node for m in deep}
+    kept = []
+    for m in deep:
+        anyway = reach({m.node}, found.children) & nodes
+        direct = reach({m.node}, found.children, blocked=finer) & nodes
+        if anyway - direct:
+            m.note = "detour: the encoder goes back to a finer resolution after it"
+        else:
+            kept.append(m)
+    return kept
+
+
+def _on_every_deep_path(m: FeatureMap, deep, found: Survey) -> bool:
+    """No other deep map is both made from the input and reaching the output without passing ``m``."""
+    made = reach(found.input_nodes, found.children, blocked=m.node)
+    if not any(d.node in made for d in deep if d is not m):
+        return True
+    reaching = reach(found.output_nodes, found.parents, blocked=m.node)
+    return not any(d.node in made and d.node in reaching for d in deep if d is not m)
+
+
+def _decoder_follows(pick: FeatureMap, lowest: int, found: Survey) -> bool:
+    """Some layer with weights works at a finer resolution on the way from ``pick`` to the output."""
+    after = reach({pick.node}, found.children)
+    return any(m.node in after and m.resolution > lowest and m.live and _param_node(m.node, found.input_nodes)
+               for m in found.maps.values())
 
 
 def locate_bottleneck(model: nn.Module, example_input=None) -> Site:
-    """The bottleneck's site: by name where a library names it, else measured."""
+    """The bottleneck's site (layer, output or input, entry, channels): by name where a
+    library names it, else measured on ``example_input``."""
     model = unwrap(model)
     site = known_bottleneck(model)
     if site is not None:
@@ -354,24 +251,30 @@ def _example_name(model: nn.Module) -> str | None:
 
 
 def find_bottleneck(model: nn.Module, example_input=None) -> str:
-    """Name of the module at the bottleneck (see ``locate_bottleneck`` for the full site)."""
+    """Name of the module at the bottleneck. Where that module returns a list or dict, or FREM
+    acts on its input, ``locate_bottleneck`` gives the whole site (which entry, output or input)."""
     return locate_bottleneck(model, example_input).layer
 
 
 class CandidateTable(list):
-    """``frem.candidates``: the feature maps of a model, lowest resolution first, printable."""
+    """``frem.candidates``: the feature maps of a model, the lowest resolution first, printable."""
 
-    def __init__(self, rows, chosen: Candidate | None, known: Site | None, error: str | None):
+    def __init__(self, rows, chosen: FeatureMap | None, known: Site | None, error: str | None, hidden: int = 0):
         super().__init__(rows)
-        self.chosen, self.known, self.error = chosen, known, error
+        self.chosen, self.known, self.error, self.hidden = chosen, known, error, hidden
 
     def __str__(self) -> str:
         head = ("layer", "at", "shape", "channels", "distance to output", "")
-        rows = [(c.site.layer, c.site.at + format_entry(c.site.entry),
-                 "x".join(map(str, c.shape)), str(c.channels), str(c.distance),
-                 ("<- " if c is self.chosen else "") + c.note) for c in self]
+        rows = []
+        for m in self:
+            site = self.known if m is self.chosen and self.known is not None else m.site
+            rows.append((site.layer or "<model>", site.at + format_entry(site.entry), "x".join(map(str, m.shape)),
+                         str(m.channels), str(m.distance), ("<- " if m is self.chosen else "") + m.note))
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+        if self.hidden:
+            lines.append(f"... {self.hidden} more (finer maps, gates, global context): "
+                         "frem.candidates(..., limit=None) shows them")
         if self.known is not None:
             lines.append(f"attach picks {self.known.describe()}: known by name for this architecture")
         elif self.error:
@@ -381,12 +284,15 @@ class CandidateTable(list):
         return "\n".join(lines)
 
 
-def candidates(model: nn.Module, example_input, limit: int = 12) -> CandidateTable:
-    """The feature maps ``attach(model, "bottleneck")`` chooses from, and which one it picks, and why.
+def candidates(model: nn.Module, example_input, limit: int | None = 12) -> CandidateTable:
+    """The feature maps ``attach(model, "bottleneck")`` chooses from, which one it picks, and why.
 
-    ``print(frem.candidates(model, x))`` shows layer, where (output/input and
-    entry), shape, channels and shortest autograd distance to the output,
-    lowest resolution first. A wrong guess becomes ``attach(..., layer=...)``.
+    ``print(frem.candidates(model, x))`` shows every feature map a module
+    hands over: layer, where (output/input and entry), shape, channels,
+    shortest autograd distance to the output, and what the rule made of it.
+    First, in execution order, every map at the lowest resolution and the
+    pick (always shown), then finer maps, then gates and global context, up
+    to ``limit`` rows in all. A wrong guess becomes ``attach(..., layer=...)``.
     """
     model = unwrap(model)
     found = survey(model, example_input)
@@ -397,8 +303,29 @@ def candidates(model: nn.Module, example_input, limit: int = 12) -> CandidateTab
         error = str(problem).split(":")[0]
     known = known_bottleneck(model)
     if known is not None:
-        key = (known.layer, known.at, known.entry)
-        chosen = next((c for c in found for s in (c.site, *c.also) if (s.layer, s.at, s.entry) == key), None)
+        chosen = _known_map(found, known)
         if chosen is not None:
             chosen.note = "bottleneck (known by name)"
-    return CandidateTable(found[:limit], chosen, known, error)
+    rows = [m for m in found.maps.values() if m.distance is not None and (m.site or m is chosen)]
+    features = [m for m in rows if m.live and not m.pooled]
+    lowest = min((m.resolution for m in features), default=0)
+    keep = [m for m in rows if (m in features and m.resolution == lowest) or m is chosen]
+    # Then finer maps by resolution, and last the gates and global context, which are never picked.
+    rest = sorted((m for m in rows if m not in keep), key=lambda m: (m not in features, m.resolution, m.order))
+    shown = rest if limit is None else rest[:max(limit - len(keep), 0)]
+    table = sorted(keep, key=lambda m: m.order) + shown
+    return CandidateTable(table, chosen, known, error, hidden=len(rest) - len(shown))
+
+
+def _known_map(found: Survey, known: Site) -> FeatureMap | None:
+    """The surveyed map a name rule points at (negative entries counted from the end)."""
+    if known.at == "output" and known.layer in found.module_outputs:
+        value = found.module_outputs[known.layer]
+        entry = known.entry if known.entry is not None else deepest_entry(value)
+        try:
+            tensor = get_entry(value, entry or ())
+        except (KeyError, IndexError, TypeError):
+            return None
+        return found.maps.get(tensor.grad_fn)
+    key = (known.layer, known.at, known.entry)
+    return next((m for m in found.maps.values() for s in m.sites if (s.layer, s.at, s.entry) == key), None)

@@ -18,9 +18,11 @@ import weakref
 import torch
 from torch import nn
 
-from frem.bottleneck import (CONTAINERS, Site, deepest_entry, get_entry, locate_bottleneck,
-                             replace_entry, unwrap)
+from frem.bottleneck import CONTAINERS, locate_bottleneck
+from frem.compile_guard import ensure_hook_guards
 from frem.module import FREM
+from frem.sites import Site, deepest_entry, get_entry, replace_entry
+from frem.wrappers import unwrap
 
 BOTTLENECK = "bottleneck"
 PLACES = ("output", "input")
@@ -115,6 +117,7 @@ def attach(model: nn.Module, layer="bottleneck", B: int | float = 162, X: float 
     """
     model = unwrap(model)
     site = _site(model, layer, at, entry, example_input)
+    ensure_hook_guards()  # a compiled model must notice the hook (frem.compile_guard)
     target = model.get_submodule(site.layer)
     for existing in attached(model):
         if existing._target_ref() is target and existing._at == site.at:

@@ -1,0 +1,100 @@
+"""Bottlenecks of the libraries that name theirs: read off the model, no forward pass.
+
+Each rule checks the library's own class (by name and, where a look-alike is
+likely, by the module it comes from) and returns the ``Site`` or ``None``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from frem.sites import Site
+
+
+def _library(model: nn.Module, package: str) -> bool:
+    return type(model).__module__.split(".")[0] == package
+
+
+def _smp(model):
+    out = getattr(getattr(model, "encoder", None), "out_channels", None)
+    if isinstance(out, (list, tuple)) and out and isinstance(out[-1], int):
+        return Site("encoder", entry=(-1,), channels=int(out[-1]))
+    return None
+
+
+def _timm_features(model):
+    # Every features_only net (FeatureListNet, FeatureDictNet, FeatureHookNet,
+    # FeatureGetterNet, EfficientNetFeatures, ...) carries a FeatureInfo; a
+    # plain timm model's feature_info is a list.
+    info = getattr(model, "feature_info", None)
+    if _library(model, "timm") and callable(getattr(info, "channels", None)):
+        returns_dict = (type(model).__name__ == "FeatureDictNet" or getattr(model, "return_dict", False)
+                        or getattr(model, "out_as_dict", False))
+        # A dict's deepest entry is picked at the first training call.
+        return Site("", entry=None if returns_dict else (-1,), channels=int(info.channels()[-1]))
+    return None
+
+
+def _monai_unet(model):
+    # UNet and AttentionUnet nest each level in the one above: the bottom is the
+    # submodule of the innermost SkipConnection / AttentionLayer.
+    if type(model).__name__ not in ("UNet", "AttentionUnet") or not _library(model, "monai"):
+        return None
+    path, node = "model", getattr(model, "model", None)
+    while isinstance(node, nn.Sequential):  # the bottom itself may be a Sequential (MONAI's Convolution)
+        nested = next(((i, child) for i, child in enumerate(node)
+                       if type(child).__name__ in ("SkipConnection", "AttentionLayer")), None)
+        if nested is None:
+            break
+        path, node = f"{path}.{nested[0]}.submodule", nested[1].submodule
+    if path == "model" or not isinstance(node, nn.Module):
+        return None
+    channels = getattr(model, "channels", None)
+    return Site(path, channels=int(channels[-1]) if isinstance(channels, (list, tuple)) and channels else None)
+
+
+def _monai_dynunet(model):
+    if type(model).__name__ == "DynUNet" and isinstance(getattr(model, "bottleneck", None), nn.Module):
+        return Site("bottleneck", channels=int(model.filters[-1]))
+    return None
+
+
+def _monai_unetr(model):
+    # The ViT's last hidden state becomes a feature map only inside proj_feat,
+    # which no module outputs: decoder5's first input is that map.
+    if type(model).__name__ == "UNETR" and hasattr(model, "proj_feat") and hasattr(model, "decoder5"):
+        return Site("decoder5", at="input", entry=(0,), channels=int(model.hidden_size))
+    return None
+
+
+def _nnunet(model):
+    encoder = getattr(model, "encoder", None)
+    stages = getattr(encoder, "stages", None)
+    channels = getattr(encoder, "output_channels", None)
+    if isinstance(stages, nn.Sequential) and isinstance(channels, (list, tuple)) and hasattr(model, "decoder"):
+        return Site(f"encoder.stages.{len(stages) - 1}", channels=int(channels[-1]))
+    return None
+
+
+def _torchvision_segmentation(model):
+    backbone = getattr(model, "backbone", None)
+    names = getattr(backbone, "return_layers", None)
+    if type(backbone).__name__ == "IntermediateLayerGetter" and isinstance(names, dict):
+        key = "high" if "high" in names.values() else "out"  # lraspp names its deepest map "high"
+        if key in names.values():
+            return Site("backbone", entry=(key,))
+    return None
+
+
+RULES = (_smp, _timm_features, _monai_unet, _monai_dynunet, _monai_unetr, _nnunet, _torchvision_segmentation)
+
+
+def known_bottleneck(model: nn.Module) -> Site | None:
+    """The bottleneck of a library that names it, at the model or in the outermost module that is one."""
+    for prefix, module in model.named_modules():
+        for rule in RULES:
+            site = rule(module)
+            if site is not None:
+                layer = ".".join(p for p in (prefix, site.layer) if p)
+                return Site(layer, site.at, site.entry, site.channels)
+    return None

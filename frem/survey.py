@@ -1,0 +1,390 @@
+"""One recorded forward pass: every feature map, where a module hands it over, and the graph.
+
+``survey(model, example_input)`` runs the model once in eval mode and records
+
+* every tensor a torch function makes (a ``TorchFunctionMode``), with the
+  autograd node that made it, its shape and when (one clock for ops and
+  module calls): so maps made by functional code (``torch.cat``,
+  ``F.interpolate``, a pixel shuffle) are seen too, not only module outputs;
+* every module call: when it started and ended, the maps it took and gave,
+  so "made inside this module" and "this module upsamples" can be asked;
+* the autograd graph from the input to the output, with *gate edges* cut:
+  a map that enters a multiply by broadcasting (a squeeze-excitation or an
+  attention coefficient) modulates the other operand, it does not carry
+  features to the output.
+
+Maps are also marked *pooled* when they descend from a global or adaptive
+pool (SE squeezes, PSP and ASPP context branches): context, not a level of
+the encoder's resolution hierarchy; and *sub-pixel* when their channels are
+about to be folded into space by a pixel shuffle (a sub-pixel decoder).
+
+Nothing here decides anything; ``frem.bottleneck`` reads the survey.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from frem.sites import Site, tensor_entries
+
+ADAPTIVE_POOLS = {"adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+                  "adaptive_max_pool2d", "adaptive_max_pool3d", "adaptive_max_pool1d_with_indices",
+                  "adaptive_max_pool2d_with_indices", "adaptive_max_pool3d_with_indices",
+                  "_adaptive_max_pool1d", "_adaptive_max_pool2d", "_adaptive_max_pool3d"}
+REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp", "norm", "nanmean",
+              "nansum", "std_mean", "var_mean", "aminmax"}
+GATE_OPS = {"mul", "mul_", "multiply", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__",
+            "true_divide", "addcmul", "addcmul_"}
+SHUFFLE_OPS = {"pixel_shuffle"}
+# Ops whose outputs are laid out (N, C, *spatial) for sure: the spatial shapes they make are the
+# model's resolutions. A tensor of the input's rank with other trailing dims is not a feature map
+# but a transformer's tokens, a channels-last view or an attention matrix.
+SPATIAL_OPS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+               "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+               "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d", "interpolate", "upsample",
+               "upsample_nearest", "upsample_bilinear", "pixel_shuffle", "pixel_unshuffle", "lp_pool1d",
+               "lp_pool2d", "lp_pool3d", "fractional_max_pool2d", "fractional_max_pool3d"} | ADAPTIVE_POOLS
+RESHAPE_OPS = {"view", "reshape", "permute", "transpose", "flatten", "unflatten", "contiguous", "movedim",
+               "moveaxis", "swapaxes", "swapdims", "unsqueeze", "squeeze", "view_as", "reshape_as"}
+# Same-shape ops between a pre-shuffle convolution and the shuffle (its output is sub-pixel too).
+ELEMENTWISE_OPS = {"relu", "relu_", "relu6", "gelu", "silu", "silu_", "leaky_relu", "leaky_relu_", "elu", "elu_",
+                   "selu", "celu", "mish", "hardswish", "hardtanh", "hardtanh_", "sigmoid", "tanh", "prelu",
+                   "batch_norm", "instance_norm", "group_norm", "layer_norm", "dropout", "dropout1d",
+                   "dropout2d", "dropout3d", "clone", "contiguous", "__add__", "add", "add_"}
+
+
+@dataclass
+class FeatureMap:
+    """A tensor of the input's rank, (N, C, *spatial), made during the survey."""
+    node: object                 # the autograd node that made it (its grad_fn at that moment)
+    tensor: torch.Tensor = field(repr=False)
+    order: int                   # when it was made, on the survey's clock
+    op: str = ""                 # the torch function that made it ("" if only seen at a module boundary)
+    sites: list = field(default_factory=list)
+    pooled: bool = False         # from a global/adaptive pool: context, not a resolution level
+    sub_pixel: bool = False      # its channels become space in a pixel shuffle
+    distance: int | None = None  # shortest autograd path to the output; None: it does not reach it
+    live: bool = False           # reaches the output without passing a gate, and comes from the input
+    note: str = ""               # what the bottleneck rule made of it (frem.candidates shows it)
+
+    @property
+    def site(self) -> Site | None:
+        """Where attach would hook it: an output over an input, the outermost module first."""
+        return self.sites[0] if self.sites else None
+
+    @property
+    def also(self) -> list:
+        return self.sites[1:]
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.tensor.shape)
+
+    @property
+    def channels(self) -> int:
+        return self.tensor.shape[1]
+
+    @property
+    def resolution(self) -> int:
+        return math.prod(self.tensor.shape[2:])
+
+
+@dataclass
+class ModuleCall:
+    name: str
+    start: int
+    end: int = -1
+    input_resolution: int | None = None   # lowest resolution among its input maps
+    output_nodes: list = field(default_factory=list)
+    output_resolution: int | None = None  # highest resolution among its output maps
+
+    @property
+    def upsamples(self) -> bool:
+        return (self.input_resolution is not None and self.output_resolution is not None
+                and self.output_resolution > self.input_resolution)
+
+    def made_inside(self, order: int) -> bool:
+        return self.start < order <= self.end
+
+
+class Survey(list):
+    """The feature maps FREM could act on (those with a site), plus what the rule needs to read."""
+
+    def __init__(self):
+        super().__init__()
+        self.maps: dict = {}          # node -> FeatureMap, every map of the input's rank
+        self.calls: list[ModuleCall] = []
+        self.parents: dict = {}       # node -> parent nodes, gate edges cut
+        self.children: dict = {}
+        self.input_nodes: set = set()
+        self.output_nodes: set = set()
+        self.rank = 0
+        self.input_resolution = 0
+        self.module_outputs: dict = {}  # module name -> its output, as returned
+        self.input_tensors: list = []
+
+
+def _spatial(t: torch.Tensor) -> int:
+    return math.prod(t.shape[2:])
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, survey: Survey, clock: list):
+        super().__init__()
+        self.survey, self.clock = survey, clock
+        self.pooled: dict = {}     # node -> pooled, for tensors of any rank
+        self.origin: dict = {}     # node -> the map a chain of reshapes started from
+        self.made_by: dict = {}    # node -> (op name, [(input node, shape)])
+        self.spatial_shapes: set = set()  # trailing dims that spatial ops made: the model's resolutions
+        self.gate_edges: set = set()
+        self.shuffled: set = set()  # nodes of maps a pixel shuffle consumed
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "__get__":
+            return func(*args, **kwargs)
+        inputs = [(t, t.grad_fn) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        out = func(*args, **kwargs)
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if outputs:
+            self._record(name, inputs, outputs, args, kwargs)
+        return out
+
+    def _record(self, name, inputs, outputs, args, kwargs):
+        self.clock[0] += 1
+        rank = self.survey.rank
+        lineage = [(t, node) for t, node in inputs
+                   if node is not None or any(t is i for i in self.survey.input_tensors)]
+        for t in outputs:
+            if name in SPATIAL_OPS and t.dim() == rank:
+                self.spatial_shapes.add(tuple(t.shape[2:]))
+            node = t.grad_fn
+            if node is None:
+                continue
+            pooled = self._pooled(name, lineage, t, args, kwargs)
+            self.pooled[node] = pooled
+            self.made_by[node] = (name, [(n, tuple(i.shape)) for i, n in lineage])
+            if t.dim() == rank and t.is_floating_point():
+                fmap = self.survey.maps.get(node)
+                if fmap is None:
+                    self.survey.maps[node] = FeatureMap(node, t, self.clock[0], name, pooled=pooled)
+            if name in GATE_OPS:
+                for i, inode in lineage:
+                    if inode is not None and _broadcast_into(i, t):
+                        self.gate_edges.add((node, inode))
+            self._shuffle(name, lineage, t, node)
+
+    def _pooled(self, name, lineage, out, args, kwargs) -> bool:
+        rank = self.survey.rank
+        maps = [t for t, _ in lineage if t.dim() == rank]
+        if name in ADAPTIVE_POOLS and any(_spatial(t) > 1 for t in maps):
+            return True
+        if name in REDUCTIONS and maps and _reduces_space(maps[0], args, kwargs):
+            return True
+        flags = [self.pooled.get(node, False) for _, node in lineage if node is not None]
+        spread = [t for t, node in lineage if t.dim() == rank and _spatial(t) > 1
+                  and not self.pooled.get(node, False)]
+        return any(flags) and not spread
+
+    def _shuffle(self, name, lineage, out, node):
+        rank = self.survey.rank
+        if name in RESHAPE_OPS and lineage:
+            source, snode = lineage[0]
+            self.origin[node] = self.origin.get(snode, snode if source.dim() == rank else None)
+            start = self.origin[node]
+        elif name in SHUFFLE_OPS and lineage:
+            start = lineage[0][1]
+        else:
+            return
+        fmap = self.survey.maps.get(start)
+        if fmap is not None and out.dim() == rank and _is_shuffle(fmap.tensor, out):
+            self.shuffled.add(start)
+
+
+def _broadcast_into(operand: torch.Tensor, result: torch.Tensor) -> bool:
+    """Whether ``operand`` is spread over ``result`` (fewer elements, or an expanded view)."""
+    if operand.dim() == 0:
+        return False
+    expanded = any(stride == 0 and size > 1 for stride, size in zip(operand.stride(), operand.shape))
+    return operand.numel() < result.numel() or expanded
+
+
+def _reduces_space(t: torch.Tensor, args, kwargs) -> bool:
+    """A reduction over every spatial dim of an (N, C, *spatial) map (or over everything)."""
+    dim = kwargs.get("dim", args[1] if len(args) > 1 and not isinstance(args[1], bool) else None)
+    if dim is None:
+        return True
+    dims = {d % t.dim() for d in (dim if isinstance(dim, (list, tuple)) else (dim,)) if isinstance(d, int)}
+    return set(range(2, t.dim())) <= dims and _spatial(t) > 1
+
+
+def _is_shuffle(source: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out`` folds channels of ``source`` into space: every spatial dim grows by one factor r > 1."""
+    if out.shape[0] != source.shape[0] or out.shape[1] >= source.shape[1]:
+        return False
+    factors = {o / s for o, s in zip(out.shape[2:], source.shape[2:])}
+    if len(factors) != 1:
+        return False
+    r = factors.pop()
+    return r > 1 and r == int(r) and out.shape[1] * int(r) ** (out.dim() - 2) == source.shape[1]
+
+
+def survey(model: nn.Module, example_input) -> Survey:
+    """Every feature map of one forward pass in eval mode (see the module docstring).
+
+    Leaves every submodule's train/eval flag as it found it and changes no
+    running statistics.
+    """
+    from frem.wrappers import unwrap
+    model = unwrap(model)
+    result = Survey()
+    clock = [0]
+    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    inputs = [t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
+              for t in inputs]
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    result.rank = next((t.dim() for t in tensors), 4)
+    result.input_resolution = max((_spatial(t) for t in tensors if t.dim() == result.rank), default=0)
+    result.input_tensors = tensors
+    recorder = _Recorder(result, clock)
+    events = []  # (name, at, path, tensor, node)
+    calls_by_name: dict[str, int] = {}
+    open_calls: dict[int, list[ModuleCall]] = {}
+
+    def before(name):
+        def hook(module, args):
+            clock[0] += 1
+            maps = [t for _, t in tensor_entries(args) if t.dim() == result.rank]
+            call = ModuleCall(name, clock[0], input_resolution=min((_spatial(t) for t in maps), default=None))
+            open_calls.setdefault(id(module), []).append(call)
+            events.extend((name, "input", path, t, t.grad_fn) for path, t in tensor_entries(args))
+        return hook
+
+    def after(name):
+        def hook(module, _args, output):
+            clock[0] += 1
+            calls_by_name[name] = calls_by_name.get(name, 0) + 1
+            call = open_calls[id(module)].pop()
+            call.end = clock[0]
+            entries = list(tensor_entries(output))
+            call.output_nodes = [t.grad_fn for _, t in entries if t.grad_fn is not None]
+            maps = [t for _, t in entries if t.dim() == result.rank]
+            call.output_resolution = max((_spatial(t) for t in maps), default=None)
+            result.calls.append(call)
+            result.module_outputs[name] = output
+            events.extend((name, "output", path, t, t.grad_fn) for path, t in entries)
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            handles += [module.register_forward_pre_hook(before(name)),
+                        module.register_forward_hook(after(name))]
+    flags = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.enable_grad(), recorder:
+            value = model(*inputs)
+        result.module_outputs[""] = value
+        outputs = [t for _, t in tensor_entries(value)]
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
+        for handle in handles:
+            handle.remove()
+
+    shapes = recorder.spatial_shapes | {tuple(t.shape[2:]) for t in tensors if t.dim() == result.rank}
+    for node in [n for n, m in result.maps.items() if tuple(m.tensor.shape[2:]) not in shapes]:
+        del result.maps[node]  # tokens, channels-last views, attention matrices: not (N, C, *spatial)
+    for node in recorder.shuffled:
+        _mark_sub_pixel(result, recorder, node)
+    _add_sites(result, events, calls_by_name, shapes)
+    _build_graph(result, outputs, tensors, recorder.gate_edges)
+    result.extend(sorted((m for m in result.maps.values() if m.sites and m.distance is not None),
+                         key=lambda m: m.order))
+    return result
+
+
+def _mark_sub_pixel(result: Survey, recorder: _Recorder, node) -> None:
+    """The shuffled map and the same-shape maps before it, back to the op that made its width."""
+    while node is not None:
+        fmap = result.maps.get(node)
+        if fmap is None:
+            return
+        fmap.sub_pixel = True
+        name, inputs = recorder.made_by.get(node, ("", []))
+        same = [n for n, shape in inputs if shape == fmap.shape]
+        node = same[0] if name in ELEMENTWISE_OPS and same else None
+
+
+def _add_sites(result: Survey, events, calls_by_name, shapes) -> None:
+    for name, at, path, t, node in events:
+        # A module called more than once has no single place for a hook.
+        if node is None or t.dim() != result.rank or calls_by_name.get(name, 1) != 1 \
+                or tuple(t.shape[2:]) not in shapes:
+            continue
+        fmap = result.maps.get(node)
+        if fmap is None:  # made by code the recorder does not see (a custom autograd function)
+            fmap = result.maps[node] = FeatureMap(node, t, min((c.end for c in result.calls
+                                                                if c.name == name), default=0))
+        site = Site(name, at, path, int(t.shape[1]))
+        if site not in fmap.sites:
+            fmap.sites.append(site)
+    for fmap in result.maps.values():
+        fmap.sites.sort(key=_preference)
+
+
+def _preference(site: Site):
+    """Of the sites of one tensor: an output over an input, then the outermost module
+    (where the encoder hands the map on), then whole over an entry."""
+    return (site.at != "output", site.layer.count("."), bool(site.entry), site.layer)
+
+
+def _build_graph(result: Survey, outputs, inputs, gate_edges) -> None:
+    """Parents/children of the autograd graph (gate edges cut), distances to the output,
+    and which maps are live: made from the input and reaching the output."""
+    full_distance, queue = {}, deque()
+    for t in outputs:
+        if t.grad_fn is not None and t.grad_fn not in full_distance:
+            full_distance[t.grad_fn] = 0
+            queue.append(t.grad_fn)
+            result.output_nodes.add(t.grad_fn)
+    while queue:
+        node = queue.popleft()
+        parents = [p for p, _ in node.next_functions if p is not None]
+        result.parents[node] = [p for p in parents if (node, p) not in gate_edges]
+        for parent in result.parents[node]:
+            result.children.setdefault(parent, []).append(node)
+        for parent in parents:
+            if parent not in full_distance:
+                full_distance[parent] = full_distance[node] + 1
+                queue.append(parent)
+    for node in full_distance:
+        if type(node).__name__ == "AccumulateGrad" and any(node.variable is t for t in inputs):
+            result.input_nodes.add(node)
+    reaching = reach(result.output_nodes, result.parents)
+    made_from_input = reach(result.input_nodes, result.children)
+    for node, fmap in result.maps.items():
+        fmap.distance = full_distance.get(node)
+        fmap.live = node in reaching and node in made_from_input
+
+
+def reach(start, edges, blocked=None) -> set:
+    """Nodes reachable from ``start`` along ``edges`` without passing ``blocked`` (a node or a set)."""
+    blocked = blocked if isinstance(blocked, (set, frozenset)) else {blocked}
+    seen = {n for n in start if n not in blocked}
+    queue = deque(seen)
+    while queue:
+        for nxt in edges.get(queue.popleft(), ()):
+            if nxt not in blocked and nxt not in seen:
+                seen.add(nxt)
+                queue.append(nxt)
+    return seen

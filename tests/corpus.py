@@ -1,0 +1,193 @@
+"""The networks frem's bottleneck rule was decided from, and the right site of each.
+
+``right`` lists the sites where FREM belongs (any of them, as ``Site.describe()``
+text; negative entries count from the end); empty means there is no single
+bottleneck and frem must refuse. ``measured`` overrides it for the measured
+rule alone where a name rule settles what structure leaves open. Every case
+must end right, or in a ``BottleneckNotFound`` that lists a right site: never
+silently wrong. Widths and inputs are tiny so the corpus runs on a CPU.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import handwritten as hw
+
+warnings.filterwarnings("ignore", category=UserWarning, module="monai")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@dataclass(frozen=True)
+class Case:
+    build: object
+    make_input: object
+    right: tuple
+    category: str
+    measured: tuple | None = None  # right answers of the measured rule alone, where they differ
+
+    def measured_right(self) -> tuple:
+        return self.right if self.measured is None else self.measured
+
+
+def x1d(size=32):
+    return torch.randn(2, 1, size)
+
+
+def x2d(size=32, channels=1):
+    return torch.randn(2, channels, size, size)
+
+
+def x3d(size=16):
+    return torch.randn(2, 1, size, size, size)
+
+
+def _monai(name, *args, **kwargs):
+    import monai.networks.nets as nets
+    return lambda: getattr(nets, name)(*args, **kwargs)
+
+
+def _nnunet(dims=2, residual=False):
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+    conv, norm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
+    stages = 4 if dims == 2 else 3
+    cls = ResidualEncoderUNet if residual else PlainConvUNet
+    return cls(1, stages, (4, 8, 16, 32)[:stages], conv, 3, (1, 2, 2, 2)[:stages], (1,) * stages, 2,
+               (1,) * (stages - 1), False, norm, None, None, None, nn.ReLU)
+
+
+def _torchvision(name):
+    from torchvision.models import segmentation
+    return lambda: getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=2)
+
+
+def _smp(arch, encoder, **kwargs):
+    def build():
+        import segmentation_models_pytorch as smp
+        return getattr(smp, arch)(encoder, encoder_weights=None, in_channels=1, classes=2, **kwargs)
+    return build
+
+
+def _timm(name, decoder=hw.FeatureUNet, **kwargs):
+    def build():
+        import timm
+        encoder = timm.create_model(name, features_only=True, pretrained=False, in_chans=1, **kwargs)
+        return decoder(encoder, encoder.feature_info.channels())
+    return build
+
+
+MONAI_UNET_2D = "model.1.submodule.1.submodule.1.submodule output"
+MONAI_UNET_3D = "model.1.submodule.1.submodule output"
+SMP = ("encoder output[-1]",)
+
+CASES = {
+    # ---- MONAI
+    "monai-unet-2d": Case(_monai("UNet", 2, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2)), x2d,
+                          (MONAI_UNET_2D,), "library",
+                          # measured: the bottom, or the concatenation the decoder takes it in
+                          measured=(MONAI_UNET_2D, "model.1.submodule.1.submodule.1 output")),
+    "monai-unet-3d": Case(_monai("UNet", 3, 1, 2, channels=(4, 8, 16), strides=(2, 2)), x3d, (MONAI_UNET_3D,),
+                          "library", measured=(MONAI_UNET_3D, "model.1.submodule.1 output")),
+    "monai-unet-residual": Case(_monai("UNet", 2, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2), num_res_units=2),
+                                x2d, (MONAI_UNET_2D,), "library",
+                                measured=(MONAI_UNET_2D, "model.1.submodule.1.submodule.1 output")),
+    "monai-attention-unet": Case(_monai("AttentionUnet", 2, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2)), x2d,
+                                 (MONAI_UNET_2D,), "attention gates"),
+    "monai-unetr": Case(_monai("UNETR", 1, 2, img_size=(32, 32), feature_size=4, hidden_size=48, mlp_dim=96,
+                               num_heads=4, spatial_dims=2), x2d, ("decoder5 input[0]",), "transformer"),
+    "monai-swinunetr": Case(_monai("SwinUNETR", in_channels=1, out_channels=2, feature_size=12, spatial_dims=2,
+                                   depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)), lambda: x2d(64),
+                            ("encoder10 output",), "transformer"),
+    "monai-basicunet": Case(_monai("BasicUNet", 2, 1, 2, features=(4, 4, 8, 16, 32, 4)), x2d, ("down_4 output",),
+                            "library"),
+    "monai-basicunet-plusplus": Case(_monai("BasicUNetPlusPlus", 2, 1, 2, features=(4, 4, 8, 16, 32, 4)), x2d,
+                                     ("conv_4_0 output",), "library"),
+    "monai-dynunet": Case(_monai("DynUNet", 2, 1, 2, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2],
+                                 upsample_kernel_size=[2, 2, 2], filters=[4, 8, 16, 32]), x2d,
+                          ("bottleneck output",), "library"),
+    "monai-segresnet-2d": Case(_monai("SegResNet", 2, 8, 1, 2), x2d, ("down_layers.3 output",), "library"),
+    "monai-segresnet-3d": Case(_monai("SegResNet", 3, 8, 1, 2, blocks_down=(1, 1, 1), blocks_up=(1, 1)), x3d,
+                               ("down_layers.2 output",), "library"),
+    "monai-flexibleunet-efficientnet": Case(_monai("FlexibleUNet", 1, 2, "efficientnet-b0",
+                                                   decoder_channels=(32, 16, 8, 8, 4)), lambda: x2d(64),
+                                            ("encoder output[-1]",), "channel-expanding blocks"),
+    "monai-flexibleunet-resnet": Case(_monai("FlexibleUNet", 1, 2, "resnet10", decoder_channels=(32, 16, 8, 8, 4)),
+                                      lambda: x2d(64), ("encoder output[-1]",), "library"),
+    "monai-vnet-3d": Case(_monai("VNet", 3, 1, 2), lambda: x3d(32), ("down_tr256 output",), "library"),
+    "monai-highresnet": Case(_monai("HighResNet", 2, 1, 2), x2d, (), "no downsampling"),
+    # ---- nnU-Net (dynamic_network_architectures)
+    "nnunet-plain-2d": Case(lambda: _nnunet(2), x2d, ("encoder.stages.3 output",), "library"),
+    "nnunet-plain-3d": Case(lambda: _nnunet(3), x3d, ("encoder.stages.2 output",), "library"),
+    "nnunet-residual-2d": Case(lambda: _nnunet(2, residual=True), x2d, ("encoder.stages.3 output",), "library"),
+    # ---- torchvision
+    "torchvision-deeplabv3": Case(_torchvision("deeplabv3_resnet50"), lambda: x2d(64, 3), ("backbone output['out']",),
+                                  "head at the lowest resolution"),
+    "torchvision-fcn": Case(_torchvision("fcn_resnet50"), lambda: x2d(64, 3), ("backbone output['out']",),
+                            "head at the lowest resolution"),
+    "torchvision-lraspp": Case(_torchvision("lraspp_mobilenet_v3_large"), lambda: x2d(64, 3),
+                               ("backbone output['high']",), "channel-expanding blocks"),
+    "torchvision-mobilenet-v2-unet": Case(hw.MobileNetUNet, lambda: x2d(64, 3), ("encoder.18 output",),
+                                          "channel-expanding blocks"),
+    # ---- smp: nine architectures over four encoder families
+    "smp-unet-resnet": Case(_smp("Unet", "resnet18"), lambda: x2d(64), SMP, "library"),
+    "smp-unetplusplus-efficientnet": Case(_smp("UnetPlusPlus", "efficientnet-b0"), lambda: x2d(64), SMP,
+                                          "channel-expanding blocks"),
+    "smp-manet-mobilenet": Case(_smp("MAnet", "mobilenet_v2"), lambda: x2d(64), SMP, "channel-expanding blocks"),
+    "smp-linknet-resnet": Case(_smp("Linknet", "resnet18"), lambda: x2d(64), SMP, "library"),
+    "smp-fpn-convnext": Case(_smp("FPN", "tu-convnext_atto"), lambda: x2d(64), SMP, "channel-expanding blocks"),
+    "smp-pspnet-resnet": Case(_smp("PSPNet", "resnet18"), lambda: x2d(64), SMP, "head at the lowest resolution"),
+    "smp-deeplabv3-resnet": Case(_smp("DeepLabV3", "resnet18"), lambda: x2d(64), SMP,
+                                 "head at the lowest resolution"),
+    "smp-deeplabv3plus-efficientnet": Case(_smp("DeepLabV3Plus", "tu-efficientnet_b0"), lambda: x2d(64), SMP,
+                                           "channel-expanding blocks"),
+    "smp-pan-resnet": Case(_smp("PAN", "resnet18"), lambda: x2d(128), SMP, "library"),
+    "smp-upernet-convnext": Case(_smp("UPerNet", "tu-convnext_atto"), lambda: x2d(64), SMP,
+                                 "channel-expanding blocks"),
+    "smp-segformer-mit": Case(_smp("Segformer", "mit_b0"), lambda: x2d(64), SMP, "transformer"),
+    # ---- timm features_only backbones under hand-written decoders
+    "timm-resnet-unet": Case(_timm("resnet18"), lambda: x2d(64), SMP, "library"),
+    "timm-efficientnet-fpn": Case(_timm("efficientnet_b0", decoder=hw.FeatureFPN), lambda: x2d(64), SMP,
+                                  "channel-expanding blocks"),
+    "timm-mobilenetv3-unet": Case(_timm("mobilenetv3_small_100"), lambda: x2d(64), SMP, "channel-expanding blocks"),
+    "timm-convnext-unet": Case(_timm("convnext_atto"), lambda: x2d(64), SMP, "channel-expanding blocks"),
+    "timm-regnet-unet": Case(_timm("regnetx_002"), lambda: x2d(64), SMP, "library"),
+    "timm-densenet-unet": Case(_timm("densenet121"), lambda: x2d(64), SMP, "concatenation"),
+    "timm-vit-dpt": Case(_timm("vit_tiny_patch16_224", decoder=hw.FeatureViT, img_size=64, out_indices=(-3, -2, -1)),
+                         lambda: x2d(64), SMP, "transformer",
+                         measured=("encoder output[-1]",)),
+    # ---- hand-written
+    "unet-1d": Case(lambda: hw.PlainUNet(dims=1), x1d, ("middle output",), "hand-written"),
+    "unet-2d": Case(hw.PlainUNet, x2d, ("middle output",), "hand-written"),
+    "unet-3d": Case(lambda: hw.PlainUNet(depth=2, dims=3), x3d, ("middle output",), "hand-written"),
+    "unet-small-input": Case(lambda: hw.PlainUNet(depth=4), lambda: x2d(16), ("middle output",),
+                             "small example input"),
+    "unet-deep-supervision": Case(hw.DeepSupervisionUNet, lambda: x2d(16), ("middle output",), "side branch"),
+    "oktay-attention-unet": Case(hw.OktayAttentionUNet, x2d, ("center output",), "side branch"),
+    "subpixel-unet": Case(hw.SubPixelUNet, x2d, ("bottleneck output",), "sub-pixel decoder"),
+    "subpixel-unet-flat": Case(lambda: hw.SubPixelUNet(flat=True), x2d, ("bottleneck output",), "sub-pixel decoder"),
+    "tiramisu": Case(hw.Tiramisu, x2d, ("bottleneck output",), "concatenation"),
+    "mednext-3d": Case(hw.MedNeXtLike, x3d, ("bottleneck output",), "channel-expanding blocks"),
+    "flat-projection": Case(hw.FlatProjectionNet, x2d, ("stage2 output",), "narrowing projection"),
+    "two-encoders": Case(hw.TwoEncoders, x2d, (), "parallel branches"),
+    "two-encoders-merged": Case(hw.TwoEncodersMerged, x2d, ("up input[0]",), "hand-written"),
+    "transunet-like": Case(hw.TransUNetLike, x2d, ("transformer output",), "transformer"),
+    "no-downsampling": Case(hw.NoDownsampling, x2d, (), "no downsampling"),
+}
+
+
+def resolve(found, text: str):
+    """The surveyed map a ``Site.describe()`` text names (negative entries counted from the end)."""
+    from frem.sites import get_entry
+    layer, rest = text.split(" ", 1)
+    layer = "" if layer == "<model>" else layer
+    at = rest.split("[")[0]
+    entry = tuple(ast.literal_eval(key) for key in re.findall(r"\[([^\]]+)\]", rest))
+    if at == "output" and layer in found.module_outputs:
+        return found.maps.get(get_entry(found.module_outputs[layer], entry).grad_fn)
+    return next((m for m in found.maps.values() for s in m.sites if s.describe() == text), None)
