@@ -1,22 +1,42 @@
 """FREM inside nnU-Net v2: a trainer that attaches FREM to its network and re-draws it each epoch.
 
-Copy this file into ``nnunetv2/training/nnUNetTrainer/variants/`` (nnU-Net
-finds trainers there by class name), then train as usual:
+Install it either way, then train as usual:
+
+* copy this file into ``nnunetv2/training/nnUNetTrainer/variants/`` of your
+  nnU-Net installation (nnU-Net finds trainers there by class name), or
+* copy it into a folder of its own and point nnU-Net there (nnU-Net >= 2.8;
+  nnU-Net imports every file in that folder, and frem's other examples train
+  when imported): ``export nnUNet_extTrainer=/path/to/that/folder``
 
     nnUNetv2_train DATASET_ID 3d_fullres FOLD -tr nnUNetTrainerFREM
 
 FREM is attached when the network is built, before nnU-Net compiles it or
 wraps it in DDP, at ``encoder.stages[-1]`` (frem knows nnU-Net's
 architectures by name). B is a fraction of that stage's channels (the paper's
-mouse-liver setting, 162 of 512, and X=632). Run as a script, this file shows
-the attachment on the networks ``dynamic_network_architectures`` builds for
-nnU-Net, with or without nnU-Net installed.
+mouse-liver setting, 162 of 512, and X=632). nnU-Net trains on CUDA under
+float16 autocast with a GradScaler; FREM works there (it computes in float32
+and saturates at float16's range, warning once an epoch if it had to).
+
+``build_network_architecture`` keeps nnU-Net's own signature (``functools.wraps``):
+nnU-Net >= 2.7 inspects it to choose how to call it, for training and for
+``nnUNetv2_predict``, so a trainer with a bare ``(*args, **kwargs)`` breaks there.
+Tested against the nnunetv2 that ``pip install nnunetv2`` installs and the
+previous minor release (tests/test_nnunet.py). Checkpoints hold no FREM state:
+they load into nnU-Net's plain trainer too.
+
+Run as a script, this file shows the attachment on the networks
+``dynamic_network_architectures`` builds for nnU-Net.
 """
+
+import functools
 
 import torch
 from torch import nn
 
-import frem
+try:  # nnU-Net imports every file in its trainer folders: a missing frem must not break that
+    import frem
+except ImportError:  # pragma: no cover - exercised only where frem is not installed
+    frem = None
 
 FREM_B = 162 / 512
 FREM_X = 632.0
@@ -33,10 +53,11 @@ try:
 except ImportError:  # nnU-Net not installed: the trainer class is not defined
     nnUNetTrainer = None
 
-if nnUNetTrainer is not None:
+if nnUNetTrainer is not None and frem is not None:
 
     class nnUNetTrainerFREM(nnUNetTrainer):
         @staticmethod
+        @functools.wraps(nnUNetTrainer.build_network_architecture)
         def build_network_architecture(*args, **kwargs) -> nn.Module:
             return with_frem(nnUNetTrainer.build_network_architecture(*args, **kwargs))
 

@@ -1,10 +1,9 @@
 """FREM in PyTorch Lightning: re-draw the channels at the start of every training epoch.
 
     import frem
-    from frem.lightning import FREMResample
 
     frem.attach(lit_module.net, "bottleneck", B=8, X=250, example_input=batch)
-    trainer = lightning.Trainer(callbacks=[FREMResample()])
+    trainer = lightning.Trainer(callbacks=[frem.lightning.FREMResample()])
 
 Works with ``lightning`` or ``pytorch_lightning`` (``pip install "frem[lightning]"``).
 The draw is a pure function of (seed, epoch), so a resumed fit and every DDP
@@ -15,8 +14,12 @@ from __future__ import annotations
 
 try:
     from lightning.pytorch import Callback
-except ImportError:  # the older package name
-    from pytorch_lightning import Callback
+except ImportError:
+    try:  # the older package name
+        from pytorch_lightning import Callback
+    except ImportError:
+        raise ModuleNotFoundError('frem.lightning needs Lightning: pip install "frem[lightning]" '
+                                  "(or lightning / pytorch_lightning)") from None
 
 import frem
 

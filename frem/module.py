@@ -28,6 +28,7 @@ from frem.selection import resolve_count, select_channels, validate_count_spec
 
 MODES = ("random", "fixed")
 X_MAX = torch.finfo(torch.float32).max  # the scale is held in fp32
+FLOAT16_MAX = torch.finfo(torch.float16).max
 # A random-mode FREM whose channels were never re-drawn after this many
 # training steps warns once: the run is silently the "fixed" variant.
 STALE_DRAW_STEPS = 1000
@@ -68,6 +69,8 @@ class FREM(LazyModuleMixin, nn.Module):
         self._resampled = False
         self.register_buffer("scale", torch.ones(0), persistent=False)
         self.register_buffer("channels", torch.zeros(0, dtype=torch.long), persistent=False)
+        # float16 values capped at its maximum since the last re-draw, counted on the device (no sync)
+        self.register_buffer("capped", torch.zeros((), dtype=torch.long), persistent=False)
         if num_channels is not None:
             self.bind(num_channels)
 
@@ -83,6 +86,7 @@ class FREM(LazyModuleMixin, nn.Module):
         device = self.scale.device if device is None else device
         self.scale = torch.ones(num_channels, device=device)
         self.channels = torch.zeros(self._count, dtype=torch.long, device=device)
+        self.capped = torch.zeros((), dtype=torch.long, device=device)
         self._draw()
         self._finish_lazy_binding()
         return self
@@ -91,6 +95,7 @@ class FREM(LazyModuleMixin, nn.Module):
         """Draw the channels for ``epoch`` (``mode="fixed"`` keeps its first draw)."""
         if isinstance(epoch, bool) or not isinstance(epoch, Integral) or epoch < 0:
             raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        self._report_capped()
         self.epoch = int(epoch)
         self._resampled = True
         return self._draw() if self.num_channels is not None else self
@@ -115,23 +120,39 @@ class FREM(LazyModuleMixin, nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{where} has no channel dimension (output {shape}); "
                              "FREM needs (N, C, *spatial) feature maps")
-        if x.dtype == torch.float16:
-            # Features near 10 times X=632 already pass float16's max of 65504:
-            # the run would go inf/NaN silently. Checking the dtype costs no sync.
-            raise RuntimeError(
-                f"FREM at {where} got float16 features: multiplying by X={self.X:g} overflows "
-                "float16 (max 65504). Train with bfloat16 autocast "
-                "(torch.autocast('cuda', dtype=torch.bfloat16)) or float32.")
         if x.shape[1] != self.num_channels:  # bound by _infer_parameters before this call
             raise ValueError(f"{where} has {x.shape[1]} channels, but this FREM was bound to "
                              f"{self.num_channels}")
         if torch.compiler.is_compiling():
-            return scale_channels(x, self.scale)
+            return self._enhance(x)
         self._check_not_enhanced_twice(x, where)
         self._count_step()
-        y = scale_channels(x, self.scale)
+        y = self._enhance(x)
         y._frem_layer = self.layer or "FREM"
         return y
+
+    def _enhance(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float16:
+            return scale_channels(x, self.scale)
+        # float16 (the autocast nnU-Net and most GPU scripts train with): features of a few
+        # units times X=632 fit its maximum of 65504, but a large X or feature would round to
+        # inf and, through the loss, stall a GradScaler run for good. The float32 product is
+        # capped at the maximum instead (no gradient flows through a capped value, as for any
+        # clamp), counted on the device, and reported once an epoch by resample().
+        y = scale_channels(x.float(), self.scale).clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16)
+        self.capped += (y.abs() == FLOAT16_MAX).sum()
+        return y
+
+    def _report_capped(self) -> None:
+        capped = int(self.capped) if self.capped.numel() else 0  # one sync an epoch
+        if capped:
+            self.capped.zero_()
+            warnings.warn(
+                f"FREM at {self.layer or 'its module'} capped {capped} enhanced values at float16's maximum "
+                f"(65504) in epoch {self.epoch}: |features| x X={self.X:g} passed float16's range. They are "
+                "still enhanced, by less than X, and get no gradient; if the loss turns inf/NaN downstream, "
+                "train under bfloat16 autocast (torch.autocast(..., dtype=torch.bfloat16)) or lower X.",
+                RuntimeWarning, stacklevel=3)
 
     def _check_not_enhanced_twice(self, x: torch.Tensor, where: str) -> None:
         first = getattr(x, "_frem_layer", None)

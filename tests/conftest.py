@@ -13,6 +13,8 @@ if not torch.cuda.is_available():
 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -41,6 +43,54 @@ def tiny_config(drosophila_root, tmp_path):
         settings.update(changes)
         return TrainConfig.build(quick=True, **settings)
     return make
+
+
+REPO = Path(__file__).resolve().parents[1]
+# What running the tests may leave in the working tree: caches, never results.
+CACHES = (".pytest_cache", ".hypothesis", ".benchmarks", "__pycache__", ".venv", "mutants", ".whl", ".data",
+          ".coverage", "frem.egg-info")
+
+
+def _working_tree_paths() -> set | None:
+    """Untracked and ignored paths of the working tree (folders summarised), or None outside git."""
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--ignored"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    paths = {line[3:].strip().strip('"') for line in done.stdout.splitlines() if line[:2] in ("??", "!!")}
+    return {p for p in paths if not any(part in CACHES for part in Path(p).parts)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_write_only_into_temporary_folders():
+    """A test that writes into the working tree (runs/, build/, results/) fails the session."""
+    before = _working_tree_paths()
+    yield
+    after = _working_tree_paths()
+    if before is not None and after is not None and after - before:
+        pytest.fail(f"the tests wrote into the working tree: {sorted(after - before)}; "
+                    "tests must write only into temporary folders (tmp_path)")
+
+
+@pytest.fixture(scope="session")
+def trained_run(drosophila_root, tmp_path_factory) -> Path:
+    """One tiny finished run (frem variant), trained once per session, for tests that only read a run.
+
+    Tests that change a run copy it first (``copy_of_trained_run``)."""
+    from frem.seg.config import TrainConfig
+    from frem.seg.train import train
+    out = tmp_path_factory.mktemp("shared") / "run"
+    train(TrainConfig.build(quick=True, data=str(drosophila_root), out=str(out), epochs=2, tiles_per_section=4,
+                            sections=TINY_SECTIONS, batch_size=4, progress=False))
+    return out
+
+
+@pytest.fixture
+def copy_of_trained_run(trained_run, tmp_path) -> Path:
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
 
 
 def _data_missing() -> bool:

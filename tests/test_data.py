@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from frem.seg.data import DataError, load_dataset
@@ -163,3 +164,73 @@ def test_bad_folder_pairs_are_reported_with_the_file(tmp_path, damage, message):
     damage(root)
     with pytest.raises(DataError, match=message):
         load_dataset("folder", root)
+
+
+def test_a_mask_holding_exactly_k_classes_is_refused_and_k_minus_one_is_fine(tmp_path):
+    root = make_folder_dataset(tmp_path / "d")  # 3 classes: indices 0, 1, 2
+    Image.fromarray(np.full((64, 64), 2, np.uint8)).save(root / "train" / "masks" / "img0.png")
+    assert load_dataset("folder", root).train.masks.max() == 2
+    Image.fromarray(np.full((64, 64), 3, np.uint8)).save(root / "train" / "masks" / "img0.png")
+    with pytest.raises(DataError, match="holds class index 3, but classes.txt names 3 classes"):
+        load_dataset("folder", root)
+
+
+def test_image_and_mask_tiles_stay_aligned(tmp_path):
+    """The mask is a known function of the image's pixel position, so any transposition,
+    flip or offset between image and mask tiles shows."""
+    root = tmp_path / "d"
+    (root / "classes.txt").parent.mkdir(parents=True)
+    (root / "classes.txt").write_text("a\nb\nc\nd\n")
+    height, width = 96, 160  # not square: rows and columns cannot be swapped unnoticed
+    rows, cols = np.mgrid[:height, :width]
+    image = ((rows * 7 + cols * 3) % 251).astype(np.uint8)
+    mask = ((rows // 8 + 2 * (cols // 16)) % 4).astype(np.uint8)
+    for split in ("train", "val", "test"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        Image.fromarray(image).save(root / split / "images" / "a.png")
+        Image.fromarray(mask).save(root / split / "masks" / "a.png")
+    data = load_dataset("folder", root, crop=32)
+    assert len(data.train) == (96 // 32) * (160 // 32)
+    for tile, tile_mask, name in zip(data.train.images, data.train.masks, data.train.names):
+        r, c = (int(v) for v in name.split("@")[1].split(","))
+        assert torch.equal(tile[0], torch.from_numpy(image[r:r + 32, c:c + 32]))
+        assert torch.equal(tile_mask, torch.from_numpy(mask[r:r + 32, c:c + 32]))
+        pixel_rows, pixel_cols = np.mgrid[r:r + 32, c:c + 32]
+        assert torch.equal(tile_mask, torch.from_numpy(((pixel_rows // 8 + 2 * (pixel_cols // 16)) % 4)
+                                                       .astype(np.uint8)))
+
+
+def test_drosophila_tiles_are_cut_from_the_sections_where_their_names_say(drosophila_root):
+    from frem.seg.data.images import read_pages
+    data = load_dataset("drosophila", drosophila_root, crop=256, sections={"train": (2,), "val": (12,),
+                                                                           "test": (15,)})
+    (section,) = read_pages(drosophila_root / dro.raw_path(2))
+    (labels,) = read_pages(drosophila_root / dro.label_path(2), mask=True)
+    classes = dro.labels_to_classes(labels.astype(np.uint8), "labels")
+    for tile, tile_mask, name in zip(data.train.images, data.train.masks, data.train.names):
+        r, c = (int(v) for v in name.split("@")[1].split(","))
+        assert torch.equal(tile[0], torch.from_numpy(section[r:r + 256, c:c + 256, 0]))
+        assert torch.equal(tile_mask, torch.from_numpy(classes[r:r + 256, c:c + 256]))
+
+
+class IgnoresRange(http.server.SimpleHTTPRequestHandler):
+    """A server that answers every request with the whole file and 200, whatever Range asked."""
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_that_ignores_range_restarts_the_file_instead_of_appending(drosophila_root, tmp_path):
+    handler = functools.partial(IgnoresRange, directory=str(drosophila_root))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        dest = tmp_path / "cache"
+        shutil.copytree(drosophila_root, dest)
+        whole = (dest / dro.raw_path(3)).read_bytes()
+        (dest / dro.raw_path(3)).unlink()
+        (dest / (dro.raw_path(3) + ".part")).write_bytes(whole[:1000])
+        assert dro.download(dest, base_url=f"http://127.0.0.1:{server.server_address[1]}",
+                            progress=False) == ["stack1/raw/03.tif"]
+        server.shutdown()
+    assert (dest / dro.raw_path(3)).read_bytes() == whole

@@ -1,5 +1,6 @@
 """Packaging: the library apart from the application, and what a non-editable install ships."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,20 +70,23 @@ def test_the_command_without_the_extra_says_what_to_install(monkeypatch, capsys)
                    "optuna): pip install \"frem[seg]\"\n")
 
 
-def test_the_library_declares_only_torch_and_triton():
+def test_the_library_declares_only_torch_triton_and_numpy():
     from importlib import metadata
     requirements = metadata.requires("frem")
     core = sorted(r.split(";")[0].split(">")[0].strip() for r in requirements if "extra ==" not in r)
-    assert core == ["torch", "triton"]
+    assert core == ["numpy", "torch", "triton"]  # numpy: torch warns at every import without it
     seg = {r.split(";")[0].split(">")[0].strip() for r in requirements if 'extra == "seg"' in r}
     assert {"segmentation-models-pytorch", "timm", "optuna", "matplotlib"} <= seg
 
 
 @pytest.mark.slow
 def test_non_editable_install_ships_the_kernels_and_the_application_data(tmp_path):
+    # Built from a copy: setuptools builds in the source tree, and tests write only into tmp_path.
+    source = shutil.copytree(ROOT, tmp_path / "source", ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "results", "runs", "mutants", ".whl", ".data", "__pycache__"))
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--target", str(target), str(ROOT)],
+                    "--no-build-isolation", "--target", str(target), str(source)],
                    check=True, cwd=tmp_path)
     assert (target / "frem" / "kernels" / "scale_channels.py").is_file()
     assert (target / "frem" / "seg" / "data" / "drosophila_sha256sums.txt").is_file()

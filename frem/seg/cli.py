@@ -8,6 +8,7 @@ line, what to install.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import re
 import sys
@@ -39,10 +40,32 @@ def missing_requirements(extra: str = EXTRA) -> list[str]:
 
 
 class Parser(argparse.ArgumentParser):
-    """Argument errors end with one line and status 2, never a traceback."""
+    """Argument errors end with one line and status 2, never a traceback, and suggest a close option."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # A typo after the command ("frem train --quik") is the command's to report, with its name.
+        known, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._command_parser(known)
+            close = [match for word in extras if word.startswith("-")
+                     for match in difflib.get_close_matches(word.split("=")[0], command._option_strings(), n=1)]
+            command.error(f"unrecognized arguments: {' '.join(extras)}"
+                          + (f" (did you mean {', '.join(dict.fromkeys(close))}?)" if close else ""))
+        return known
+
+    def _command_parser(self, known) -> "Parser":
+        parser = self
+        for action in self._subparsers._group_actions if self._subparsers else ():
+            chosen = getattr(known, action.dest, None)
+            if chosen in action.choices:
+                parser = action.choices[chosen]._command_parser(known)
+        return parser
+
+    def _option_strings(self) -> list[str]:
+        return [option for action in self._actions for option in action.option_strings]
 
 
 def _number(text: str) -> int | float:
@@ -55,7 +78,8 @@ def _number(text: str) -> int | float:
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     """Options shared by train, tune and reproduce (None: the protocol's default)."""
-    from frem.seg.config import QUICK, TrainConfig as D
+    from frem.seg.config import KEEP, QUICK, TrainConfig as D
+    from frem.seg.data.images import NORMALIZATIONS
 
     def default(name):
         return f"default {getattr(D, name)}" + (f"; --quick: {QUICK[name]}" if name in QUICK else "")
@@ -65,23 +89,30 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="data folder (default: $FREM_DATA, else the download cache, "
                    "filled on first use)")
     p.add_argument("--encoder", help=f"smp/timm encoder name ({default('encoder')})")
-    p.add_argument("--epochs", type=int, help=f"{default('epochs')} (the paper's)")
+    p.add_argument("--epochs", type=int, help=f"default {D.epochs}, the paper's; --quick: {QUICK['epochs']}")
     p.add_argument("--batch-size", type=int, help=f"global batch size ({default('batch_size')})")
     p.add_argument("--lr", type=float, help=f"Adam learning rate ({default('lr')})")
     p.add_argument("--seed", type=int, help=default("seed"))
     p.add_argument("--crop", type=int, help=f"tile size, a multiple of 32 ({default('crop')})")
     p.add_argument("--tiles-per-section", type=int, help="keep this many tiles per image, spread evenly")
     p.add_argument("--val-every", type=int, help="validate every k epochs (default 1)")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    p.add_argument("--normalize", choices=NORMALIZATIONS, default=None,
+                   help="image (default): each image standardised with its own mean and std, whatever its bit "
+                        "depth; dataset: the training split's mean and std, for calibrated intensities")
+    p.add_argument("--keep", choices=KEEP, default=None,
+                   help="all (default): keep last.pt (weights and optimiser state, to continue the run) beside "
+                        "best.pt; best: delete last.pt when the run finishes")
+    p.add_argument("--device", help="auto (default: cuda if there is one), cpu, cuda, cuda:1 ...")
     p.add_argument("--quick", action="store_true",
-                   help="a tiny protocol that runs on a CPU in about a minute; explicit options win")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+                   help="a tiny protocol for a CPU (a minute or two on 2 cores); explicit options win")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars (for logs)")
 
 
 def train_kwargs(args) -> dict:
     names = ("variant", "dataset", "data", "out", "encoder", "B", "X", "lambda_", "epochs",
-             "batch_size", "lr", "seed", "crop", "tiles_per_section", "val_every", "device",
-             "resume", "progress")
+             "batch_size", "lr", "seed", "crop", "tiles_per_section", "val_every", "normalize", "keep",
+             "device", "resume", "progress")
     return {name: getattr(args, name, None) for name in names}
 
 
@@ -90,11 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     train = commands.add_parser("train", help="train one model variant and score it on the test split")
-    train.add_argument("--variant", choices=VARIANTS, default="frem")
+    train.add_argument("--variant", choices=VARIANTS, default="frem", help="the model to train (default frem)")
     train.add_argument("--B", type=_number, help="channels to enhance/drop: a count or a fraction "
                        "(frem: 8, frem-fixed: 10, dropout: 8)")
     train.add_argument("--X", type=float, help="enhancement factor (frem: 250, frem-fixed: 10000)")
-    train.add_argument("--lambda", dest="lambda_", type=float, help="supervision loss weight (default 0.5)")
+    train.add_argument("--lambda", dest="lambda_", type=float, metavar="LAMBDA",
+                       help="supervision loss weight (default 0.5)")
     train.add_argument("--out", default=None, help="run folder (default runs/<variant>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     add_train_options(train)
@@ -105,12 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="search space: " + SEARCH_SPACE + ". Storage: a SQLite file OUT/study.db by default "
                "(a killed search resumes); journal:PATH for several processes on one machine; "
                "postgresql://... for several machines.")
-    tune.add_argument("--variant", choices=TUNABLE, default="frem")
+    tune.add_argument("--variant", choices=TUNABLE, default="frem", help="the variant to tune (default frem)")
     tune.add_argument("--trials", type=int, default=50, help="finished trials the study should hold (default 50)")
     tune.add_argument("--study", default="frem", help="study name (default frem)")
     tune.add_argument("--storage", help="Optuna storage URL or journal:PATH (default sqlite:///OUT/study.db)")
-    tune.add_argument("--pruner", choices=("hyperband", "median", "none"), default="hyperband")
-    tune.add_argument("--out", default="runs/tune", help="folder for the study and the trial runs")
+    tune.add_argument("--pruner", choices=("hyperband", "median", "none"), default="hyperband",
+                      help="stops hopeless trials early (default hyperband)")
+    tune.add_argument("--out", default="runs/tune", help="folder for the study and the trial runs (default runs/tune)")
     add_train_options(tune)
 
     reproduce = commands.add_parser(
@@ -121,21 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--paper", choices=("auto", "drosophila", "mouse-liver", "none"), default="auto",
                            help="the paper's tables to print beside ours (auto: Table 2 for the "
                            "Drosophila data, Tables 1 and 3 for a folder with the mouse-liver classes)")
-    reproduce.add_argument("--out", default="reproduction", help="folder for the runs and the study")
-    reproduce.add_argument("--results", help="folder for the table and figures "
-                           "(default results/full, or results/quick with --quick)")
+    reproduce.add_argument("--out", default="reproduction",
+                           help="folder for the runs and the study (default reproduction)")
+    reproduce.add_argument("--results", help="folder for the table and figures (default OUT/results)")
     add_train_options(reproduce)
 
     evaluate = commands.add_parser("evaluate", help="recompute a run's test metrics from best.pt")
     evaluate.add_argument("run_dir")
-    evaluate.add_argument("--data", help="data folder, if it moved since training")
-    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--data", help="data folder (default: the one the run was trained on, remembered "
+                                         "in best.pt; its checksum must match)")
+    evaluate.add_argument("--device", default="cpu", help="default cpu")
 
     predict = commands.add_parser("predict", help="segment images: label PNGs and colour overlays")
     predict.add_argument("--checkpoint", required=True, help="a run's best.pt")
     predict.add_argument("images", nargs="+")
-    predict.add_argument("--out", required=True)
-    predict.add_argument("--device", default="cpu")
+    predict.add_argument("--out", required=True, help="folder for <name>_labels.png and <name>_overlay.png")
+    predict.add_argument("--device", default="cpu", help="default cpu")
 
     data = commands.add_parser("data", help="data sets")
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
@@ -167,7 +201,7 @@ def run_tune(args) -> int:
         raise ValueError(f"--trials must be at least 1, got {args.trials}")
     base = TrainConfig.build(quick=args.quick, **kwargs)
     summary = tune(base, trials=args.trials, study_name=args.study, storage=args.storage, out=args.out,
-                   pruner=args.pruner)
+                   pruner=args.pruner, progress=args.progress is not False)
     print(json.dumps({k: v for k, v in summary.items() if k != "train_command"}, indent=2))
     if "train_command" in summary:
         print("\nTrain the best setting in full with:\n  " + summary["train_command"])
@@ -181,9 +215,9 @@ def run_reproduce(args) -> int:
     base = TrainConfig.build(quick=args.quick, **kwargs)
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     trials = args.tune_trials if args.tune_trials is not None else (6 if args.quick else 20)
-    results = args.results or ("results/quick" if args.quick else "results/full")
+    results = args.results or f"{args.out}/results"  # never the shipped results/ unless asked
     summary = reproduce(base, seeds=list(range(seeds)), out=args.out, results_dir=results,
-                        tune_trials=trials, paper_tables=args.paper)
+                        tune_trials=trials, paper_tables=args.paper, progress=args.progress is not False)
     print(f"{results}/README.md\n{summary['verdict']}")
     if summary["beside_paper"]:
         print("\n" + summary["beside_paper"])
@@ -192,15 +226,8 @@ def run_reproduce(args) -> int:
 
 def run_evaluate(args) -> int:
     from frem.seg.evaluate import evaluate_run
-    data = None
-    if args.data:
-        from frem.seg import checkpoint
-        from frem.seg.data import load_dataset
-        config = checkpoint.load(f"{args.run_dir}/{checkpoint.BEST}",
-                                 hint=f"train the run again (frem train --out {args.run_dir})")["config"]
-        data = load_dataset(config["dataset"], args.data, crop=config["crop"],
-                            tiles_per_section=config["tiles_per_section"], sections=config["sections"])
-    print(json.dumps(evaluate_run(args.run_dir, data=data, device=args.device), indent=2))
+    metrics = evaluate_run(args.run_dir, device=args.device, data_root=args.data)
+    print(json.dumps({"run": args.run_dir, "checkpoint": "best.pt", "split": "test", **metrics}, indent=2))
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from frem.seg.data.drosophila import SPLIT
+from frem.seg.data.images import NORMALIZATIONS
 from frem.seg.variants import DEFAULT_ENCODER, variant_settings
 
 # --quick: a whole run in about a minute on a 2-core CPU. A subset of the real
@@ -25,8 +26,10 @@ QUICK = {
     "batch_size": 8,
     "lr": 1e-3,
 }
-# Settings that may change when a run is resumed; the rest must match.
-RESUMABLE = ("epochs", "val_every", "device", "resume", "out", "progress")
+# Settings that may change when a run is resumed; the rest must match. The data
+# folder may move (its checksum, kept in the checkpoint, must not change).
+RESUMABLE = ("epochs", "val_every", "device", "resume", "out", "progress", "data", "keep")
+KEEP = ("all", "best")
 
 
 @dataclass
@@ -47,6 +50,8 @@ class TrainConfig:
     tiles_per_section: int | None = None
     sections: dict | None = None
     val_every: int = 1
+    normalize: str = "image"
+    keep: str = "all"
     device: str = "auto"
     resume: bool = False
     quick: bool = False
@@ -84,6 +89,10 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.crop is not None and (self.crop < 32 or self.crop % 32):
             raise ValueError(f"--crop must be a multiple of 32 (the U-Net downsamples 5 times), got {self.crop}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"--normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
+        if self.keep not in KEEP:
+            raise ValueError(f"--keep must be one of {', '.join(KEEP)}, got {self.keep!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

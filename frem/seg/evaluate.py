@@ -11,14 +11,14 @@ from torch import nn
 
 import frem
 from frem.seg import checkpoint
-from frem.seg.data.base import Split
+from frem.seg.data.base import DataError, Split
 from frem.seg.data.images import normalize
 from frem.seg.metrics import ConfusionCounter
 from frem.seg.models import build_model
 
 
 def autocast(device: torch.device):
-    """bf16 on CUDA (FREM refuses fp16: X would overflow it); fp32 on CPU."""
+    """bf16 on CUDA (float16's range would cap large X x features, see FREM); fp32 on CPU."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
@@ -76,7 +76,7 @@ def evaluate(model: nn.Module, split: Split, classes, normalization: dict, *,
     with feature_probe.recording() if probe else nullcontext():
         for start in range(0, len(split), batch_size):
             images = split.images[start:start + batch_size].to(device)
-            x = normalize(images, normalization)
+            x = normalize(images, normalization, split.stats[start:start + batch_size])
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device):
@@ -99,15 +99,28 @@ def model_from_checkpoint(state: dict, device="cpu") -> nn.Module:
     return model.to(device).eval()
 
 
-def evaluate_run(run_dir, data=None, device="cpu") -> dict:
-    """Test metrics of a run's best checkpoint: what ``frem evaluate`` prints."""
+def evaluate_run(run_dir, data=None, device="cpu", data_root=None) -> dict:
+    """Test metrics of a run's best checkpoint: what ``frem evaluate`` prints.
+
+    The data is read from the folder the run was trained on (``data_root`` if
+    it moved) and must be the same data: its checksum is compared with the one
+    the checkpoint holds.
+    """
     from frem.seg.config import TrainConfig
     from frem.seg.data import load_dataset
     state = checkpoint.load(Path(run_dir) / checkpoint.BEST, hint=f"train the run again (frem train --out {run_dir})")
     config = TrainConfig.from_dict(state["config"])
     if data is None:
-        data = load_dataset(config.dataset, config.data, crop=config.crop,
-                            tiles_per_section=config.tiles_per_section, sections=config.sections)
+        root = data_root or config.data
+        try:
+            data = load_dataset(config.dataset, root, crop=config.crop,
+                                tiles_per_section=config.tiles_per_section, sections=config.sections)
+        except DataError as problem:
+            raise DataError(f"{problem} (the data {run_dir} was trained on; if it moved, pass --data DIR)") from None
+    trained_on = state.get("data", {}).get("checksum")
+    if trained_on and data.checksum and trained_on != data.checksum:
+        raise DataError(f"the data at {data.root} is not the data {run_dir} was trained on (trained on "
+                        f"{state['data'].get('source')}; found {data.source}): pass --data DIR with that data")
     model = model_from_checkpoint(state, device)
     return evaluate(model, data.test, state["classes"], state["normalization"],
                     batch_size=2 * config.batch_size)

@@ -19,7 +19,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from frem.seg import checkpoint
-from frem.seg.data.base import DataError, colour_name
+from frem.seg.data.base import DataError, colour_name, image_stats
 from frem.seg.data.images import display_range, normalize, read_pages
 from frem.seg.evaluate import autocast, model_from_checkpoint
 
@@ -44,8 +44,9 @@ def _pad_to_multiple(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict_image(model, image: np.ndarray, normalization: dict, device, tile: int = TILE,
                   margin: int = MARGIN) -> np.ndarray:
-    """Class index per pixel for one (H, W, C) image, tile by tile."""
-    x = normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None], normalization)
+    """Class index per pixel for one (H, W, C) image, tile by tile (normalised as a whole first)."""
+    stats = torch.from_numpy(image_stats(image))[None]
+    x = normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None], normalization, stats)
     h, w = x.shape[-2:]
     labels = np.empty((h, w), dtype=np.uint8)
     for top in range(0, h, tile):
@@ -58,6 +59,14 @@ def predict_image(model, image: np.ndarray, normalization: dict, device, tile: i
             keep = logits[0, :, top - r0:top - r0 + min(tile, h - top), left - c0:left - c0 + min(tile, w - left)]
             labels[top:top + tile, left:left + tile] = keep.argmax(0).byte().cpu().numpy()
     return labels
+
+
+def palette_image(labels: np.ndarray, classes) -> Image.Image:
+    """Class indices as a palette PNG: the values stay 0..K-1, a viewer shows the class colours."""
+    image = Image.frombytes("P", (labels.shape[1], labels.shape[0]), np.ascontiguousarray(labels).tobytes())
+    colours = [(30, 30, 30) if name == "background" else PALETTE[i % len(PALETTE)] for i, name in enumerate(classes)]
+    image.putpalette([value for colour in colours for value in colour])
+    return image
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, classes, alpha: float = 0.45) -> np.ndarray:
@@ -84,8 +93,8 @@ def output_names(paths: list[Path]) -> list[str]:
 
 
 def predict(checkpoint_path, images, out_dir, device="cpu", tile: int = TILE) -> list[Path]:
-    """Write ``<name>_labels`` (class indices) and ``<name>_overlay`` per image:
-    PNG for an image, multi-page TIFF for a stack."""
+    """Write ``<name>_labels`` (class indices) and ``<name>_overlay`` per image: a palette PNG
+    (indices, shown in the class colours) for an image, multi-page greyscale TIFF for a stack."""
     state = checkpoint.load(checkpoint_path, hint="point --checkpoint at a run's best.pt")
     model = model_from_checkpoint(state, device)
     paths = [Path(p) for p in images]
@@ -101,7 +110,7 @@ def predict(checkpoint_path, images, out_dir, device="cpu", tile: int = TILE) ->
         overlays = [overlay(page, label, state["classes"]) for page, label in zip(pages, labels)]
         if len(pages) == 1:
             targets = [out_dir / f"{name}_labels.png", out_dir / f"{name}_overlay.png"]
-            Image.fromarray(labels[0]).save(targets[0])
+            palette_image(labels[0], state["classes"]).save(targets[0])
             Image.fromarray(overlays[0]).save(targets[1])
         else:
             targets = [out_dir / f"{name}_labels.tif", out_dir / f"{name}_overlay.tif"]

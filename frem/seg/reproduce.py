@@ -13,10 +13,12 @@ import io
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import optuna
 import torch
+from tqdm.auto import tqdm
 
 from frem.seg import checkpoint, figures, paper
 from frem.seg.config import TrainConfig
@@ -30,19 +32,54 @@ from frem.seg.tune import open_storage, trials_table, tune
 STUDY = "reproduce-frem"
 
 
-def run_all(base: TrainConfig, seeds, out: Path, data, variants=VARIANTS) -> dict:
+class Progress:
+    """One bar over every epoch the reproduction still has to train: which run of how many,
+    its epoch, and the time left (a resumed run's earlier epochs do not count)."""
+
+    def __init__(self, runs: int, epochs: int, enabled: bool):
+        self.epochs = epochs
+        self.bar = tqdm(total=runs * epochs, unit="epoch", disable=not enabled, file=sys.stderr,
+                        bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} epochs "
+                                   "[{elapsed}<{remaining}]")
+        self.started: dict = {}
+
+    def skip(self) -> None:
+        """A finished run reused as it is: nothing to train."""
+        self.bar.total -= self.epochs
+        self.bar.refresh()
+
+    def on_epoch(self, run: str):
+        def advance(epoch: int) -> None:
+            if run not in self.started:  # a resumed run's first epoch: the ones before are done already
+                self.started[run] = epoch
+                self.bar.total -= epoch
+            self.bar.set_description_str(f"{run}: epoch {epoch + 1}/{self.epochs}", refresh=False)
+            self.bar.update(1)
+        return advance
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_all(base: TrainConfig, seeds, out: Path, data, variants=VARIANTS, progress: bool = True) -> dict:
     results = {}
-    for variant in variants:
-        for seed in seeds:
-            run_dir = out / "runs" / f"{variant}-seed{seed}"
+    runs = [(variant, seed) for variant in variants for seed in seeds]
+    bar = Progress(len(runs), base.epochs, progress)
+    try:
+        for number, (variant, seed) in enumerate(runs, 1):
+            name = f"{variant}-seed{seed}"
+            run_dir = out / "runs" / name
             config = base.for_variant(variant, seed=seed, out=str(run_dir), progress=False,
                                       resume=(run_dir / checkpoint.LAST).exists())
             if (run_dir / checkpoint.METRICS).exists():
                 metrics = json.loads((run_dir / checkpoint.METRICS).read_text())
                 _check_same_protocol(config, metrics, run_dir)
-            else:
-                metrics = train(config, data)  # an unfinished run resumes (train checks its settings)
+                bar.skip()
+            else:  # an unfinished run resumes (train checks its settings)
+                metrics = train(config, data, on_epoch=bar.on_epoch(f"run {number}/{len(runs)} {name}"))
             results[(variant, seed)] = metrics
+    finally:
+        bar.close()
     return results
 
 
@@ -160,7 +197,7 @@ def verdict(rows) -> str:
 
 
 @torch.no_grad()
-def qualitative_figure(out: Path, data, variants, seed: int, path: Path, tiles: int = 3) -> Path | None:
+def qualitative_figure(out: Path, data, variants, seed: int, path: Path, tag: str = "", tiles: int = 3) -> Path | None:
     """Fig. 5/6 from each variant's best checkpoint; runs whose checkpoint is not here
     (reused from their metrics.json alone) are left out, and with none there is no figure."""
     index = torch.linspace(0, len(data.test) - 1, tiles).round().long()
@@ -172,39 +209,49 @@ def qualitative_figure(out: Path, data, variants, seed: int, path: Path, tiles: 
             continue
         state = checkpoint.load(best)
         model = model_from_checkpoint(state)
-        predictions[variant] = model(normalize(images, state["normalization"])).argmax(1).numpy()
+        stats = data.test.stats[index]
+        predictions[variant] = model(normalize(images, state["normalization"], stats)).argmax(1).numpy()
     if not predictions:
         return None
     return figures.qualitative(images[:, 0].numpy(), truth.numpy(), predictions, data.classes, path,
-                               f"test tiles ({', '.join(data.test.names[i] for i in index)})")
+                               f"test tiles ({', '.join(data.test.names[i] for i in index)})\n{tag}")
+
+
+def protocol_tag(base: TrainConfig) -> str:
+    """What made a figure, in its title: a quick figure lifted out of its folder must say so."""
+    kind = "--quick CPU protocol, not the paper's" if base.quick else "protocol"
+    return f"{kind}: {base.encoder}, {base.crop} px tiles, {base.epochs} epochs"
 
 
 def reproduce(base: TrainConfig, *, seeds, out, results_dir, tune_trials: int, paper_tables="auto",
-              variants=VARIANTS) -> dict:
+              variants=VARIANTS, progress: bool = True) -> dict:
     out, results_dir = Path(out), Path(results_dir)
     data = load_dataset(base.dataset, base.data, crop=base.crop,
                         tiles_per_section=base.tiles_per_section, sections=base.sections)
-    results = run_all(base, seeds, out, data, variants)
+    base = base.with_(data=data.root or base.data)
+    results = run_all(base, seeds, out, data, variants, progress)
     rows = summarize(results, data.classes, seeds, variants)
 
     tuning = None
     if tune_trials:
         tuning = tune(base.for_variant("frem"), trials=tune_trials, study_name=STUDY, storage=None,
-                      out=out / "tune", data=data)
-    made = []
+                      out=out / "tune", data=data, progress=progress)
+    made, tag = [], protocol_tag(base)
     if tuning:
         study = optuna.load_study(study_name=STUDY, storage=open_storage(None, out / "tune"))
-        made.append(figures.bx_scatter(trials_table(study), results_dir / "fig7_bx_search.png",
-                                       f"TPE over B and X ({tuning['trials']} trials, {base.epochs} epochs each)"))
+        made.append(figures.bx_scatter(
+            trials_table(study), results_dir / "fig7_bx_search.png",
+            f"TPE over B and X: {tuning['trials']} trials ({tuning['complete']} trained in full, "
+            f"{tuning['pruned']} pruned early)\n{tag}"))
     first = seeds[0]
     histories = {v: results[(v, first)]["history"] for v in ("baseline", "frem") if v in variants}
     made.append(figures.feature_magnitudes(histories, results_dir / "fig2_feature_magnitudes.png",
-                                           f"bottleneck vs skip feature (seed {first})"))
+                                           f"bottleneck vs skip feature (seed {first})\n{tag}"))
     if "frem" in variants:
         made.append(figures.enhanced_channels(results[("frem", first)]["history"],
                                               results_dir / "fig9_enhanced_channels.png",
-                                              f"FREM: enhanced vs other bottleneck channels (seed {first})"))
-    made.append(qualitative_figure(out, data, variants, first, results_dir / "fig5_qualitative.png"))
+                                              f"FREM: enhanced vs other bottleneck channels (seed {first})\n{tag}"))
+    made.append(qualitative_figure(out, data, variants, first, results_dir / "fig5_qualitative.png", tag))
     made = [p for p in made if p is not None]
 
     protocol = protocol_lines(base, seeds, data, results)

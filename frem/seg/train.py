@@ -89,46 +89,65 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def train(config: TrainConfig, data: SegmentationData | None = None, on_validation=None) -> dict:
+def train(config: TrainConfig, data: SegmentationData | None = None, on_validation=None, on_epoch=None) -> dict:
     """Run (or resume) training as configured; return the metrics written to metrics.json.
 
     ``on_validation(epoch, val_miou)`` is called after each validation (the
-    tuner reports to Optuna there and may raise ``optuna.TrialPruned``).
+    tuner reports to Optuna there and may raise ``optuna.TrialPruned``);
+    ``on_epoch(epoch)`` after each epoch's checkpoint (progress of a reproduction).
     """
-    return run_training(config, data, on_validation)[0]
+    return run_training(config, data, on_validation, on_epoch)[0]
 
 
-def run_training(config: TrainConfig, data: SegmentationData | None = None, on_validation=None):
-    """``train``, also returning the trained model (this process's replica under DDP)."""
+def check_run_folder(config: TrainConfig) -> None:
+    """A run folder holds one run: refuse to overwrite it, or to resume what is not there."""
+    out = Path(config.out)
+    last, finished = out / checkpoint.LAST, out / checkpoint.METRICS
+    if config.resume and not last.exists():
+        if finished.exists():
+            raise ValueError(f"--resume: {out} holds a finished run that kept only {checkpoint.BEST} (--keep best), "
+                             "so it cannot be continued; start a new run with another --out")
+        raise ValueError(f"--resume: {out} holds no run to resume (no {checkpoint.LAST}); "
+                         "leave out --resume to start one there")
+    if not config.resume and (last.exists() or finished.exists()):
+        raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+
+
+def run_training(config: TrainConfig, data: SegmentationData | None = None, on_validation=None, on_epoch=None):
+    """``train``, also returning the trained model (this process's replica under DDP).
+
+    Everything a user can get wrong (options, the data, B and X against the
+    network) is checked before the run folder is created.
+    """
     config.validate()
     settings = variant_settings(config.variant, config.B, config.X, config.lambda_)
+    check_run_folder(config)
+    if data is None:
+        data = load_dataset(config.dataset, config.data, crop=config.crop,
+                            tiles_per_section=config.tiles_per_section, sections=config.sections)
+    # The run remembers where its data was: evaluate and predict need the run folder alone.
+    config = config.with_(data=data.root or config.data)
+    normalization = fit_normalization(data.train, config.normalize)
+    torch.manual_seed(config.seed)
+    model = build_model(config.variant, encoder=config.encoder, in_channels=data.in_channels,
+                        classes=len(data.classes), B=config.B, X=config.X,
+                        lambda_=config.lambda_, seed=config.seed)
     context, device = distributed.setup(config.device)
     try:
         # One process a run folder: rank 0 holds the lock for all ranks.
         with checkpoint.run_lock(config.out) if context.is_main else nullcontext():
-            return _train(config, settings, data, context, device, on_validation)
+            return _train(config, settings, data, normalization, model, context, device, on_validation, on_epoch)
     finally:
         distributed.teardown(context)
 
 
-def _train(config, settings, data, context, device, on_validation):
+def _train(config, settings, data, normalization, model, context, device, on_validation, on_epoch):
     out = Path(config.out)
     last_path = out / checkpoint.LAST
-    if last_path.exists() and not config.resume:
-        raise ValueError(f"{out} already holds a run: pass --resume to continue it, "
-                         "or choose another --out")
     if context.is_main:
         checkpoint.clean_stale_temporaries(out)  # a write killed mid-way left its temporary file
     started = time.perf_counter()
-    if data is None:
-        data = load_dataset(config.dataset, config.data, crop=config.crop,
-                            tiles_per_section=config.tiles_per_section, sections=config.sections)
-    normalization = fit_normalization(data.train.images)
-
-    torch.manual_seed(config.seed)
-    model = build_model(config.variant, encoder=config.encoder, in_channels=data.in_channels,
-                        classes=len(data.classes), B=config.B, X=config.X,
-                        lambda_=config.lambda_, seed=config.seed).to(device)
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
@@ -141,6 +160,9 @@ def _train(config, settings, data, context, device, on_validation):
                                 hint=f"{out / checkpoint.BEST} may still be intact (frem evaluate {out}); "
                                      "otherwise start afresh with another --out")
         differences = config.differences(TrainConfig.from_dict(saved["config"]))
+        trained_on = saved.get("data", {}).get("checksum")
+        if trained_on and data.checksum and trained_on != data.checksum:
+            differences.append(f"data {saved['data'].get('source')} (now: {data.source})")
         if differences:
             raise ValueError(f"cannot resume {out}: it was trained with " + ", ".join(differences))
         model.load_state_dict(saved["model"])
@@ -179,7 +201,7 @@ def _train(config, settings, data, context, device, on_validation):
             index = order[start:start + rank_batch]
             images, masks = augment(train_split.images[index], train_split.masks[index],
                                     flips[:, start:start + rank_batch])
-            x = normalize(images, normalization)
+            x = normalize(images, normalization, train_split.stats[index])
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device):
@@ -215,6 +237,8 @@ def _train(config, settings, data, context, device, on_validation):
             checkpoint.save({**_model_state(config, model, data, normalization, epoch),
                              "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
                              "state": state}, last_path)
+        if on_epoch is not None:
+            on_epoch(epoch)
         if on_validation is not None and "val_miou" in record:
             on_validation(epoch, record["val_miou"])  # after the checkpoint: a prune loses nothing
     bar.close()
@@ -233,20 +257,26 @@ def _train(config, settings, data, context, device, on_validation):
         "world_size": context.world_size,
         "wall_time_s": time.perf_counter() - started,
         "median_epoch_time_s": sorted(epoch_times)[len(epoch_times) // 2] if epoch_times else None,
-        "data": {"source": data.source, **{k: len(v) for k, v in data.splits().items()}},
+        "data": {**_data_identity(data), **{k: len(v) for k, v in data.splits().items()}},
         "frem": frem_settings(model),
         "config": config.to_dict(),
         "history": state["history"],
     }
     if context.is_main:
         checkpoint.save_json(metrics, out / checkpoint.METRICS)
+        if config.keep == "best":  # last.pt (with the optimiser state) only serves to continue the run
+            last_path.unlink(missing_ok=True)
     return metrics, model
+
+
+def _data_identity(data) -> dict:
+    return {"source": data.source, "root": data.root, "checksum": data.checksum}
 
 
 def _model_state(config, model, data, normalization, epoch) -> dict:
     return {"config": config.to_dict(), "model": model.state_dict(), "epoch": epoch,
             "classes": list(data.classes), "in_channels": data.in_channels,
-            "normalization": normalization, "frem": frem_settings(model)}
+            "normalization": normalization, "frem": frem_settings(model), "data": _data_identity(data)}
 
 
 def _device_name(device: torch.device) -> str:

@@ -16,6 +16,8 @@ import json
 import os
 import shlex
 import socket
+import sys
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,8 +25,8 @@ from pathlib import Path
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
-from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
+from tqdm.auto import tqdm
 
 from frem.seg import checkpoint
 from frem.seg.config import TrainConfig
@@ -37,6 +39,7 @@ from frem.seg.train import train
 # the trial counts as dead, is failed and re-queued.
 HEARTBEAT_S = int(os.environ.get("FREM_TUNE_HEARTBEAT", "30"))
 SUMMARY = "tune_summary.json"
+SCHEMA_LOCK = 0x6672656D  # "frem": the PostgreSQL advisory lock key for creating the schema and the study
 
 
 @contextmanager
@@ -49,7 +52,7 @@ def _stable_despite_label():
 
 
 def open_storage(url: str | None, out: Path):
-    """SQLite file by default; ``journal:PATH`` for Optuna's journal file; any RDB URL."""
+    """SQLite file by default; ``journal:PATH`` for Optuna's journal file; any RDB URL (postgresql://...)."""
     if url is None:
         out.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{(out / 'study.db').resolve()}"
@@ -58,8 +61,42 @@ def open_storage(url: str | None, out: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     with _stable_despite_label():
-        return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S,
-                          heartbeat_stale_trial_callback=_retry_callback())
+        try:
+            return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S,
+                              heartbeat_stale_trial_callback=_retry_callback())
+        except ImportError as error:  # SQLAlchemy names the driver it wanted
+            raise ValueError(f"--storage {_scheme(url)}://... needs its database driver ({error.name or error}): "
+                             + ('pip install "frem[postgres]"' if url.startswith("postgres") else
+                                "install the driver SQLAlchemy names")) from None
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0]
+
+
+@contextmanager
+def _schema_lock(url: str):
+    """Create the schema and the study one worker at a time, across machines: on PostgreSQL an
+    advisory lock (two workers starting together on a new database otherwise both run Optuna's
+    CREATE TYPE / CREATE TABLE and one dies); elsewhere nothing (SQLite: the file lock in open_study)."""
+    if not url.startswith("postgres"):
+        yield
+        return
+    import sqlalchemy
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    except ImportError as error:
+        raise ValueError(f"--storage {_scheme(url)}://... needs the PostgreSQL driver ({error.name or error}): "
+                         'pip install "frem[postgres]"') from None
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK})
+    finally:
+        engine.dispose()
 
 
 def _retry_callback() -> RetryHeartbeatStaleTrialCallback:
@@ -67,14 +104,24 @@ def _retry_callback() -> RetryHeartbeatStaleTrialCallback:
         return RetryHeartbeatStaleTrialCallback(max_retry=3, inherit_intermediate_values=True)
 
 
-def open_study(storage: str | None, out: Path, study_name: str, pruner) -> optuna.Study:
-    """Create or load the study, one process at a time: two workers starting on a new
-    SQLite study would otherwise both try to create its tables."""
+def open_study(storage: str | None, out: Path, study_name: str, pruner, seed: int = 0) -> optuna.Study:
+    """Create or load the study, one process at a time: two workers starting on a new study
+    would otherwise both try to create its tables (a file lock on one machine, an advisory
+    lock in PostgreSQL across machines).
+
+    The first worker's seed becomes the study's training seed (``train_seed``): every trial
+    trains with it, whichever worker runs it, so a trial re-queued to another worker resumes
+    the same run; a worker's own ``--seed`` seeds only its sampler.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".study.lock", "a") as lock:
+    url = storage or ""
+    with open(out / ".study.lock", "a") as lock, _schema_lock(url):
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        return optuna.create_study(study_name=study_name, storage=open_storage(storage, out),
-                                   direction="maximize", load_if_exists=True, pruner=pruner)
+        study = optuna.create_study(study_name=study_name, storage=open_storage(storage, out),
+                                    direction="maximize", load_if_exists=True, pruner=pruner)
+        if "train_seed" not in study.user_attrs:
+            study.set_user_attr("train_seed", seed)
+        return study
 
 
 def _alive(pid: int) -> bool:
@@ -152,7 +199,7 @@ def train_command(base: TrainConfig, params: dict) -> str:
 
 
 def tune(base: TrainConfig, *, trials: int, study_name: str, storage: str | None, out,
-         pruner: str = "hyperband", data=None) -> dict:
+         pruner: str = "hyperband", data=None, progress: bool = True) -> dict:
     """Run trials until the study holds ``trials`` finished ones; return the summary."""
     if base.variant not in TUNABLE:
         raise ValueError(f"--variant {base.variant} has nothing to tune: choose one of {', '.join(TUNABLE)}")
@@ -163,11 +210,13 @@ def tune(base: TrainConfig, *, trials: int, study_name: str, storage: str | None
                                                in_channels=data.in_channels, classes=len(data.classes),
                                                B=1, X=1.0))
     validations = -(-base.epochs // base.val_every)
-    study = open_study(storage, out, study_name, make_pruner(pruner, validations))
+    study = open_study(storage, out, study_name, make_pruner(pruner, validations), seed=base.seed)
+    sampler_seed = base.seed
+    base = base.with_(seed=study.user_attrs["train_seed"])
     recover_killed_trials(study)
     # Seeded, and offset by the trials already there, so a resumed or a second
     # worker does not replay the first worker's random start-up points.
-    study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials))
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.trials))
     study.set_user_attr("variant", base.variant)
     study.set_user_attr("epochs", base.epochs)
 
@@ -192,16 +241,55 @@ def tune(base: TrainConfig, *, trials: int, study_name: str, storage: str | None
         trial.set_user_attr("test_miou", metrics["test"]["miou"])
         return metrics["best_val_miou"]
 
-    finished = (TrialState.COMPLETE, TrialState.PRUNED)
-    # Re-queued trials run even when enough others have finished: a killed trial is never lost.
-    target = max(trials, len(study.get_trials(states=finished))
-                 + len(study.get_trials(states=(TrialState.WAITING,))))
-    if len(study.get_trials(states=finished)) < target:
-        study.optimize(objective, callbacks=[MaxTrialsCallback(target, states=finished)],
-                       catch=(), gc_after_trial=True)
+    target = max(trials, len(study.get_trials(states=FINISHED)) + len(study.get_trials(states=(TrialState.WAITING,))))
+    bar = tqdm(total=target, initial=len(study.get_trials(states=FINISHED)), unit="trial", desc="TPE search",
+               disable=not progress, file=sys.stderr)
+    try:
+        while len(study.get_trials(states=FINISHED)) < target or study.get_trials(states=(TrialState.WAITING,)):
+            study.optimize(objective, callbacks=[StopWhenDone(target, bar)], catch=(), gc_after_trial=True)
+            if not wait_for_other_workers(study, storage):
+                break
+    finally:
+        bar.close()
     summary = summarize(study, base)
     checkpoint.save_json(summary, out / SUMMARY)
     return summary
+
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class StopWhenDone:
+    """Stop this worker once the study holds ``target`` finished trials and none waits to be retried.
+
+    Like Optuna's MaxTrialsCallback (each extra worker may finish one trial
+    more), but a re-queued trial of a killed worker is always run: nothing is lost.
+    """
+
+    def __init__(self, target: int, bar):
+        self.target, self.bar = target, bar
+
+    def __call__(self, study: optuna.Study, _trial) -> None:
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        self.bar.n = min(finished, self.bar.total)
+        self.bar.refresh()
+        if finished >= self.target and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            study.stop()
+
+
+def wait_for_other_workers(study: optuna.Study, storage: str | None) -> bool:
+    """Before this worker leaves: wait while other workers' trials run, until they finish or are
+    declared dead (heartbeat) and re-queued. True if re-queued trials wait to be run.
+
+    Journal storage has no heartbeat: a dead journal worker's trial would be waited for forever,
+    so there this returns at once.
+    """
+    if storage is not None and storage.startswith("journal:"):
+        return False
+    while study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        time.sleep(min(HEARTBEAT_S, 5))
+        recover_killed_trials(study)
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
 def summarize(study: optuna.Study, base: TrainConfig) -> dict:

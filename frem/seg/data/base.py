@@ -17,12 +17,13 @@ class Split:
     images: torch.Tensor  # (N, channels, H, W): uint8, or float32 for 16-bit and float data
     masks: torch.Tensor   # (N, H, W) uint8 class indices
     names: list[str]      # where each tile came from
+    stats: torch.Tensor   # (N, channels, 2) float32: mean and std of the whole image each tile came from
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def to(self, device) -> "Split":
-        return Split(self.images.to(device), self.masks.to(device), self.names)
+        return Split(self.images.to(device), self.masks.to(device), self.names, self.stats.to(device))
 
 
 @dataclass
@@ -31,7 +32,9 @@ class SegmentationData:
     train: Split
     val: Split
     test: Split
-    source: str
+    source: str           # the data set by name and checksum, never by a machine's path
+    root: str = ""        # the folder it was read from (a run remembers it)
+    checksum: str = ""    # what identifies the content wherever it lies
 
     @property
     def in_channels(self) -> int:
@@ -69,13 +72,26 @@ def describe(image: np.ndarray) -> str:
     return f"{depth.get(image.dtype, str(image.dtype))} {colour_name(image.shape[-1])}"
 
 
+def image_stats(image: np.ndarray) -> np.ndarray:
+    """Per-channel mean and standard deviation of a whole (H, W, C) image: (C, 2) float32.
+
+    The model sees each image standardised with its own statistics (nnU-Net's
+    z-score for non-CT images; Cellpose and StarDist normalise per image too),
+    so the same scene stored at another bit depth gives the same input.
+    """
+    values = image.reshape(-1, image.shape[-1]).astype(np.float64)
+    std = values.std(axis=0)
+    return np.stack([values.mean(axis=0), np.where(std > 0, std, 1.0)], axis=-1).astype(np.float32)
+
+
 def make_split(pairs, crop, limit, label) -> Split:
     """Tile (name, image HxWxC, mask HxW of class indices) triples into a Split.
 
     8-bit images stay uint8 (the whole data set lives on the device); 16-bit
-    and float images become float32, their values unchanged.
+    and float images become float32, their values unchanged. Every tile keeps
+    the statistics of the whole image it was cut from.
     """
-    images, masks, names = [], [], []
+    images, masks, names, stats = [], [], [], []
     first = None
     for name, image, mask in pairs:
         if first is None:
@@ -83,11 +99,13 @@ def make_split(pairs, crop, limit, label) -> Split:
         elif describe(image) != describe(first[1]):
             raise DataError(f"the {label} split mixes images: {name} is {describe(image)} but {first[0]} is "
                             f"{describe(first[1])}; convert them to one kind")
+        whole = image_stats(image)
         for r, c in tile_grid(*mask.shape, crop, limit):
             size = crop or mask.shape[0], crop or mask.shape[1]
             images.append(image[r:r + size[0], c:c + size[1]])
             masks.append(mask[r:r + size[0], c:c + size[1]])
             names.append(f"{name}@{r},{c}")
+            stats.append(whole)
     if not images:
         raise DataError(f"the {label} split has no images")
     shapes = {m.shape for m in masks}
@@ -97,4 +115,4 @@ def make_split(pairs, crop, limit, label) -> Split:
     if stacked.dtype != np.uint8:
         stacked = stacked.astype(np.float32)
     return Split(torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous(),
-                 torch.from_numpy(np.stack(masks).astype(np.uint8)), names)
+                 torch.from_numpy(np.stack(masks).astype(np.uint8)), names, torch.from_numpy(np.stack(stats)))

@@ -77,10 +77,15 @@ def resolve_root(root=None, fetch_missing: bool = True) -> Path:
     return root
 
 
+def checksum() -> str:
+    """The data set's identity: the SHA-256 of its checksum list (every file is verified against it)."""
+    return hashlib.sha256(_CHECKSUMS.read_bytes()).hexdigest()[:12]
+
+
 def source_name() -> str:
     """The data set by name and checksum list, never by a machine's path."""
-    digest = hashlib.sha256(_CHECKSUMS.read_bytes()).hexdigest()[:12]
-    return f"Drosophila VNC ssTEM ({SOURCE_REPOSITORY}@{SOURCE_COMMIT}; files verified against SHA256SUMS {digest})"
+    return (f"Drosophila VNC ssTEM ({SOURCE_REPOSITORY}@{SOURCE_COMMIT}; files verified against SHA256SUMS "
+            f"{checksum()})")
 
 
 def sha256(path: Path) -> str:
@@ -140,7 +145,7 @@ def load_drosophila(root=None, *, crop: int | None = DEFAULT_CROP, tiles_per_sec
     splits = {name: make_split([load_section(root, s, sums) for s in sections[name]],
                                crop, tiles_per_section, name)
               for name in ("train", "val", "test")}
-    return SegmentationData(CLASSES, source=source_name(), **splits)
+    return SegmentationData(CLASSES, source=source_name(), root=str(root.resolve()), checksum=checksum(), **splits)
 
 
 def download(dest=None, base_url: str | None = None, progress: bool = True) -> list[str]:
@@ -190,5 +195,6 @@ def _fetch(url: str, part: Path) -> None:
             return
         raise DataError(f"could not download {url}: {error}") from None
     except OSError as error:
-        raise DataError(f"could not download {url}: {error} (run the command again to "
-                        "continue where it stopped)") from None
+        raise DataError(f"could not download {url}: {error}. Without internet, point --data DIR or "
+                        "FREM_DATA=DIR at a copy of the data set; with it, run the command again to continue "
+                        "where it stopped") from None

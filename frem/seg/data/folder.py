@@ -65,14 +65,16 @@ def load_folder(root, *, crop: int | None = None, tiles_per_section=None,
     if len(kinds) > 1:
         raise DataError(f"{root} mixes kinds of images across its splits (greyscale/colour, 8-bit/"
                         "16-bit/float); convert them to one kind")
-    return SegmentationData(classes, source=source_name(root), **splits)
+    files, digest = content_checksum(root)
+    return SegmentationData(classes, source=f"folder '{root.name}' ({files} files, SHA-256 of contents {digest})",
+                            root=str(root.resolve()), checksum=digest, **splits)
 
 
-def source_name(root: Path) -> str:
-    """The folder by name and content checksum, never by a machine's path."""
+def content_checksum(root: Path) -> tuple[int, str]:
+    """(files, SHA-256 of their relative paths and contents): the folder by content, wherever it lies."""
     digest = hashlib.sha256()
     files = sorted(p for p in root.rglob("*") if p.is_file())
     for path in files:
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
         digest.update(path.read_bytes())
-    return f"folder '{root.name}' ({len(files)} files, SHA-256 of contents {digest.hexdigest()[:12]})"
+    return len(files), digest.hexdigest()[:12]

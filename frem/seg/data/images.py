@@ -3,9 +3,9 @@
 TIFF goes through tifffile (16-bit and 32-bit float kept as they are,
 multi-page stacks page by page), everything else through Pillow. Every read
 error names the file. Intensities are never squeezed into 8 bits: the model
-sees them standardised with the training split's own mean and standard
-deviation (``fit_normalization``), stored in each checkpoint and reused by
-``frem predict``.
+sees each image standardised with its own mean and standard deviation
+(``fit_normalization``; the training split's instead for calibrated units),
+the choice stored in each checkpoint and reused by ``frem predict``.
 """
 
 from __future__ import annotations
@@ -82,19 +82,40 @@ def _intensity(page: np.ndarray, path: Path) -> np.ndarray:
                     "uint16 or float32")
 
 
-def fit_normalization(images: torch.Tensor) -> dict:
-    """Mean and standard deviation of the training split in its own units (any bit depth)."""
-    values = images.double()
+NORMALIZATIONS = ("image", "dataset")
+
+
+def fit_normalization(split, mode: str = "image") -> dict:
+    """How the model sees intensities, stored in every checkpoint.
+
+    ``image`` (the default): each image standardised with its own per-channel
+    mean and std, whatever its bit depth or gain. ``dataset``: the training
+    split's mean and std in its own units, for calibrated intensities whose
+    absolute value means something.
+    """
+    if mode == "image":
+        return {"mode": "image"}
+    if mode != "dataset":
+        raise ValueError(f"--normalize must be one of {', '.join(NORMALIZATIONS)}, got {mode!r}")
+    values = split.images.double()
     std = float(values.std())
-    return {"units": "raw", "mean": float(values.mean()), "std": std if std > 0 else 1.0}
+    return {"mode": "dataset", "units": "raw", "mean": float(values.mean()), "std": std if std > 0 else 1.0}
 
 
-def normalize(images: torch.Tensor, normalization: dict) -> torch.Tensor:
-    """Raw intensities -> standardised float32, with the training split's statistics.
+def normalize(images: torch.Tensor, normalization: dict, stats: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw intensities -> standardised float32.
 
-    Checkpoints from before raw units held statistics of intensities / 255.
+    ``stats`` (N, C, 2): each image's own mean and std, for ``mode="image"``.
+    Checkpoints from before per-image normalisation hold the training split's
+    statistics (in raw units, or older still of intensities / 255).
     """
     x = images.float()
+    if normalization.get("mode") == "image":
+        if stats is None:
+            raise ValueError("per-image normalisation needs each image's statistics")
+        stats = stats.to(x.device)
+        shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+        return (x - stats[..., 0].reshape(shape)) / stats[..., 1].reshape(shape)
     if normalization.get("units") != "raw":
         x = x / 255.0
     return (x - normalization["mean"]) / normalization["std"]

@@ -1,0 +1,54 @@
+"""FREM in MONAI's own training engine: SupervisedTrainer with frem.monai.FREMResample, two epochs on CPU."""
+
+import os
+
+import pytest
+import torch
+
+import frem
+
+if os.environ.get("CI"):
+    import ignite  # noqa: F401  (CI installs the monai extra: run, never skip)
+else:
+    pytest.importorskip("ignite", reason='needs the monai extra: pip install ".[monai]"')
+monai = pytest.importorskip("monai")
+from ignite.engine import Events  # noqa: E402
+from monai.engines import SupervisedTrainer  # noqa: E402
+from monai.losses import DiceCELoss  # noqa: E402
+from monai.networks.nets import UNet  # noqa: E402
+
+
+def make_trainer(network, epochs, handlers):
+    torch.manual_seed(0)
+    data = [{"image": torch.randn(2, 1, 32, 32), "label": torch.randint(0, 2, (2, 1, 32, 32))} for _ in range(3)]
+    return SupervisedTrainer(device=torch.device("cpu"), max_epochs=epochs, train_data_loader=data, network=network,
+                             optimizer=torch.optim.SGD(network.parameters(), lr=1e-2),
+                             loss_function=DiceCELoss(to_onehot_y=True, softmax=True), train_handlers=handlers)
+
+
+def test_the_engine_redraws_at_every_epoch_start_and_frem_acts_in_its_iterations():
+    network = UNet(2, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2))
+    handle = frem.attach(network, "bottleneck", B=8, X=250.0)
+    seen = []
+
+    class Record:  # a MONAI-style handler watching each iteration
+        def attach(self, engine):
+            engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+        def __call__(self, engine):
+            seen.append((engine.state.epoch, handle.epoch, handle.channels.tolist(), handle.training))
+
+    trainer = make_trainer(network, 2, [frem.monai.FREMResample(), Record()])
+    trainer.run()
+    assert [s[:2] for s in seen] == [(1, 0)] * 3 + [(2, 1)] * 3  # ignite counts from 1, frem from 0
+    for _, epoch, channels, training in seen:
+        assert channels == frem.select_channels(32, 8, 0, epoch).tolist() and training
+    assert seen[0][2] != seen[-1][2]
+
+
+def test_a_handler_given_the_network_works_when_the_engine_holds_a_wrapper():
+    network = UNet(2, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2))
+    handle = frem.attach(network, "bottleneck", B=8, X=250.0)
+    trainer = make_trainer(torch.nn.DataParallel(network), 1, [frem.monai.FREMResample(network)])
+    trainer.run()
+    assert handle.epoch == 0 and handle._resampled

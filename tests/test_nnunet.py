@@ -1,0 +1,158 @@
+"""FREM inside the real nnU-Net v2: plan and preprocess, nnUNetv2_train, nnUNetv2_predict, on the CPU.
+
+A tiny 2-D data set in nnU-Net's raw format is cut from the Drosophila
+sections; the trainer is examples/nnunet_trainer.py, installed the way its
+docstring says (a folder of its own under ``nnUNet_extTrainer``), with a
+subclass that trains 2 epochs of 3 iterations and records what FREM did.
+Needs the ``nnunet`` extra (``pip install ".[nnunet]"``); CI installs it, and
+fails rather than skips without it.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import frem
+
+if os.environ.get("CI"):
+    import nnunetv2  # noqa: F401  (CI must run this test, not skip it)
+else:
+    pytest.importorskip("nnunetv2", reason='needs the nnunet extra: pip install ".[nnunet]"')
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+DATASET = "Dataset123_FREMDrosophila"
+CROP = 128
+
+TEST_TRAINER = '''
+
+class nnUNetTrainerFREMTest(nnUNetTrainerFREM):
+    """Two epochs of three iterations, recording the drawn channels and what FREM did to the features."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 3
+        self.num_val_iterations_per_epoch = 1
+        self.frem_record = {"epochs": [], "ratios": []}
+
+    def on_train_start(self):
+        super().on_train_start()
+        handle = frem.attached(self.network)[0]
+        stage = handle._target_ref()
+        seen = {}
+        stage.register_forward_hook(lambda m, i, o: seen.__setitem__("raw", o.detach().float()), prepend=True)
+
+        def after(_module, _inputs, output):
+            raw, enhanced = seen.pop("raw"), output.detach().float()
+            per_channel = enhanced.abs().sum((0, 2, 3)) / raw.abs().sum((0, 2, 3)).clamp_min(1e-12)
+            chosen = torch.zeros(per_channel.numel(), dtype=torch.bool)
+            chosen[handle.channels.cpu()] = True
+            self.frem_record["ratios"].append([handle.training, float(per_channel[chosen].median()),
+                                              float(per_channel[~chosen].median())])
+        stage.register_forward_hook(after)
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        handle = frem.attached(self.network)[0]
+        self.frem_record["epochs"].append([self.current_epoch, handle.epoch, handle.channels.tolist()])
+
+    def on_train_end(self):
+        with open(self.output_folder + "/frem_record.json", "w") as f:
+            json.dump(self.frem_record, f)
+        super().on_train_end()
+'''
+
+
+def write_dataset(raw: Path, drosophila_root: Path) -> Path:
+    """Six 128 px training cases and one test case in nnU-Net's 2-D PNG layout (label 0 = background)."""
+    from frem.seg.data.drosophila import load_section, checksums
+    folder = raw / DATASET
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (folder / sub).mkdir(parents=True)
+    sums = checksums()
+    for case, section in enumerate(range(6)):
+        _, image, classes = load_section(drosophila_root, section, sums)
+        top = 256 + 64 * case
+        Image.fromarray(image[top:top + CROP, top:top + CROP, 0]).save(folder / "imagesTr" / f"case{case:03d}_0000.png")
+        # frem's classes: membrane 0, mitochondria 1, synapse 2, background 3 -> nnU-Net: background 0
+        labels = ((classes.astype(np.int64) + 1) % 4).astype(np.uint8)
+        Image.fromarray(labels[top:top + CROP, top:top + CROP]).save(folder / "labelsTr" / f"case{case:03d}.png")
+    _, image, _ = load_section(drosophila_root, 15, sums)
+    Image.fromarray(image[:CROP, :CROP, 0]).save(folder / "imagesTs" / "test000_0000.png")
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "EM"}, "labels": {"background": 0, "membrane": 1, "mitochondria": 2, "synapse": 3},
+        "numTraining": 6, "file_ending": ".png"}))
+    return folder
+
+
+def nnunet(command: str, *args, env) -> subprocess.CompletedProcess:
+    executable = Path(sys.executable).parent / command
+    done = subprocess.run([str(executable), *args], capture_output=True, text=True, env=env, timeout=1200)
+    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def test_nnunet_trains_with_frem_redrawn_each_epoch_and_predicts_like_the_bare_network(drosophila_root, tmp_path):
+    raw, preprocessed, results, ext = (tmp_path / name for name in ("raw", "preprocessed", "results", "trainers"))
+    write_dataset(raw, drosophila_root)
+    ext.mkdir()
+    # Installed as the example's docstring says: a folder of its own under nnUNet_extTrainer.
+    (ext / "nnunet_trainer_frem.py").write_text((ROOT / "examples" / "nnunet_trainer.py").read_text()
+                                                 + "\n\nimport json\n" + TEST_TRAINER)
+    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(preprocessed),
+           "nnUNet_results": str(results), "nnUNet_extTrainer": str(ext), "nnUNet_n_proc_DA": "0",
+           "nnUNet_compile": "false", "OMP_NUM_THREADS": "2"}
+    nnunet("nnUNetv2_plan_and_preprocess", "-d", "123", "-c", "2d", "-np", "1", "--verify_dataset_integrity", env=env)
+    nnunet("nnUNetv2_train", "123", "2d", "0", "-tr", "nnUNetTrainerFREMTest", "-device", "cpu", env=env)
+
+    model_folder = results / DATASET / "nnUNetTrainerFREMTest__nnUNetPlans__2d"
+    record = json.loads((model_folder / "fold_0" / "frem_record.json").read_text())
+    plans = json.loads((preprocessed / DATASET / "nnUNetPlans.json").read_text())
+    stages = len(plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"])
+    width = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"][-1]
+    B = round(162 / 512 * width)
+    # re-drawn each epoch, to frem's pure function of (seed, epoch)
+    assert [e[:2] for e in record["epochs"]] == [[0, 0], [1, 1]]
+    for _, epoch, channels in record["epochs"]:
+        assert channels == frem.select_channels(width, B, 0, epoch).tolist()
+    assert record["epochs"][0][2] != record["epochs"][1][2]
+    training = [r for r in record["ratios"] if r[0]]
+    evaluation = [r for r in record["ratios"] if not r[0]]
+    assert len(training) == 6 and evaluation  # 2 epochs x 3 iterations; nnU-Net's validation in eval mode
+    for _, enhanced, other in training:
+        assert enhanced == pytest.approx(632.0, rel=1e-3) and other == pytest.approx(1.0)
+    for _, enhanced, other in evaluation:
+        assert enhanced == other == 1.0
+
+    # The checkpoint holds no FREM state: it loads into nnU-Net's plain network, which gives the same logits.
+    checkpoint = torch.load(model_folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert not [k for k in checkpoint["network_weights"] if "frem" in k]
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, verbose=False)
+    predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(0,),
+                                                   checkpoint_name="checkpoint_final.pth")
+    assert frem.attached(predictor.network)[0].layer == f"encoder.stages.{stages - 1}"
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    bare = nnUNetTrainer.build_network_architecture(
+        predictor.plans_manager, predictor.configuration_manager, 1, 4, enable_deep_supervision=False)
+    bare.load_state_dict(checkpoint["network_weights"])
+    x = torch.randn(1, 1, CROP, CROP)
+    with torch.no_grad():
+        predictor.network.load_state_dict(checkpoint["network_weights"])
+        assert torch.equal(predictor.network.eval()(x), bare.eval()(x))
+
+    nnunet("nnUNetv2_predict", "-i", str(raw / DATASET / "imagesTs"), "-o", str(tmp_path / "predicted"), "-d", "123",
+           "-c", "2d", "-f", "0", "-tr", "nnUNetTrainerFREMTest", "-chk", "checkpoint_final.pth", "-device", "cpu",
+           env=env)
+    predicted = np.array(Image.open(tmp_path / "predicted" / "test000.png"))
+    assert predicted.shape == (CROP, CROP) and set(np.unique(predicted)) <= {0, 1, 2, 3}
+    shutil.rmtree(preprocessed)  # the largest part; the rest goes with tmp_path
