@@ -13,9 +13,16 @@ Install it either way, then train as usual:
 FREM is attached when the network is built, before nnU-Net compiles it or
 wraps it in DDP, at ``encoder.stages[-1]`` (frem knows nnU-Net's
 architectures by name). B is a fraction of that stage's channels (the paper's
-mouse-liver setting, 162 of 512, and X=632). nnU-Net trains on CUDA under
-float16 autocast with a GradScaler; FREM works there (it computes in float32
-and saturates at float16's range, warning once an epoch if it had to).
+mouse-liver setting, 162 of 512, and X=632).
+
+Precision: nnU-Net trains on CUDA under float16 autocast with a GradScaler.
+FREM itself fits float16 there (it caps its product at float16's maximum and
+warns once an epoch if it had to), but in fp32 measurements nnU-Net's decoder
+reached 75,000 right after the enhanced features (README, "Mixed
+precision"), past float16's 65,504: an overflow that would stall the run.
+So on a GPU with bfloat16 (Ampere and later) this trainer makes nnU-Net's own
+autocast use bfloat16 (float32's range); set ``bfloat16 = False`` on the class
+to keep float16, where FREM then names an overflow at the next epoch.
 
 ``build_network_architecture`` keeps nnU-Net's own signature (``functools.wraps``):
 nnU-Net >= 2.7 inspects it to choose how to call it, for training and for
@@ -56,6 +63,15 @@ except ImportError:  # nnU-Net not installed: the trainer class is not defined
 if nnUNetTrainer is not None and frem is not None:
 
     class nnUNetTrainerFREM(nnUNetTrainer):
+        bfloat16 = True  # nnU-Net's autocast in bfloat16 where the GPU has it (see the module docstring)
+
+        def on_train_start(self):
+            if self.bfloat16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+                torch.set_autocast_dtype("cuda", torch.bfloat16)  # nnU-Net's train_step: autocast("cuda")
+                self.print_to_log_file("FREM: nnU-Net's autocast runs in bfloat16 (float16 would overflow "
+                                       "after the enhanced features)")
+            super().on_train_start()
+
         @staticmethod
         @functools.wraps(nnUNetTrainer.build_network_architecture)
         def build_network_architecture(*args, **kwargs) -> nn.Module:

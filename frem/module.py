@@ -69,8 +69,11 @@ class FREM(LazyModuleMixin, nn.Module):
         self._resampled = False
         self.register_buffer("scale", torch.ones(0), persistent=False)
         self.register_buffer("channels", torch.zeros(0, dtype=torch.long), persistent=False)
-        # float16 values capped at its maximum since the last re-draw, counted on the device (no sync)
+        # Since the last re-draw, counted on the device (no sync): float16 values capped at its
+        # maximum, and float16 steps whose gradient reached FREM as inf/NaN.
         self.register_buffer("capped", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("overflowed", torch.zeros((), dtype=torch.long), persistent=False)
+        self._float16_steps = 0
         if num_channels is not None:
             self.bind(num_channels)
 
@@ -87,6 +90,7 @@ class FREM(LazyModuleMixin, nn.Module):
         self.scale = torch.ones(num_channels, device=device)
         self.channels = torch.zeros(self._count, dtype=torch.long, device=device)
         self.capped = torch.zeros((), dtype=torch.long, device=device)
+        self.overflowed = torch.zeros((), dtype=torch.long, device=device)
         self._draw()
         self._finish_lazy_binding()
         return self
@@ -95,7 +99,7 @@ class FREM(LazyModuleMixin, nn.Module):
         """Draw the channels for ``epoch`` (``mode="fixed"`` keeps its first draw)."""
         if isinstance(epoch, bool) or not isinstance(epoch, Integral) or epoch < 0:
             raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
-        self._report_capped()
+        self._report_float16()
         self.epoch = int(epoch)
         self._resampled = True
         return self._draw() if self.num_channels is not None else self
@@ -134,25 +138,46 @@ class FREM(LazyModuleMixin, nn.Module):
     def _enhance(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float16:
             return scale_channels(x, self.scale)
-        # float16 (the autocast nnU-Net and most GPU scripts train with): features of a few
-        # units times X=632 fit its maximum of 65504, but a large X or feature would round to
-        # inf and, through the loss, stall a GradScaler run for good. The float32 product is
-        # capped at the maximum instead (no gradient flows through a capped value, as for any
-        # clamp), counted on the device, and reported once an epoch by resample().
+        # float16 (the autocast nnU-Net and most GPU scripts train with): the paper's networks'
+        # bottleneck features stay within a few units (README, "Mixed precision"), so X=632 fits
+        # float16's maximum of 65504 with room; a larger X or feature would round to inf. The
+        # float32 product is capped at the maximum instead (a capped value passes no gradient,
+        # as for any clamp). What is capped here, and steps whose gradient comes back inf/NaN
+        # (an overflow downstream: GradScaler then skips the step), are counted on the device
+        # and reported once an epoch by resample().
         y = scale_channels(x.float(), self.scale).clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16)
         self.capped += (y.abs() == FLOAT16_MAX).sum()
+        if y.requires_grad and not torch.compiler.is_compiling():
+            self._float16_steps += 1
+            y.register_hook(self._count_overflow)
         return y
 
-    def _report_capped(self) -> None:
-        capped = int(self.capped) if self.capped.numel() else 0  # one sync an epoch
+    def _count_overflow(self, grad: torch.Tensor) -> None:
+        self.overflowed += (~torch.isfinite(grad).all()).long()
+
+    def _report_float16(self) -> None:
+        """Once an epoch (one sync): warn about capped values, and about an epoch in which most
+        float16 steps overflowed (a GradScaler run that skips most steps learns nothing)."""
+        if not self.capped.numel():
+            return
+        capped, overflowed, steps = int(self.capped), int(self.overflowed), self._float16_steps
+        self.capped.zero_()
+        self.overflowed.zero_()
+        self._float16_steps = 0
+        where = f"FREM at {self.layer or 'its module'}"
+        advice = ("train under bfloat16 autocast (torch.autocast(..., dtype=torch.bfloat16); nnU-Net: "
+                  "torch.set_autocast_dtype('cuda', torch.bfloat16)) or lower X")
         if capped:
-            self.capped.zero_()
             warnings.warn(
-                f"FREM at {self.layer or 'its module'} capped {capped} enhanced values at float16's maximum "
-                f"(65504) in epoch {self.epoch}: |features| x X={self.X:g} passed float16's range. They are "
-                "still enhanced, by less than X, and get no gradient; if the loss turns inf/NaN downstream, "
-                "train under bfloat16 autocast (torch.autocast(..., dtype=torch.bfloat16)) or lower X.",
-                RuntimeWarning, stacklevel=3)
+                f"{where} capped {capped} enhanced values at float16's maximum (65504) in epoch {self.epoch}: "
+                f"|features| x X={self.X:g} passed float16's range. They are still enhanced, by less than X, "
+                f"and get no gradient; if the loss turns inf/NaN downstream, {advice}.", RuntimeWarning, stacklevel=4)
+        if steps and 2 * overflowed > steps:
+            warnings.warn(
+                f"{where}: in {overflowed} of {steps} float16 training steps of epoch {self.epoch} the gradient "
+                f"came back inf/NaN: the enhanced features (x X={self.X:g}) overflow float16 downstream, so a "
+                f"GradScaler skips those steps and the model stops learning. {advice[0].upper() + advice[1:]}.",
+                RuntimeWarning, stacklevel=4)
 
     def _check_not_enhanced_twice(self, x: torch.Tensor, where: str) -> None:
         first = getattr(x, "_frem_layer", None)
@@ -234,7 +259,11 @@ class FREM(LazyModuleMixin, nn.Module):
     def __setstate__(self, state):  # pragma: no mutate block
         for name in ("_holder_ref", "_target_ref"):
             state[name] = weakref.ref(state[name]) if state[name] is not None else None
+        state.setdefault("_float16_steps", 0)  # a FREM pickled before the float16 counters
         super().__setstate__(state)
+        for name in ("capped", "overflowed"):
+            if name not in self._buffers:
+                self.register_buffer(name, torch.zeros((), dtype=torch.long), persistent=False)
 
     def extra_repr(self) -> str:
         parts = [f"B={self.B}", f"X={self.X:g}", f"mode={self.mode!r}", f"seed={self.seed}"]

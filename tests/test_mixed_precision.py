@@ -134,6 +134,42 @@ def test_an_overflowing_x_is_capped_and_named_at_the_next_redraw_not_a_silent_na
         frem.resample(model, 2)  # nothing capped since: silent
 
 
+def test_an_overflow_downstream_of_frem_is_named_at_the_next_redraw():
+    """FREM's output fits float16, but the next layer's sum does not: the loss is inf every step and a
+    GradScaler skips every step. FREM sees the inf gradients come back and says so once an epoch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 3, padding=1))
+    with torch.no_grad():
+        model[2].weight.mul_(1e3)
+    handle = frem.attach(model, "1", B=4, X=600.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu")
+    for x, target in batches(4, size=8):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(model.train()(x), target)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        assert not torch.isfinite(loss)
+    assert int(handle.capped) == 0  # FREM's own output fits: the overflow is downstream
+    with pytest.warns(RuntimeWarning, match=r"FREM at 1: in 4 of 4 float16 training steps of epoch 0 the gradient "
+                                            r"came back inf/NaN: .* overflow float16 downstream.*bfloat16"):
+        frem.resample(model, 1)
+
+
+def test_a_few_skipped_steps_while_the_gradscaler_settles_are_no_alarm():
+    torch.manual_seed(0)
+    model = HandUNet()
+    frem.attach(model, "bottleneck", B=4, X=632.0, example_input=torch.randn(1, 1, 16, 16))
+    handle = frem.attached(model)[0]
+    handle.overflowed += 1  # one overflowed step of eight: GradScaler's own calibration looks like this
+    handle._float16_steps = 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        frem.resample(model, 1)
+
+
 def test_bfloat16_and_float32_need_no_cap():
     module = frem.FREM(B=2, X=1e6, num_channels=2).train()
     for dtype in (torch.bfloat16, torch.float32):

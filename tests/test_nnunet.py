@@ -5,7 +5,10 @@ sections; the trainer is examples/nnunet_trainer.py, installed the way its
 docstring says (a folder of its own under ``nnUNet_extTrainer``), with a
 subclass that trains 2 epochs of 3 iterations and records what FREM did.
 Needs the ``nnunet`` extra (``pip install ".[nnunet]"``); CI installs it, and
-fails rather than skips without it.
+fails rather than skips without it. Run against nnunetv2 2.8.1 (CI) and, by
+hand, 2.7.0 (an nnU-Net without nnUNet_extTrainer: the trainer then goes into
+nnU-Net's own variants folder, as the example's docstring says, and is removed
+afterwards).
 """
 
 import json
@@ -37,8 +40,8 @@ TEST_TRAINER = '''
 class nnUNetTrainerFREMTest(nnUNetTrainerFREM):
     """Two epochs of three iterations, recording the drawn channels and what FREM did to the features."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)  # nnU-Net reads these names back
         self.num_epochs = 2
         self.num_iterations_per_epoch = 3
         self.num_val_iterations_per_epoch = 1
@@ -101,17 +104,29 @@ def nnunet(command: str, *args, env) -> subprocess.CompletedProcess:
     return done
 
 
-def test_nnunet_trains_with_frem_redrawn_each_epoch_and_predicts_like_the_bare_network(drosophila_root, tmp_path):
+def test_nnunet_trains_with_frem_redrawn_each_epoch_and_predicts_like_the_bare_network(drosophila_root, tmp_path,
+                                                                                       monkeypatch, request):
     raw, preprocessed, results, ext = (tmp_path / name for name in ("raw", "preprocessed", "results", "trainers"))
     write_dataset(raw, drosophila_root)
-    ext.mkdir()
-    # Installed as the example's docstring says: a folder of its own under nnUNet_extTrainer.
-    (ext / "nnunet_trainer_frem.py").write_text((ROOT / "examples" / "nnunet_trainer.py").read_text()
-                                                 + "\n\nimport json\n" + TEST_TRAINER)
+    trainer = (ROOT / "examples" / "nnunet_trainer.py").read_text() + "\n\nimport json\n" + TEST_TRAINER
+    import nnunetv2
+    import nnunetv2.paths
+    if hasattr(nnunetv2.paths, "nnUNet_extTrainer"):
+        # nnU-Net >= 2.8, as the example's docstring says: a folder of its own under nnUNet_extTrainer
+        ext.mkdir()
+        (ext / "nnunet_trainer_frem.py").write_text(trainer)
+    else:  # older nnU-Net: its own variants folder, removed again after the test
+        ext = Path(nnunetv2.__file__).parent / "training" / "nnUNetTrainer" / "variants" / "frem_test"
+        ext.mkdir()
+        (ext / "__init__.py").write_text("")
+        (ext / "nnunet_trainer_frem.py").write_text(trainer)
+        request.addfinalizer(lambda: shutil.rmtree(ext, ignore_errors=True))
     env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(preprocessed),
            "nnUNet_results": str(results), "nnUNet_extTrainer": str(ext), "nnUNet_n_proc_DA": "0",
            "nnUNet_compile": "false", "OMP_NUM_THREADS": "2"}
-    nnunet("nnUNetv2_plan_and_preprocess", "-d", "123", "-c", "2d", "-np", "1", "--verify_dataset_integrity", env=env)
+    # planning sets torch's thread count from nnUNet_n_proc_DA, training runs augmentation in-process with 0
+    nnunet("nnUNetv2_plan_and_preprocess", "-d", "123", "-c", "2d", "-np", "1", "--verify_dataset_integrity",
+           env={**env, "nnUNet_n_proc_DA": "1"})
     nnunet("nnUNetv2_train", "123", "2d", "0", "-tr", "nnUNetTrainerFREMTest", "-device", "cpu", env=env)
 
     model_folder = results / DATASET / "nnUNetTrainerFREMTest__nnUNetPlans__2d"
@@ -136,6 +151,8 @@ def test_nnunet_trains_with_frem_redrawn_each_epoch_and_predicts_like_the_bare_n
     # The checkpoint holds no FREM state: it loads into nnU-Net's plain network, which gives the same logits.
     checkpoint = torch.load(model_folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert not [k for k in checkpoint["network_weights"] if "frem" in k]
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(name, env[name])  # nnU-Net reads them when asked, here in this process
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, verbose=False)
     predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(0,),

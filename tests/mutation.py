@@ -1,0 +1,120 @@
+"""Mutation testing of the whole project, one module group at a time, each against its own tests.
+
+    python tests/mutation.py                 # every group, one after the other
+    python tests/mutation.py train tune      # some groups
+    python tests/mutation.py --list          # the groups, their files and tests
+
+mutmut mutates the group's files and runs, for each mutant, the tests of the
+group that cover the mutated function. A group runs in a copy of the
+repository (``/tmp/frem-mutation/<group>``), so groups never share mutmut's
+state and the working tree stays untouched. In that copy ``kernels/`` lies
+inside ``frem/`` (where it is installed), so the kernels' launcher is mutated
+and imported like the rest; subprocesses (``python -m frem``) see the
+mutants through PYTHONPATH. Each group prints its score and writes
+``summary.json`` and ``survivors.txt`` beside its copy. Needs ``pip install
+mutmut`` and the Drosophila data (FREM_DATA). DEVELOPERS.md keeps the last run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = Path(os.environ.get("FREM_MUTATION_DIR", "/tmp/frem-mutation"))
+
+# group -> (files to mutate, tests that should catch their bugs)
+GROUPS = {
+    "core": (["frem/module.py", "frem/hooks.py", "frem/selection.py", "frem/seg/metrics.py"],
+             ["tests/test_module.py", "tests/test_hooks.py", "tests/test_metrics.py", "tests/test_model_operations.py",
+              "tests/test_mixed_precision.py"]),
+    "bottleneck": (["frem/bottleneck.py", "frem/survey.py", "frem/known.py", "frem/sites.py"],
+                   ["tests/test_networks.py"]),
+    "kernels": (["frem/kernels/scale_channels.py"],
+                ["tests/test_scale_channels.py", "tests/test_kernels.py", "tests/test_op_autograd.py",
+                 "tests/test_opcheck.py"]),
+    "train": (["frem/seg/train.py", "frem/seg/config.py", "frem/seg/variants.py", "frem/seg/models.py"],
+              ["tests/test_train.py", "tests/test_protocol.py", "tests/test_first_hour.py"]),
+    "checkpoint": (["frem/seg/checkpoint.py"], ["tests/test_robustness.py", "tests/test_evaluation.py"]),
+    "evaluate": (["frem/seg/evaluate.py", "frem/seg/predict.py"],
+                 ["tests/test_evaluation.py", "tests/test_first_hour.py", "tests/test_train.py"]),
+    "tune": (["frem/seg/tune.py", "frem/seg/search_space.py"], ["tests/test_search.py", "tests/test_tune.py"]),
+    "cli": (["frem/seg/cli.py"], ["tests/test_cli.py", "tests/test_first_hour.py", "tests/test_protocol.py"]),
+    "data": (["frem/seg/data/base.py", "frem/seg/data/drosophila.py", "frem/seg/data/folder.py",
+              "frem/seg/data/images.py"], ["tests/test_data.py", "tests/test_robustness.py", "tests/test_first_hour.py"]),
+}
+# Not mutated: the wording of messages (tests match what matters in them) and docstrings.
+DO_NOT_MUTATE_PATTERNS = [r'^\s*f?"', r'raise \w+\(f?"', r'warnings\.warn\(', r'^\s*"""', r'^\s*\+ \(?f?"']
+IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "results", "runs", "mutants", ".whl", ".data",
+                                "__pycache__", ".hypothesis", ".pytest_cache", ".benchmarks", "reproduction")
+
+
+def toml_list(values) -> str:
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+def prepare(group: str) -> Path:
+    files, tests = GROUPS[group]
+    copy = WORK / group
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(ROOT, copy, ignore=IGNORE)
+    shutil.move(str(copy / "kernels"), str(copy / "frem" / "kernels"))  # as installed: frem.kernels
+    pyproject = (copy / "pyproject.toml").read_text()
+    pyproject = pyproject[:pyproject.index("[tool.mutmut]")] if "[tool.mutmut]" in pyproject else pyproject
+    (copy / "pyproject.toml").write_text(pyproject + f"""[tool.mutmut]
+source_paths = ["frem/"]
+only_mutate = {toml_list(files)}
+also_copy = ["examples/", "benchmarks/"]
+do_not_mutate_patterns = {toml_list(DO_NOT_MUTATE_PATTERNS)}
+pytest_add_cli_args_test_selection = {toml_list(tests)}
+# torch.compile cannot trace mutmut's trampolines: the compile tests run in the normal suite only.
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q", "-k", "not compile", "-m", "not cuda"]
+process_isolation = "forkserver"   # torch is not fork-safe
+timeout_multiplier = 8.0
+use_git_change_detection = false
+""")
+    return copy
+
+
+def run(group: str) -> dict:
+    copy = prepare(group)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(copy / "mutants"),
+           "FREM_DATA": os.environ.get("FREM_DATA", str(ROOT.parent / "shared" / "data" / "drosophila-vnc"))}
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "2"], cwd=copy, env=env)
+    minutes = (time.time() - started) / 60
+    listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=copy, env=env,
+                             capture_output=True, text=True).stdout
+    states = {}
+    for line in listing.splitlines():
+        match = re.match(r"\s*(\S+): (\w[\w ]*)$", line)
+        if match:
+            states[match.group(1)] = match.group(2).strip()
+    counts = {state: sum(1 for s in states.values() if s == state) for state in sorted(set(states.values()))}
+    caught = counts.get("killed", 0) + counts.get("timeout", 0)
+    summary = {"group": group, "files": GROUPS[group][0], "tests": GROUPS[group][1], "mutants": len(states),
+               "counts": counts, "score": caught / max(len(states), 1), "minutes": round(minutes, 1)}
+    (WORK / f"{group}.summary.json").write_text(json.dumps(summary, indent=2))
+    (WORK / f"{group}.survivors.txt").write_text("\n".join(n for n, s in states.items() if s == "survived") + "\n")
+    print(f"{group}: {caught}/{len(states)} caught ({100 * summary['score']:.1f}%) in {minutes:.0f} min; {counts}")
+    return summary
+
+
+def main(argv) -> int:
+    if "--list" in argv:
+        for group, (files, tests) in GROUPS.items():
+            print(f"{group}: {' '.join(files)}\n    tests: {' '.join(tests)}")
+        return 0
+    for group in argv or list(GROUPS):
+        run(group)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,88 @@
+"""What evaluation, the feature probe, prediction and checkpoints measure and write, checked against
+an independent computation of the same thing."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from frem.seg import checkpoint
+from frem.seg.cli import main
+from frem.seg.evaluate import FeatureProbe, evaluate_run, model_from_checkpoint
+from frem.seg.predict import predict_image
+
+
+def test_the_probe_measures_the_bottleneck_and_the_skip_that_meets_it(trained_run, drosophila_root):
+    """Fig. 2/9: the deepest encoder map and the one the decoder joins it with (features[-2])."""
+    state = checkpoint.load(trained_run / "best.pt")
+    model = model_from_checkpoint(state)
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        features = model.encoder(x)
+        probe = FeatureProbe(model)
+        with probe.recording():
+            model(x)
+    stats = probe.summary()
+    assert stats["bottleneck_mean"] == pytest.approx(float(features[-1].mean()), rel=1e-5)
+    assert stats["skip_mean"] == pytest.approx(float(features[-2].mean()), rel=1e-5)
+    channels = state["frem"][0]["channels"]
+    chosen = torch.zeros(features[-1].shape[1], dtype=torch.bool)
+    chosen[channels] = True
+    per_channel = features[-1].mean((0, 2, 3))
+    assert stats["enhanced_mean"] == pytest.approx(float(per_channel[chosen].mean()), rel=1e-5)
+    assert stats["other_mean"] == pytest.approx(float(per_channel[~chosen].mean()), rel=1e-5)
+
+
+class Blur(nn.Module):
+    """Labels by the sign of a local average: every output pixel depends on its neighbours
+    (six 3x3 box filters: a receptive radius of 6), with zero padding at a window's edge."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.Sequential(*[nn.Conv2d(1, 1, 3, padding=1, bias=False) for _ in range(6)])
+        for conv in self.convs:
+            nn.init.constant_(conv.weight, 1 / 9)
+
+    def forward(self, x):
+        smooth = self.convs(x)
+        return torch.cat([smooth, -smooth], 1)
+
+
+def test_tiles_read_their_context_on_every_side():
+    """Tiled with margins, the labels equal those of the whole image at once, at every tile border."""
+    image = np.random.default_rng(1).normal(size=(150, 200, 1)).astype(np.float32)
+    normalization = {"mode": "image"}
+    whole = predict_image(Blur(), image, normalization, "cpu", tile=1024, margin=0)
+    tiled = predict_image(Blur(), image, normalization, "cpu", tile=64, margin=16)
+    assert np.array_equal(tiled, whole) and 0.2 < whole.mean() < 0.8
+    assert not np.array_equal(predict_image(Blur(), image, normalization, "cpu", tile=64, margin=0), whole)
+
+
+def test_checkpoint_temporaries_are_written_beside_their_target(tmp_path, monkeypatch):
+    """A rename is atomic only within one file system: the temporary lies in the target's folder."""
+    moves = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: moves.append((src, dst)) or real(src, dst))
+    target = tmp_path / "run" / "best.pt"
+    checkpoint.save({"a": torch.ones(2)}, target)
+    checkpoint.save_json({"b": 1}, tmp_path / "run" / "metrics.json")
+    assert [os.path.dirname(src) for src, _ in moves] == [str(tmp_path / "run")] * 2
+    assert [os.path.basename(src).startswith(".best.pt.") for src, _ in moves] == [True, False]
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_evaluate_with_data_that_moved(trained_run, drosophila_root, tmp_path, capsys):
+    """The run remembers its data folder; when that is gone, --data points at the moved copy."""
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    state = checkpoint.load(run / "best.pt")
+    state["config"]["data"] = str(tmp_path / "gone")  # trained on a folder that is no longer there
+    checkpoint.save(state, run / "best.pt")
+    assert main(["evaluate", str(run)]) == 2
+    assert "pass --data DIR" in capsys.readouterr().err
+    moved = tmp_path / "moved"
+    moved.symlink_to(drosophila_root)
+    assert main(["evaluate", str(run), "--data", str(moved)]) == 0
+    assert evaluate_run(run, data_root=str(moved)) == evaluate_run(trained_run)
