@@ -6,7 +6,9 @@ is called on meta tensors with a ``wrap`` that compiles (``warmup``) instead of
 launching: the launcher's own argument binding decides the specialisation
 (divisibility-by-16 and ==1 hints, int32/int64), exactly as on a GPU, and
 Triton's CUDA backend takes it down to PTX and cubin. Prints one line per case:
-its name and the widest global load and store in the PTX, in bytes.
+its name, the widest global load and store in the PTX, in bytes, and the width
+of its index arithmetic (64 where offsets may pass 2**31: the kernels widen the
+program id to int64 only then).
 """
 
 import re
@@ -55,6 +57,11 @@ def widest(ptx: str, op: str) -> int:
     return max(widths, default=0)
 
 
+def index_bits(ptx: str) -> int:
+    """64 if the program id is widened (sign-extended) or offsets multiplied out in 64-bit, else 32."""
+    return 64 if re.search(r"\bcvt\.s64\.s32\b|\b(?:mad|mul)\.lo\.s64\b", ptx) else 32
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 CASES = {  # name -> (shape, memory format or a transform making a strided view)
     "nchw-16x512x8x8": ((16, 512, 8, 8), torch.contiguous_format),
@@ -78,7 +85,8 @@ for dtype_name, dtype in DTYPES.items():
         kernel = Compile.compiled[-1]
         assert kernel.asm["cubin"], "no cubin"
         ptx = kernel.asm["ptx"]
-        print(f"{case} {dtype_name} tiles load={widest(ptx, 'ld')} store={widest(ptx, 'st')} ok")
+        print(f"{case} {dtype_name} tiles load={widest(ptx, 'ld')} store={widest(ptx, 'st')} "
+              f"index={index_bits(ptx)} ok")
 for dim in range(4):  # slices along each dim: not dense, the strided kernel
     base = torch.empty(4, 8, 6, 10, dtype=torch.bfloat16, device="meta")
     x = base[(slice(None),) * dim + (slice(None, None, 2),)]
@@ -87,4 +95,10 @@ for dim in range(4):  # slices along each dim: not dense, the strided kernel
     kernel = Compile.compiled[-1]
     assert kernel.asm["cubin"], "no cubin"
     print(f"sliced-dim{dim} bf16 strided load={widest(kernel.asm['ptx'], 'ld')} "
-          f"store={widest(kernel.asm['ptx'], 'st')} ok")
+          f"store={widest(kernel.asm['ptx'], 'st')} index={index_bits(kernel.asm['ptx'])} ok")
+# a strided view whose addresses span past 2**31 elements: the strided kernel with 64-bit offsets
+x = torch.empty(2**31 + 64, dtype=torch.bfloat16, device="meta").as_strided((2, 3, 2), (2**31, 7, 1))
+k.launch_scale_channels(x, torch.empty(3, device="meta"), torch.empty((2, 3, 2), dtype=torch.bfloat16, device="meta"),
+                        wrap=Compile)
+ptx = Compile.compiled[-1].asm["ptx"]
+print(f"sliced-past-2^31 bf16 strided load={widest(ptx, 'ld')} store={widest(ptx, 'st')} index={index_bits(ptx)} ok")
