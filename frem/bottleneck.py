@@ -99,6 +99,19 @@ def choose(found: Survey, model_name: str = "the model") -> FeatureMap:
 
     Every map of the survey gets a ``note`` saying what the rule made of it.
     """
+    features = _feature_maps(found, model_name)                       # 1
+    lowest = _lowest_resolution(features, found, model_name)          # 2
+    deep = _deep_maps(features, lowest, found, model_name)            # 3
+    chain = _main_path(deep, found, model_name)                       # 4
+    boundaries = _block_boundaries(chain, found, model_name)          # 5
+    pick = boundaries[-1]                                             # 6
+    _refuse_if_unsure(pick, boundaries, chain, deep, lowest, found, model_name)  # 7
+    pick.note = (f"bottleneck: the last map at the lowest resolution "
+                 f"{'x'.join(map(str, pick.shape[2:]))} on the main path, where the decoder takes over")
+    return pick
+
+
+def _feature_maps(found: Survey, model_name: str) -> list:
     maps = [m for m in found.maps.values() if m.distance is not None]
     for m in maps:
         m.note = ("global context (from a global or adaptive pool)" if m.pooled else
@@ -108,6 +121,10 @@ def choose(found: Survey, model_name: str = "the model") -> FeatureMap:
         raise BottleneckNotFound(
             f"frem found no feature map (N, C, *spatial) in {model_name} that reaches its output; "
             "pass layer=<module name> to frem.attach (frem.candidates lists what it saw)")
+    return features
+
+
+def _lowest_resolution(features, found: Survey, model_name: str) -> int:
     lowest = min(m.resolution for m in features)
     for m in features:
         if m.resolution > lowest:
@@ -117,6 +134,12 @@ def choose(found: Survey, model_name: str = "the model") -> FeatureMap:
             f"{model_name} never lowers the resolution of its input (every feature map is "
             f"{'x'.join(map(str, features[0].shape[2:]))} or finer), so it has no bottleneck for FREM "
             f"to act on. {_advice()}")
+    return lowest
+
+
+def _deep_maps(features, lowest: int, found: Survey, model_name: str) -> list:
+    """The maps at the lowest resolution that belong to the encoder: not made inside a module that
+    upsamples, not on a detour."""
     decoders = [c for c in found.calls if c.upsamples]
     deep = []
     for m in (m for m in features if m.resolution == lowest):
@@ -129,6 +152,11 @@ def choose(found: Survey, model_name: str = "the model") -> FeatureMap:
     if not deep:
         raise BottleneckNotFound(f"frem found the lowest resolution of {model_name} only inside modules that "
                                  f"upsample or on detours. {_advice()}")
+    return deep
+
+
+def _main_path(deep, found: Survey, model_name: str) -> list:
+    """The deep maps on every path through the lowest resolution, in execution order."""
     chain = [m for m in deep if _on_every_deep_path(m, deep, found)]
     for m in deep:
         if m not in chain:
@@ -138,9 +166,12 @@ def choose(found: Survey, model_name: str = "the model") -> FeatureMap:
         raise BottleneckNotFound(
             f"frem cannot tell which feature map is the bottleneck of {model_name}: the "
             f"{sum(m.site is not None for m in deep)} maps at the lowest resolution lie on parallel paths and "
-            f"none is on all of them "
-            f"({_describe(parallel)}). {_advice()}", parallel)
-    chain.sort(key=lambda m: m.order)
+            f"none is on all of them ({_describe(parallel)}). {_advice()}", parallel)
+    return sorted(chain, key=lambda m: m.order)
+
+
+def _block_boundaries(chain, found: Survey, model_name: str) -> list:
+    """The main-path maps a module hands over, not made inside a block whose output is a later one."""
     nodes = {m.node for m in chain}
     boundaries = []
     for m in chain:
@@ -157,7 +188,10 @@ def choose(found: Survey, model_name: str = "the model") -> FeatureMap:
     if not boundaries:
         raise BottleneckNotFound(f"frem found no module boundary on the main path of {model_name} at its lowest "
                                  f"resolution. {_advice()}")
-    pick, entry = boundaries[-1], chain[0]
+    return boundaries
+
+
+def _refuse_if_unsure(pick, boundaries, chain, deep, lowest: int, found: Survey, model_name: str) -> None:
     # Maps as wide as the pick, made from it and feeding the decoder on paths of their own: the
     # encoder may go on past the pick (a transformer's later hidden states, a dilated last stage
     # beside a same-resolution skip). A narrow side head (deep supervision) is no such map.
@@ -170,10 +204,12 @@ def choose(found: Survey, model_name: str = "the model") -> FeatureMap:
         raise BottleneckNotFound(
             f"frem cannot tell which feature map is the bottleneck of {model_name}: after "
             f"{_describe([pick])}, {sum(m.site is not None for m in branches)} more maps at the lowest "
-            f"resolution, as wide or wider, are "
-            f"made from it and feed the decoder on paths of their own, so the encoder may go on past it ({_describe(branches)}). {_advice()}", [pick, *branches])
+            "resolution, as wide or wider, are made from it and feed the decoder on paths of their own, so "
+            f"the encoder may go on past it ({_describe(branches)}). {_advice()}", [pick, *branches])
+    entry = chain[0]
     for m in boundaries[:-1]:
         m.note = "entry into the lowest resolution" if m is entry else "upstream of the pick"
+    # A narrowing projection after the encoder: its last layer, or the decoder's first?
     wider = [m for m in boundaries[:-1] if m is not entry and m.channels > pick.channels]
     if wider:
         for m in wider:
@@ -190,9 +226,6 @@ def choose(found: Survey, model_name: str = "the model") -> FeatureMap:
             "with weights works at a higher resolution (a head at the lowest resolution, as in PSPNet, "
             f"DeepLab or FCN), so the encoder's last map and the head's first look alike "
             f"({_describe(boundaries)}). {_advice()}", boundaries)
-    pick.note = (f"bottleneck: the last map at the lowest resolution "
-                 f"{'x'.join(map(str, pick.shape[2:]))} on the main path, where the decoder takes over")
-    return pick
 
 
 def _without_detours(deep, features, lowest: int, found: Survey) -> list:

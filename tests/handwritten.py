@@ -37,16 +37,21 @@ class PlainUNet(nn.Module):
                                   for i in reversed(range(depth)))
         self.head = conv(widths[0], 2, 1)
 
-    def forward(self, x):
+    def encode(self, x):
         skips = []
         for down in self.downs:
             x = down(x)
             skips.append(x)
             x = self.pool(x)
-        x = self.middle(x)
+        return self.middle(x), skips
+
+    def decode(self, x, skips):
         for up, dec, skip in zip(self.ups, self.decs, reversed(skips)):
             x = dec(torch.cat([up(x), skip], 1))
         return self.head(x)
+
+    def forward(self, x):
+        return self.decode(*self.encode(x))
 
 
 class DeepSupervisionUNet(PlainUNet):
@@ -57,16 +62,8 @@ class DeepSupervisionUNet(PlainUNet):
         self.aux = nn.Conv2d(16, 2, 1)
 
     def forward(self, x):
-        skips = []
-        for down in self.downs:
-            x = down(x)
-            skips.append(x)
-            x = self.pool(x)
-        x = self.middle(x)
-        aux = F.interpolate(self.aux(x), scale_factor=4.0)
-        for up, dec, skip in zip(self.ups, self.decs, reversed(skips)):
-            x = dec(torch.cat([up(x), skip], 1))
-        return self.head(x), aux
+        x, skips = self.encode(x)
+        return self.decode(x, skips), F.interpolate(self.aux(x), scale_factor=4.0)
 
 
 class GridGatingSignal(nn.Module):
@@ -107,7 +104,8 @@ class OktayAttentionUNet(nn.Module):
         self.center = conv_block(4 * w, 8 * w)
         self.gating = GridGatingSignal(8 * w, 8 * w)
         self.att3, self.att2 = AttentionGate(4 * w, 8 * w, 4 * w), AttentionGate(2 * w, 4 * w, 2 * w)
-        self.up3, self.up2 = nn.ConvTranspose2d(8 * w, 4 * w, 2, stride=2), nn.ConvTranspose2d(4 * w, 2 * w, 2, stride=2)
+        self.up3 = nn.ConvTranspose2d(8 * w, 4 * w, 2, stride=2)
+        self.up2 = nn.ConvTranspose2d(4 * w, 2 * w, 2, stride=2)
         self.up1 = nn.ConvTranspose2d(2 * w, w, 2, stride=2)
         self.dec3, self.dec2, self.dec1 = conv_block(8 * w, 4 * w), conv_block(4 * w, 2 * w), conv_block(2 * w, w)
         self.head = nn.Conv2d(w, 2, 1)
