@@ -48,5 +48,18 @@ check frem/seg/metrics.py 'present = [v for v in iou.values() if not math.isnan(
   'present = [0.0 if math.isnan(v) else v for v in iou.values()]' "tests/test_metrics.py"
 check frem/hooks.py '            self.entry = deepest_entry(value)' '            self.entry = (list(value)[-1],) if isinstance(value, dict) else (-1,)' \
   "tests/test_networks.py -k several_maps"
+# The Triton kernels' bodies (mutmut's trampolines cannot wrap a kernel Triton compiles from source):
+# their numerics are the interpreter's tests; their 64-bit offsets show in the compiled Hopper code.
+check kernels/scale_channels.py '        pid_r = pid_r.to(tl.int64)
+        pid_k = pid_k.to(tl.int64)' '        pass' "tests/test_kernels.py -k hopper"
+check kernels/scale_channels.py 'start = pid.to(tl.int64) * BLOCK' 'start = pid * BLOCK' "tests/test_kernels.py -k hopper"
+check kernels/scale_channels.py 's = tl.load(scale_ptr + rows % C, mask=row_ok, other=0.0)[:, None]' \
+  's = tl.load(scale_ptr + rows % inner, mask=row_ok, other=0.0)[:, None]' "tests/test_kernels.py"
+check kernels/scale_channels.py 'y = x.to(COMPUTE) * s.to(COMPUTE)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)' 'y = x * s.to(x.dtype)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)' "tests/test_kernels.py -k float64_reference"
+# Durability: mutmut cannot see a missing fsync.
+check frem/seg/checkpoint.py '            os.fsync(f.fileno())' '            pass' "tests/test_evaluation.py -k synced"
+check frem/seg/checkpoint.py '        _sync_folder(path.parent)' '        pass' "tests/test_evaluation.py -k synced"
 echo "$survived survived"
 exit "$survived"

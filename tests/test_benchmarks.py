@@ -1,11 +1,14 @@
 """The README's benchmark commands run as written (a seconds-long subset; no timing asserted)."""
 
+import pytest
 import json
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+pytestmark = pytest.mark.slow  # minutes in all: left out of `-m "not slow"`
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBSET = "copy_bandwidth or (16x512x8x8 and fp32 and nchw and forward-)"

@@ -14,6 +14,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "frem", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # a fresh interpreter each: seconds apiece
 @pytest.mark.parametrize("args, message", [
     (["train", "--variant", "bogus"], "invalid choice: 'bogus'"),
     (["train", "--quick", "--B", "600"], "B=600 is larger than the 512 channels of layer 'encoder'"),

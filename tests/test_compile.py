@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow  # a fresh interpreter each: left out of `-m "not slow"`
 
 PRELUDE = """
 import sys, warnings

@@ -100,21 +100,27 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def test_a_partial_file_continues_with_a_range_request(drosophila_root, tmp_path):
-    handler = functools.partial(RangeHandler, directory=str(drosophila_root))
+def resume_a_killed_download(handler_class, drosophila_root, dest) -> bytes:
+    """Download into ``dest`` (a copy of the data) whose 03.tif a killed download left as 1000 bytes
+    of ``.part``, from a local HTTP server with ``handler_class``; return the file's true bytes."""
+    shutil.copytree(drosophila_root, dest)
+    whole = (dest / dro.raw_path(3)).read_bytes()
+    (dest / dro.raw_path(3)).unlink()
+    (dest / (dro.raw_path(3) + ".part")).write_bytes(whole[:1000])
+    handler = functools.partial(handler_class, directory=str(drosophila_root))
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        dest = tmp_path / "cache"
-        shutil.copytree(drosophila_root, dest)
-        whole = (dest / dro.raw_path(3)).read_bytes()
-        (dest / dro.raw_path(3)).unlink()
-        (dest / (dro.raw_path(3) + ".part")).write_bytes(whole[:1000])  # a killed download
-        RangeHandler.served.clear()
-        assert dro.download(dest, base_url=url, progress=False) == ["stack1/raw/03.tif"]
+        fetched = dro.download(dest, base_url=f"http://127.0.0.1:{server.server_address[1]}", progress=False)
         server.shutdown()
+    assert fetched == ["stack1/raw/03.tif"]
+    return whole
+
+
+def test_a_partial_file_continues_with_a_range_request(drosophila_root, tmp_path):
+    RangeHandler.served.clear()
+    whole = resume_a_killed_download(RangeHandler, drosophila_root, tmp_path / "cache")
     assert RangeHandler.served == [("03.tif", 1000)]  # only the rest crossed the network
-    assert (dest / dro.raw_path(3)).read_bytes() == whole
+    assert (tmp_path / "cache" / dro.raw_path(3)).read_bytes() == whole
 
 
 def test_train_without_a_data_flag_fills_the_cache_first(drosophila_root, tmp_path, monkeypatch):
@@ -222,15 +228,5 @@ class IgnoresRange(http.server.SimpleHTTPRequestHandler):
 
 
 def test_a_server_that_ignores_range_restarts_the_file_instead_of_appending(drosophila_root, tmp_path):
-    handler = functools.partial(IgnoresRange, directory=str(drosophila_root))
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        dest = tmp_path / "cache"
-        shutil.copytree(drosophila_root, dest)
-        whole = (dest / dro.raw_path(3)).read_bytes()
-        (dest / dro.raw_path(3)).unlink()
-        (dest / (dro.raw_path(3) + ".part")).write_bytes(whole[:1000])
-        assert dro.download(dest, base_url=f"http://127.0.0.1:{server.server_address[1]}",
-                            progress=False) == ["stack1/raw/03.tif"]
-        server.shutdown()
-    assert (dest / dro.raw_path(3)).read_bytes() == whole
+    whole = resume_a_killed_download(IgnoresRange, drosophila_root, tmp_path / "cache")
+    assert (tmp_path / "cache" / dro.raw_path(3)).read_bytes() == whole

@@ -1,9 +1,12 @@
 """DDP on two CPU processes (gloo): same FREM channels, identical weights."""
 
+import pytest
 import socket
 
 import torch
 import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.slow  # minutes in all: left out of `-m "not slow"`
 
 
 def _worker(rank, world_size, port, config, results):

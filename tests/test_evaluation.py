@@ -86,3 +86,19 @@ def test_evaluate_with_data_that_moved(trained_run, drosophila_root, tmp_path, c
     moved.symlink_to(drosophila_root)
     assert main(["evaluate", str(run), "--data", str(moved)]) == 0
     assert evaluate_run(run, data_root=str(moved)) == evaluate_run(trained_run)
+
+
+def test_a_checkpoint_is_synced_before_and_after_its_rename(tmp_path, monkeypatch):
+    """The file's data reaches the disk before the rename makes it the checkpoint, and the folder
+    entry after it: a power cut leaves the old file or the new one, whole."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", "folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", lambda src, dst: events.append(("replace",)) or real_replace(src, dst))
+    checkpoint.save({"a": torch.ones(2)}, tmp_path / "last.pt")
+    assert events == [("fsync", "file"), ("replace",), ("fsync", "folder")]

@@ -1,9 +1,12 @@
 """frem reproduce --quick: every variant, a table the runs produced, the figures."""
 
+import pytest
 import csv
 import json
 
 from frem.seg.cli import main
+
+pytestmark = pytest.mark.slow  # minutes in all: left out of `-m "not slow"`
 
 
 def test_quick_reproduction_writes_table_and_figures_from_the_runs(drosophila_root, tmp_path, capsys):

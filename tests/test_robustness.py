@@ -163,6 +163,7 @@ def test_a_second_process_on_one_run_folder_is_refused(tiny_config, drosophila_r
     assert main(["train", "--data", str(drosophila_root), "--out", str(out), *TINY]) == 0
 
 
+@pytest.mark.slow
 def test_concurrent_starts_on_a_new_sqlite_study(tmp_path):
     code = ("import sys; from pathlib import Path; from frem.seg.tune import open_study\n"
             "study = open_study(None, Path(sys.argv[1]), 'frem', None); print(study.study_name)")

@@ -13,6 +13,8 @@ from optuna.trial import TrialState
 
 from frem.seg.tune import open_storage
 
+pytestmark = pytest.mark.slow  # minutes in all: left out of `-m "not slow"`
+
 TINY = ["--quick", "--tiles-per-section", "2", "--batch-size", "2", "--no-progress"]
 
 
