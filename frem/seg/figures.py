@@ -102,6 +102,7 @@ def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # "tight" grows the canvas to hold a long protocol line in the title instead of cutting it
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
