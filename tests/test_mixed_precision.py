@@ -69,7 +69,7 @@ def train_float16(model, X, steps, epochs=2):
             nn.utils.clip_grad_norm_(model.parameters(), 12)
             scaler.step(optimizer)
             scaler.update()
-            losses.append(float(loss))
+            losses.append(loss.item())
     return losses
 
 
@@ -108,7 +108,7 @@ def test_nnunet_network_and_loss_under_float16_with_the_papers_setting():
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            losses.append(float(loss))
+            losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert int(handle.capped) == 0
 
