@@ -41,7 +41,7 @@ GROUPS = {
                  "tests/test_opcheck.py"]),
     "train": (["frem/seg/train.py", "frem/seg/config.py", "frem/seg/variants.py", "frem/seg/models.py"],
               ["tests/test_train.py", "tests/test_protocol.py", "tests/test_first_hour.py"]),
-    "checkpoint": (["frem/seg/checkpoint.py"], ["tests/test_robustness.py", "tests/test_evaluation.py"]),
+    "checkpoint": (["frem/seg/checkpoint.py"], ["tests/test_checkpoint.py", "tests/test_robustness.py", "tests/test_evaluation.py"]),
     "evaluate": (["frem/seg/evaluate.py", "frem/seg/predict.py"],
                  ["tests/test_evaluation.py", "tests/test_first_hour.py", "tests/test_train.py"]),
     "tune": (["frem/seg/tune.py", "frem/seg/search_space.py"], ["tests/test_search.py", "tests/test_tune.py"]),
@@ -80,12 +80,17 @@ process_isolation = "forkserver"   # torch is not fork-safe
 timeout_multiplier = 8.0
 use_git_change_detection = false
 """)
+    # mutants/ must exist before mutmut starts: Python remembers a PYTHONPATH entry that was missing
+    # at start-up as absent, and the tests would then import the installed, unmutated frem.
+    (copy / "mutants").mkdir()
     return copy
 
 
 def run(group: str) -> dict:
     copy = prepare(group)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(copy / "mutants"),
+    # PYTHONSAFEPATH: the copy's root (mutmut's working folder) holds the unmutated frem/, which
+    # python -m would put first on sys.path.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(copy / "mutants"), "PYTHONSAFEPATH": "1",
            "FREM_DATA": os.environ.get("FREM_DATA", str(ROOT.parent / "shared" / "data" / "drosophila-vnc"))}
     started = time.time()
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "2"], cwd=copy, env=env)

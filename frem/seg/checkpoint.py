@@ -18,7 +18,6 @@ import os
 import pickle
 import shutil
 import tempfile
-import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -130,7 +129,7 @@ def load(path: Path, hint: str = "", required=REQUIRED) -> dict:
         reason = next((line.split("error:")[-1].strip() for line in str(error).splitlines()
                        if "error:" in line and line.split("error:")[-1].strip()), "not a checkpoint")
         raise CheckpointError(f"{path} is damaged (not a readable checkpoint: {reason}){advice}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+    except Exception as error:  # a damaged file fails the unpickler in many ways (IndexError on a lone STOP)
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(f"{path} is damaged (truncated or not a checkpoint: {reason}){advice}") from None
     missing = [key for key in required if not isinstance(state, dict) or key not in state]
