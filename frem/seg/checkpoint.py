@@ -126,8 +126,9 @@ def load(path: Path, hint: str = "", required=REQUIRED) -> dict:
                 f"refused {path}: it holds Python objects besides tensors and plain containers, "
                 "and loading those can run code. frem checkpoints never do; load only files you "
                 "trust with torch.load(weights_only=False) yourself") from None
-        reason = next((line.split("error:")[-1].strip() for line in str(error).splitlines()
-                       if "error:" in line and line.split("error:")[-1].strip()), "not a checkpoint")
+        # torch words it "WeightsUnpickler error: REASON", REASON on that line or a later one
+        after = str(error).split("error:", 1)[1] if "error:" in str(error) else ""
+        reason = next((line.strip() for line in after.splitlines() if line.strip()), "not a checkpoint")
         raise CheckpointError(f"{path} is damaged (not a readable checkpoint: {reason}){advice}") from None
     except Exception as error:  # a damaged file fails the unpickler in many ways (IndexError on a lone STOP)
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
