@@ -229,9 +229,10 @@ def _registered():
         with torch.cuda.device(x.device) if x.device.index != torch.cuda.current_device() else nullcontext():
             return launch_scale_channels(x, scale, y, wrap=wrap_triton)
 
-    # Eager CPU calls land here: wrap_triton refuses interpreted kernels in eager
-    # mode (pytorch#152868), so tests drive the kernels via launch_scale_channels.
-    scale_channels_op.register_kernel("cpu")(_scale_channels_torch)
+    # No CPU kernel to register: the body serves CPU tensors. (wrap_triton refuses interpreted
+    # kernels in eager mode, pytorch#152868, so tests drive the kernels via launch_scale_channels.)
+    # The fake is explicit although triton_op could derive it from the body: on CUDA that would
+    # plan tiles under fake tensors, which no CPU test can check.
     scale_channels_op.register_fake(lambda x, scale: torch.empty_like(x))
     scale_channels_op.register_autograd(_backward, setup_context=_setup_context)
     return scale_channels_op

@@ -44,19 +44,25 @@ def test_dense_layouts_take_the_dense_kernel(monkeypatch):
         assert torch.equal(y.cpu(), x * torch.arange(1.0, 4.0).view((1, -1) + (1,) * (x.dim() - 2)))
 
 
-@pytest.mark.parametrize("shape, fmt, row_channel, inner", [
-    ((2, 3, 4, 5), torch.contiguous_format, True, 20),      # NCHW: one scale per row
-    ((2, 3, 2, 2), torch.contiguous_format, False, 4),      # short runs: columns, cols // inner
-    ((2, 3, 4, 5), torch.channels_last, False, 1),          # channels_last: one scale per column
-    ((2, 3, 2, 3, 4), torch.channels_last_3d, False, 1),
-    ((2, 1, 4, 5), torch.contiguous_format, True, 20),      # a single channel
-    ((3, 70), torch.contiguous_format, False, 1),           # (N, C)
+# The plan is what the GPU benchmarks measured (one scale per row where a channel's run is long,
+# tiles of 16 KiB, K rounded up to a power of two): a change to it must be deliberate.
+@pytest.mark.parametrize("shape, fmt, row_channel, inner, rk, blocks", [
+    ((2, 3, 4, 5), torch.contiguous_format, True, 20, (6, 20), (128, 32)),      # NCHW: one scale per row
+    ((2, 3, 2, 2), torch.contiguous_format, False, 4, (2, 12), (256, 16)),      # short runs: columns
+    ((3, 2, 4, 4), torch.contiguous_format, True, 16, (6, 16), (256, 16)),      # two channels; runs of 16
+    ((2, 3, 4, 5), torch.channels_last, False, 1, (40, 3), (1024, 4)),          # one scale per column
+    ((2, 3, 2, 3, 4), torch.channels_last_3d, False, 1, (48, 3), (1024, 4)),
+    ((2, 1, 4, 5), torch.contiguous_format, True, 20, (2, 20), (128, 32)),      # a single channel
+    ((2, 1, 4, 5), torch.channels_last, True, 20, (2, 20), (128, 32)),          # ... in channels_last
+    ((2, 1, 2, 2), torch.contiguous_format, True, 4, (2, 4), (1024, 4)),        # ... with short runs
+    ((3, 70), torch.contiguous_format, False, 1, (3, 70), (32, 128)),           # (N, C)
 ])
-def test_both_tile_orientations(shape, fmt, row_channel, inner):
+def test_both_tile_orientations(shape, fmt, row_channel, inner, rk, blocks):
     x = torch.randn(shape).contiguous(memory_format=fmt)
     plan = op.tile_plan(x, torch.empty_like(x))
     assert (plan["ROW_CHANNEL"], plan["inner"]) == (row_channel, inner)
-    assert plan["R"] * plan["K"] == x.numel()
+    assert (plan["R"], plan["K"]) == rk and (plan["BLOCK_R"], plan["BLOCK_K"]) == blocks
+    assert plan["BLOCK_R"] * plan["BLOCK_K"] * x.element_size() == op.TILE_BYTES
     scale = torch.linspace(0.5, 632.0, shape[1])
     assert_close_to_reference(run_kernel(x, scale), reference(x, scale).float().double(), torch.float32)
 
@@ -68,9 +74,16 @@ def test_64_bit_offset_path(monkeypatch, layout):
     x = torch.randn(3, 4, 5, 6)
     if layout == "strided":
         x = x[:, :, ::2]
-    scale = torch.tensor([1.0, 632.0, 2.0, 0.25])
-    y = run_kernel(x, scale)
-    assert_close_to_reference(y, reference(x, scale).float().double(), torch.float32)
+    scale = torch.tensor([1.0, 632.0, 2.0, 0.25]).to(KERNEL_DEVICE)
+    RecordFlags.flags.clear()
+    y = op.launch_scale_channels(x.to(KERNEL_DEVICE), scale, torch.empty_like(x, device=KERNEL_DEVICE),
+                                 wrap=RecordFlags)
+    monkeypatch.undo()
+    op.launch_scale_channels(x.to(KERNEL_DEVICE), scale, torch.empty_like(x, device=KERNEL_DEVICE),
+                             wrap=RecordFlags)
+    # 4 warps: what the Hopper compile check and the GPU benchmarks ran
+    assert RecordFlags.flags == [(True, 4), (False, 4)]
+    assert_close_to_reference(y.cpu(), reference(x, scale.cpu()).float().double(), torch.float32)
 
 
 @pytest.mark.parametrize("first_stride, int64", [(2**31 - 17, False), (2**31 - 16, True), (2**31, True)])
@@ -85,7 +98,7 @@ def test_the_64_bit_switch_follows_the_address_span(first_stride, int64):
 
 
 class RecordFlags:
-    """A launcher ``wrap`` that records the constexpr flags each launch gets."""
+    """A launcher ``wrap`` that records the 64-bit flag and the warp count each launch gets."""
     flags = []
 
     def __init__(self, kernel):
@@ -93,7 +106,7 @@ class RecordFlags:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            RecordFlags.flags.append(kwargs["INT64"])
+            RecordFlags.flags.append((kwargs["INT64"], kwargs["num_warps"]))
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -110,7 +123,7 @@ def test_a_view_spanning_more_than_2_31_elements_runs_with_64_bit_offsets():
     scale = torch.tensor([1.0, 632.0, 3.0], device=storage.device)
     RecordFlags.flags.clear()
     y = op.launch_scale_channels(x, scale, torch.empty_like(x), wrap=RecordFlags)
-    assert RecordFlags.flags == [True]
+    assert RecordFlags.flags == [(True, 4)]
     assert_close_to_reference(y, reference(x.cpu(), scale.cpu()).bfloat16().double(), torch.bfloat16)
 
 

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from strategies import assert_close_to_reference, feature_maps, reference, scales
 
 import frem
-from frem.kernels.scale_channels import op
+import frem.kernels.scale_channels as k
+from frem.kernels.scale_channels import op, scale_channels
 
 SETTINGS = settings(max_examples=80, deadline=None)
 
@@ -104,3 +105,34 @@ def test_half_precision_is_one_rounding_of_the_fp32_product_bit_for_bit(data):
     expected = (x.float() * scale.view((1, -1) + (1,) * (x.dim() - 2))).to(x.dtype)
     y = frem.scale_channels(x, scale)
     assert torch.equal(y, expected)
+
+
+def test_cpu_tensors_of_any_size_take_plain_torch_ops_never_the_registered_op(monkeypatch):
+    """The op's dispatch costs tens of microseconds and buys nothing on a CPU: CPU tensors, above
+    the kernel's size threshold too, must never reach it."""
+    def refuse():
+        raise AssertionError("scale_channels called the registered op for a CPU tensor")
+
+    monkeypatch.setattr(k, "op", refuse)
+    scale = torch.tensor([2.0, 0.5, 632.0, 1.0])
+    for shape in [(1, 4, 8, 8), (1, 4, 1024, 1025)]:  # below and above KERNEL_MIN_NUMEL
+        x = torch.randn(shape)
+        assert x.numel() != k.KERNEL_MIN_NUMEL
+        torch.testing.assert_close(scale_channels(x, scale), x * scale.view(1, -1, 1, 1), rtol=0, atol=0)
+
+
+def test_the_scale_is_rounded_to_float32_first_for_float32_and_half_inputs():
+    """As the kernels do: a float64 scale is cast to fp32 before the product (fp64 only for fp64 x)."""
+    scale = torch.tensor([1 / 3, 2 / 3, 632.1234567891], dtype=torch.float64)
+    x = torch.randn(2, 3, 5, 5)
+    expected = x * scale.float().view(1, -1, 1, 1)
+    assert torch.equal(scale_channels(x, scale), expected)
+    assert not torch.equal((x.double() * scale.view(1, -1, 1, 1)).float(), expected)  # the cast shows
+    x64 = x.double()
+    assert torch.equal(scale_channels(x64, scale), x64 * scale.view(1, -1, 1, 1))
+
+
+def test_a_scale_on_another_device_moves_to_the_features_device():
+    x = torch.empty(2, 3, 4, 4, device="meta")
+    y = scale_channels(x, torch.ones(3))
+    assert y.device.type == "meta" and y.shape == x.shape
