@@ -181,3 +181,26 @@ def test_a_pickle_torch_refuses_names_the_unpicklers_reason(tmp_path):
         load(tmp_path / "best.pt")
     expected = "is damaged (not a readable checkpoint: Unsupported operand 149)"
     assert str(raised.value) == f"{tmp_path / 'best.pt'} {expected}"
+
+
+@pytest.mark.parametrize(("message", "reason"), [
+    ("Weights only load failed.\nPlease file an issue ...: WeightsUnpickler error: \n\nUnsupported operand 149\n\n"
+     "Check the documentation", "Unsupported operand 149"),                       # torch 2.6 and later
+    ("Weights only load failed. WeightsUnpickler error: Unsupported operand 149", "Unsupported operand 149"),
+    ("WeightsUnpickler error: Unsupported class x\nsee also: the error: list", "Unsupported class x"),
+    ("an unpickling failure without torch's wording", "not a checkpoint"),
+    ("WeightsUnpickler error:", "not a checkpoint"),
+])
+def test_the_unpicklers_reason_in_each_torch_wording(message, reason):
+    assert checkpoint.unpickler_reason(pickle.UnpicklingError(message)) == reason
+
+
+def test_running_out_of_memory_while_loading_is_not_called_damage(tmp_path, monkeypatch):
+    save({"config": {}}, tmp_path / "best.pt")
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(checkpoint.torch, "load", out_of_memory)
+    with pytest.raises(MemoryError):
+        load(tmp_path / "best.pt")

@@ -79,3 +79,12 @@ def test_a_tensor_on_the_second_gpu_is_scaled_there():
     y = op.op()(x, scale)
     assert y.device == x.device and torch.cuda.current_device() == 0
     assert torch.equal(y, x * scale.view(1, -1, 1, 1))
+
+
+def test_a_checkpoint_saved_on_the_gpu_loads_onto_the_cpu(tmp_path):
+    """evaluate and predict run on machines without the GPU a run trained on."""
+    checkpoint = pytest.importorskip("frem.seg.checkpoint")
+    state = {"config": {}, "model": {"w": torch.ones(2, device="cuda")}, "classes": ["a"], "in_channels": 1,
+             "normalization": {}}
+    checkpoint.save(state, tmp_path / "best.pt")
+    assert checkpoint.load(tmp_path / "best.pt")["model"]["w"].device.type == "cpu"

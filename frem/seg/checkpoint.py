@@ -126,10 +126,10 @@ def load(path: Path, hint: str = "", required=REQUIRED) -> dict:
                 f"refused {path}: it holds Python objects besides tensors and plain containers, "
                 "and loading those can run code. frem checkpoints never do; load only files you "
                 "trust with torch.load(weights_only=False) yourself") from None
-        # torch words it "WeightsUnpickler error: REASON", REASON on that line or a later one
-        after = str(error).split("error:", 1)[1] if "error:" in str(error) else ""
-        reason = next((line.strip() for line in after.splitlines() if line.strip()), "not a checkpoint")
-        raise CheckpointError(f"{path} is damaged (not a readable checkpoint: {reason}){advice}") from None
+        raise CheckpointError(f"{path} is damaged (not a readable checkpoint: {unpickler_reason(error)}){advice}"
+                              ) from None
+    except MemoryError:
+        raise
     except Exception as error:  # a damaged file fails the unpickler in many ways (IndexError on a lone STOP)
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(f"{path} is damaged (truncated or not a checkpoint: {reason}){advice}") from None
@@ -137,6 +137,14 @@ def load(path: Path, hint: str = "", required=REQUIRED) -> dict:
     if missing:
         raise CheckpointError(f"{path} is not a frem checkpoint (it lacks {', '.join(missing)}){advice}")
     return state
+
+
+def unpickler_reason(error: BaseException) -> str:
+    """The reason in torch's "Weights only load failed ... WeightsUnpickler error: REASON" message:
+    REASON stands on that line (torch < 2.6) or on the next non-empty one (2.6 and later)."""
+    message = str(error)
+    after = message.split("error:", 1)[1] if "error:" in message else ""
+    return next((line.strip() for line in after.splitlines() if line.strip()), "not a checkpoint")
 
 
 @contextmanager
