@@ -48,6 +48,15 @@ check frem/seg/metrics.py 'present = [v for v in iou.values() if not math.isnan(
   'present = [0.0 if math.isnan(v) else v for v in iou.values()]' "tests/test_metrics.py"
 check frem/hooks.py '            self.entry = deepest_entry(value)' '            self.entry = (list(value)[-1],) if isinstance(value, dict) else (-1,)' \
   "tests/test_networks.py -k several_maps"
+# Code that runs once per process (the op's registration, loading Triton): mutmut ties it to the
+# first test that happened to trigger it, so its mutants are checked here against the tests that use it.
+check kernels/scale_channels.py '    scale_channels_op.register_autograd(_backward, setup_context=_setup_context)' '    pass' \
+  "tests/test_op_autograd.py"
+check kernels/scale_channels.py '        _op = _registered()' '        _op = None' "tests/test_op_autograd.py"
+check kernels/scale_channels.py '    triton = triton_module
+    return True' '    triton = triton_module
+    return False' "tests/test_kernels.py"
+check kernels/scale_channels.py '    _scale_tiles_kernel = triton_module.jit(_scale_tiles_kernel)' '    pass' "tests/test_kernels.py"
 # The Triton kernels' bodies (mutmut's trampolines cannot wrap a kernel Triton compiles from source):
 # their numerics are the interpreter's tests; their 64-bit offsets show in the compiled Hopper code.
 check kernels/scale_channels.py '        pid_r = pid_r.to(tl.int64)

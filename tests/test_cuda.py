@@ -48,10 +48,11 @@ def test_large_tensors_take_the_kernel_and_small_ones_plain_torch(monkeypatch):
     monkeypatch.setattr(op, "op", lambda: lambda x, s: calls.append(x.numel()) or real(x, s))
     scale = torch.ones(512, device="cuda")
     small = torch.randn(16, 512, 8, 8, device="cuda", dtype=torch.bfloat16)
+    exact = torch.randn(op.KERNEL_MIN_NUMEL // 512, 512, 1, 1, device="cuda", dtype=torch.bfloat16)
     large = torch.randn(op.KERNEL_MIN_NUMEL // 512 + 1, 512, 1, 1, device="cuda", dtype=torch.bfloat16)
-    for x in (small, large):
+    for x in (small, exact, large):
         assert torch.equal(op.scale_channels(x, scale), x)
-    assert calls == [large.numel()]
+    assert calls == [op.KERNEL_MIN_NUMEL, large.numel()]
 
 
 def test_compile_channels_last_bf16_autocast_matches_eager():
