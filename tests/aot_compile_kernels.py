@@ -62,6 +62,15 @@ def index_bits(ptx: str) -> int:
     return 64 if re.search(r"\bcvt\.s64\.s32\b|\b(?:mad|mul)\.lo\.s64\b", ptx) else 32
 
 
+def program_id_bits(ptx: str) -> int:
+    """64 if the program id's first use widens it (``mul.wide``/``cvt`` to 64 bits): the strided
+    kernel's ``pid.to(tl.int64) * BLOCK``; 32 if it is multiplied out in 32 bits (``shl.b32``)."""
+    register = re.search(r"mov\.u32\s+(%r\d+),\s*%ctaid\.x;", ptx).group(1)
+    first_use = next(line for line in ptx.splitlines()
+                     if re.search(re.escape(register) + r"\b", line) and "ctaid" not in line)
+    return 64 if re.search(r"\b(?:mul|mad)\.wide\.|\bcvt\.[su]64\.", first_use) else 32
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 CASES = {  # name -> (shape, memory format or a transform making a strided view)
     "nchw-16x512x8x8": ((16, 512, 8, 8), torch.contiguous_format),
@@ -95,10 +104,19 @@ for dim in range(4):  # slices along each dim: not dense, the strided kernel
     kernel = Compile.compiled[-1]
     assert kernel.asm["cubin"], "no cubin"
     print(f"sliced-dim{dim} bf16 strided load={widest(kernel.asm['ptx'], 'ld')} "
-          f"store={widest(kernel.asm['ptx'], 'st')} index={index_bits(kernel.asm['ptx'])} ok")
+          f"store={widest(kernel.asm['ptx'], 'st')} index={index_bits(kernel.asm['ptx'])} "
+          f"pid={program_id_bits(kernel.asm['ptx'])} ok")
 # a strided view whose addresses span past 2**31 elements: the strided kernel with 64-bit offsets
 x = torch.empty(2**31 + 64, dtype=torch.bfloat16, device="meta").as_strided((2, 3, 2), (2**31, 7, 1))
 k.launch_scale_channels(x, torch.empty(3, device="meta"), torch.empty((2, 3, 2), dtype=torch.bfloat16, device="meta"),
                         wrap=Compile)
 ptx = Compile.compiled[-1].asm["ptx"]
-print(f"sliced-past-2^31 bf16 strided load={widest(ptx, 'ld')} store={widest(ptx, 'st')} index={index_bits(ptx)} ok")
+print(f"sliced-past-2^31 bf16 strided load={widest(ptx, 'ld')} store={widest(ptx, 'st')} index={index_bits(ptx)} "
+      f"pid={program_id_bits(ptx)} ok")
+# a strided tensor of more than 2**31 elements: the flat index itself passes int32
+x = torch.empty(2**32 + 2**20, dtype=torch.bfloat16, device="meta").as_strided((1, 2, 2**31 + 8), (1, 2**31 + 16, 1))
+k.launch_scale_channels(x, torch.empty(2, device="meta"),
+                        torch.empty((1, 2, 2**31 + 8), dtype=torch.bfloat16, device="meta"), wrap=Compile)
+ptx = Compile.compiled[-1].asm["ptx"]
+print(f"sliced-numel-past-2^31 bf16 strided load={widest(ptx, 'ld')} store={widest(ptx, 'st')} index={index_bits(ptx)} "
+      f"pid={program_id_bits(ptx)} ok")

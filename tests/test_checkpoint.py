@@ -188,6 +188,7 @@ def test_a_pickle_torch_refuses_names_the_unpicklers_reason(tmp_path):
      "Check the documentation", "Unsupported operand 149"),                       # torch 2.6 and later
     ("Weights only load failed. WeightsUnpickler error: Unsupported operand 149", "Unsupported operand 149"),
     ("WeightsUnpickler error: Unsupported class x\nsee also: the error: list", "Unsupported class x"),
+    ("WeightsUnpickler error: a reason that says error: too", "a reason that says error: too"),
     ("an unpickling failure without torch's wording", "not a checkpoint"),
     ("WeightsUnpickler error:", "not a checkpoint"),
 ])

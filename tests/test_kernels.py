@@ -153,9 +153,11 @@ def test_every_kernel_variant_compiles_for_hopper_with_16_byte_accesses_and_64_b
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {tuple(line.split()[:2]): dict(kv.split("=") for kv in line.split()[3:-1])
             for line in result.stdout.splitlines() if line.endswith(" ok")}
-    assert len(rows) == 4 * 9 + 5
+    assert len(rows) == 4 * 9 + 6
     for (case, dtype), widths in rows.items():  # 64-bit index arithmetic exactly where offsets pass 2**31
         assert widths.pop("index") == ("64" if "past-2^31" in case else "32"), (case, dtype)
+        if "pid" in widths:  # the strided kernel widens its program id before multiplying it out
+            assert widths.pop("pid") == ("64" if "past-2^31" in case else "32"), (case, dtype)
     for (case, dtype), widths in rows.items():
         if case == "sliced-past-2^31":
             continue  # a (2, 3, 2) view: too small for vectors
