@@ -76,7 +76,7 @@ def prepare(group: str) -> Path:
     (copy / "pyproject.toml").write_text(pyproject + f"""[tool.mutmut]
 source_paths = ["frem/"]
 only_mutate = {toml_list(files)}
-also_copy = ["examples/", "benchmarks/"]
+also_copy = ["examples/", "benchmarks/", "README.md", "DEVELOPERS.md", ".ci/"]  # tests read the docs too
 do_not_mutate_patterns = {toml_list(DO_NOT_MUTATE_PATTERNS)}
 pytest_add_cli_args_test_selection = {toml_list(tests)}
 # torch.compile cannot trace mutmut's trampolines: the compile tests run in the normal suite only.
