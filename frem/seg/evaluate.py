@@ -117,8 +117,7 @@ def evaluate_run(run_dir, data=None, device="cpu", data_root=None) -> dict:
                                 tiles_per_section=config.tiles_per_section, sections=config.sections)
         except DataError as problem:
             raise DataError(f"{problem} (the data {run_dir} was trained on; if it moved, pass --data DIR)") from None
-    trained_on = state.get("data", {}).get("checksum")
-    if trained_on and data.checksum and trained_on != data.checksum:
+    if data.differs_from(state.get("data")):
         raise DataError(f"the data at {data.root} is not the data {run_dir} was trained on (trained on "
                         f"{state['data'].get('source')}; found {data.source}): pass --data DIR with that data")
     model = model_from_checkpoint(state, device)

@@ -160,8 +160,7 @@ def _train(config, settings, data, normalization, model, context, device, on_val
                                 hint=f"{out / checkpoint.BEST} may still be intact (frem evaluate {out}); "
                                      "otherwise start afresh with another --out")
         differences = config.differences(TrainConfig.from_dict(saved["config"]))
-        trained_on = saved.get("data", {}).get("checksum")
-        if trained_on and data.checksum and trained_on != data.checksum:
+        if data.differs_from(saved.get("data")):
             differences.append(f"data {saved['data'].get('source')} (now: {data.source})")
         if differences:
             raise ValueError(f"cannot resume {out}: it was trained with " + ", ".join(differences))
@@ -257,7 +256,7 @@ def _train(config, settings, data, normalization, model, context, device, on_val
         "world_size": context.world_size,
         "wall_time_s": time.perf_counter() - started,
         "median_epoch_time_s": sorted(epoch_times)[len(epoch_times) // 2] if epoch_times else None,
-        "data": {**_data_identity(data), **{k: len(v) for k, v in data.splits().items()}},
+        "data": {**data.identity(), **{k: len(v) for k, v in data.splits().items()}},
         "frem": frem_settings(model),
         "config": config.to_dict(),
         "history": state["history"],
@@ -269,14 +268,10 @@ def _train(config, settings, data, normalization, model, context, device, on_val
     return metrics, model
 
 
-def _data_identity(data) -> dict:
-    return {"source": data.source, "root": data.root, "checksum": data.checksum}
-
-
 def _model_state(config, model, data, normalization, epoch) -> dict:
     return {"config": config.to_dict(), "model": model.state_dict(), "epoch": epoch,
             "classes": list(data.classes), "in_channels": data.in_channels,
-            "normalization": normalization, "frem": frem_settings(model), "data": _data_identity(data)}
+            "normalization": normalization, "frem": frem_settings(model), "data": data.identity()}
 
 
 def _device_name(device: torch.device) -> str:

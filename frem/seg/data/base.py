@@ -43,6 +43,16 @@ class SegmentationData:
     def splits(self) -> dict[str, Split]:
         return {"train": self.train, "val": self.val, "test": self.test}
 
+    def identity(self) -> dict:
+        """What a run records about its data (checkpoints and metrics.json)."""
+        return {"source": self.source, "root": self.root, "checksum": self.checksum}
+
+    def differs_from(self, recorded: dict | None) -> bool:
+        """Whether the data a run recorded (its checkpoint's ``data``) is other content than this;
+        a side without a checksum (older runs, unknown data) proves nothing."""
+        checksum = (recorded or {}).get("checksum")
+        return bool(checksum and self.checksum and checksum != self.checksum)
+
 
 def tile_grid(height: int, width: int, crop: int | None, limit: int | None = None
               ) -> list[tuple[int, int]]:
