@@ -64,14 +64,15 @@ def open_storage(url: str | None, out: Path):
         try:
             return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S,
                               heartbeat_stale_trial_callback=_retry_callback())
-        except ImportError as error:  # SQLAlchemy names the driver it wanted
-            raise ValueError(f"--storage {_scheme(url)}://... needs its database driver ({error.name or error}): "
-                             + ('pip install "frem[postgres]"' if url.startswith("postgres") else
-                                "install the driver SQLAlchemy names")) from None
+        except ImportError as error:
+            raise _missing_driver(url, error) from None
 
 
-def _scheme(url: str) -> str:
-    return url.split("://", 1)[0]
+def _missing_driver(url: str, error: ImportError) -> ValueError:
+    """SQLAlchemy names the driver it wanted; the user needs that name and the install line."""
+    scheme = url.split("://", 1)[0]
+    remedy = 'pip install "frem[postgres]"' if url.startswith("postgres") else "install the driver SQLAlchemy names"
+    return ValueError(f"--storage {scheme}://... needs its database driver ({error.name or error}): {remedy}")
 
 
 @contextmanager
@@ -86,8 +87,7 @@ def _schema_lock(url: str):
     try:
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     except ImportError as error:
-        raise ValueError(f"--storage {_scheme(url)}://... needs the PostgreSQL driver ({error.name or error}): "
-                         'pip install "frem[postgres]"') from None
+        raise _missing_driver(url, error) from None
     try:
         with engine.connect() as connection:
             connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK})
