@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from frem.seg.data.drosophila import SPLIT
 from frem.seg.data.images import NORMALIZATIONS
-from frem.seg.variants import DEFAULT_ENCODER, variant_settings
+from frem.seg.variants import DEFAULT_ENCODER, VARIANT_DEFAULTS, variant_settings
 
 # --quick: a whole run in about a minute on a 2-core CPU. A subset of the real
 # split (still by section), small crops spread over each section, resnet18.
@@ -78,8 +78,17 @@ class TrainConfig:
 
     def _resolve_variant(self) -> None:
         # The variant's defaults become explicit, so checkpoints say what ran.
-        for name, value in variant_settings(self.variant, self.B, self.X, self.lambda_).items():
+        settings = variant_settings(self.variant, self.B, self.X, self.lambda_)
+        for name, value in settings.items():
             setattr(self, name, value)
+        # A value the variant has no use for would be recorded as if it had acted: refuse it.
+        ignored = [name for name in ("B", "X", "lambda_") if name not in settings and getattr(self, name) is not None]
+        if ignored:
+            options = ", ".join("--" + name.rstrip("_") for name in ignored)
+            uses = ", ".join(f"{variant} ({', '.join(n.rstrip('_') for n in taken)})"
+                             for variant, taken in VARIANT_DEFAULTS.items() if taken)
+            raise ValueError(f"{options} has no effect on --variant {self.variant}; only these variants take "
+                             f"B, X or lambda: {uses}")
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "val_every"):
