@@ -4,6 +4,7 @@
     python tests/mutation.py train tune      # some groups
     python tests/mutation.py --list          # the groups, their files and tests
     python tests/mutation.py --summarize kernels   # re-score a finished run
+    python tests/mutation.py --again train   # after adding tests: rerun what survived or no test reached
 
 mutmut mutates the group's files and runs, for each mutant, the tests of the
 group that cover the mutated function. A group runs in a copy of the
@@ -41,7 +42,8 @@ GROUPS = {
                 ["tests/test_scale_channels.py", "tests/test_kernels.py", "tests/test_op_autograd.py",
                  "tests/test_opcheck.py"]),
     "train": (["frem/seg/train.py", "frem/seg/config.py", "frem/seg/variants.py", "frem/seg/models.py"],
-              ["tests/test_train.py", "tests/test_protocol.py", "tests/test_first_hour.py"]),
+              ["tests/test_train.py", "tests/test_protocol.py", "tests/test_config.py", "tests/test_robustness.py",
+               "tests/test_first_hour.py"]),
     "checkpoint": (["frem/seg/checkpoint.py"], ["tests/test_checkpoint.py", "tests/test_robustness.py", "tests/test_evaluation.py"]),
     "evaluate": (["frem/seg/evaluate.py", "frem/seg/predict.py"],
                  ["tests/test_evaluation.py", "tests/test_first_hour.py", "tests/test_train.py"]),
@@ -66,11 +68,24 @@ def toml_list(values) -> str:
 
 
 def prepare(group: str) -> Path:
-    files, tests = GROUPS[group]
     copy = WORK / group
     shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(ROOT, copy, ignore=IGNORE)
-    shutil.move(str(copy / "kernels"), str(copy / "frem" / "kernels"))  # as installed: frem.kernels
+    copy_tree(copy)
+    configure(group, copy)
+    # mutants/ must exist before mutmut starts: Python remembers a PYTHONPATH entry that was missing
+    # at start-up as absent, and the tests would then import the installed, unmutated frem.
+    (copy / "mutants").mkdir()
+    return copy
+
+
+def copy_tree(copy: Path) -> None:
+    shutil.copytree(ROOT, copy, ignore=IGNORE, dirs_exist_ok=True)
+    shutil.copytree(copy / "kernels", copy / "frem" / "kernels", dirs_exist_ok=True)  # as installed: frem.kernels
+    shutil.rmtree(copy / "kernels")
+
+
+def configure(group: str, copy: Path) -> None:
+    files, tests = GROUPS[group]
     pyproject = (copy / "pyproject.toml").read_text()
     pyproject = pyproject[:pyproject.index("[tool.mutmut]")] if "[tool.mutmut]" in pyproject else pyproject
     (copy / "pyproject.toml").write_text(pyproject + f"""[tool.mutmut]
@@ -85,10 +100,6 @@ process_isolation = "forkserver"   # torch is not fork-safe
 timeout_multiplier = 8.0
 use_git_change_detection = false
 """)
-    # mutants/ must exist before mutmut starts: Python remembers a PYTHONPATH entry that was missing
-    # at start-up as absent, and the tests would then import the installed, unmutated frem.
-    (copy / "mutants").mkdir()
-    return copy
 
 
 def run(group: str) -> dict:
@@ -96,6 +107,38 @@ def run(group: str) -> dict:
     started = time.time()
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "2"], cwd=copy, env=environment(copy))
     return summarize(group, minutes=(time.time() - started) / 60)
+
+
+def again(group: str) -> dict:
+    """After tests (or code) changed: bring the copy up to date and run what is not caught yet.
+
+    mutmut regenerates the mutants of changed functions and runs them; the survivors and the
+    mutants no test reached are named explicitly, since mutmut otherwise lets their results stand.
+    """
+    copy = WORK / group
+    not_caught = [name for name, state in mutant_states(copy).items() if state in ("survived", "no tests")]
+    copy_tree(copy)
+    configure(group, copy)
+    started = time.time()
+    mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", "2"]
+    subprocess.run(mutmut, cwd=copy, env=environment(copy))
+    still = set(n for n, state in mutant_states(copy).items() if state in ("survived", "no tests"))
+    if named := sorted(still & set(not_caught)):
+        subprocess.run(mutmut + named, cwd=copy, env=environment(copy))
+    previous = WORK / f"{group}.summary.json"
+    minutes = json.loads(previous.read_text())["minutes"] if previous.exists() else 0.0
+    return summarize(group, minutes=minutes + (time.time() - started) / 60)
+
+
+def mutant_states(copy: Path) -> dict:
+    listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=copy,
+                             env=environment(copy), capture_output=True, text=True).stdout
+    states = {}
+    for line in listing.splitlines():
+        match = re.match(r"\s*(\S+): (\w[\w ]*)$", line)
+        if match:
+            states[match.group(1)] = match.group(2).strip()
+    return states
 
 
 def environment(copy: Path) -> dict:
@@ -107,14 +150,7 @@ def environment(copy: Path) -> dict:
 
 def summarize(group: str, minutes: float | None = None) -> dict:
     """Score a group's finished run from mutmut's results in its copy."""
-    copy = WORK / group
-    listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=copy,
-                             env=environment(copy), capture_output=True, text=True).stdout
-    states = {}
-    for line in listing.splitlines():
-        match = re.match(r"\s*(\S+): (\w[\w ]*)$", line)
-        if match:
-            states[match.group(1)] = match.group(2).strip()
+    states = mutant_states(WORK / group)
     hand = [name for name in states if any(f".{prefix}" in name for prefix in HAND_MUTATED.get(group, ()))]
     for name in hand:
         del states[name]
@@ -140,6 +176,10 @@ def main(argv) -> int:
     if "--summarize" in argv:  # re-score finished runs without running them again
         for group in [a for a in argv if a != "--summarize"] or list(GROUPS):
             summarize(group)
+        return 0
+    if "--again" in argv:  # after adding tests: rerun what was not caught
+        for group in [a for a in argv if a != "--again"]:
+            again(group)
         return 0
     for group in argv or list(GROUPS):
         run(group)

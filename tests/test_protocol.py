@@ -124,3 +124,16 @@ def test_the_quick_protocol_and_explicit_options(drosophila_root):
     explicit = TrainConfig.build(quick=True, data=str(drosophila_root), epochs=3, crop=128)
     assert (explicit.epochs, explicit.crop) == (3, 128)  # options you give win
     assert TrainConfig.build().epochs == 2000  # the paper's
+
+
+def test_the_data_and_callbacks_given_to_train_are_the_ones_used(tiny_config):
+    """The tuner hands train its loaded data and reports to Optuna from on_validation; a reproduction
+    shows progress from on_epoch. Each is called once per validation / epoch with what the history says."""
+    from frem.seg.data import load_dataset
+    config = tiny_config(epochs=3, val_every=2)
+    data = load_dataset(config.dataset, config.data, crop=config.crop, tiles_per_section=2, sections=config.sections)
+    validations, epochs = [], []
+    metrics = train(config, data, on_validation=lambda e, m: validations.append((e, m)), on_epoch=epochs.append)
+    assert [r["train_images"] for r in metrics["history"]] == [len(data.train)] * 3 != [config.tiles_per_section] * 3
+    assert validations == [(r["epoch"], r["val_miou"]) for r in metrics["history"] if "val_miou" in r]
+    assert [e for e, _ in validations] == [1, 2] and epochs == [0, 1, 2]

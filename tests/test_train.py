@@ -191,3 +191,22 @@ def test_evaluate_agrees_with_an_independent_iou_count(tiny_config, tmp_path):
         expected = confusion[k, k] / union if union else math.nan
         got = metrics["test"]["iou"][name]
         assert (math.isnan(expected) and math.isnan(got)) or abs(got - expected) < 1e-6, name
+
+
+def test_a_gpu_run_checkpoints_and_restores_the_gpu_generator_as_well(monkeypatch):
+    """On a GPU, dropout and FREM's draws may use the GPU's generator: a resume restores it, on the
+    device the run continues on; a checkpoint from a CPU run (no GPU state) leaves it alone."""
+    from frem.seg import train as trainer
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([device.index, 7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state.tolist(), device)))
+    gpu = torch.device("cuda", 1)
+    state = trainer._rng_state(gpu)
+    assert torch.equal(state["torch"], torch.get_rng_state()) and state["cuda"].tolist() == [1, 7]
+    expected = torch.rand(3)
+    torch.rand(5)
+    trainer._set_rng_state(state, gpu)
+    assert torch.equal(torch.rand(3), expected) and restored == [([1, 7], gpu)]
+    trainer._set_rng_state({"torch": state["torch"]}, gpu)  # saved on a CPU
+    trainer._set_rng_state(state, torch.device("cpu"))  # saved on a GPU, continued on the CPU
+    assert restored == [([1, 7], gpu)] and "cuda" not in trainer._rng_state(torch.device("cpu"))
