@@ -137,3 +137,17 @@ def test_the_data_and_callbacks_given_to_train_are_the_ones_used(tiny_config):
     assert [r["train_images"] for r in metrics["history"]] == [len(data.train)] * 3 != [config.tiles_per_section] * 3
     assert validations == [(r["epoch"], r["val_miou"]) for r in metrics["history"] if "val_miou" in r]
     assert [e for e, _ in validations] == [1, 2] and epochs == [0, 1, 2]
+
+
+def test_frem_enhances_every_training_step_with_the_epochs_channels_and_nothing_else(tiny_config, monkeypatch):
+    """A trainer that left the model in eval mode (or validated in train mode) would report a FREM run
+    in which FREM never acted, or acted on the scores: the table's FREM row would be a baseline."""
+    from frem.module import FREM
+    enhanced = []
+    real = FREM._enhance
+    monkeypatch.setattr(FREM, "_enhance", lambda self, x: enhanced.append((self.channels.tolist(), x.shape[0]))
+                        or real(self, x))
+    config = tiny_config(epochs=2, batch_size=2)
+    history = train(config)["history"]
+    expected = [(r["frem_channels"], 2) for r in history for _ in range(r["train_images"] // 2)]
+    assert enhanced == expected and len(expected) == 2 * config.tiles_per_section // 2
