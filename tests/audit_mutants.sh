@@ -1,13 +1,31 @@
 #!/usr/bin/env bash
-# The hand-written mutants of the mutation audit (issue 12) that mutmut's run does not reach
-# (the trainer, the kernel launcher, the metric), each applied alone to the working tree and
-# reverted: every one must make its test fail. Run from the repository root:
-#   FREM_DATA=../shared/data/drosophila-vnc bash tests/audit_mutants.sh
+# Hand-written mutants: bugs mutmut does not reach (the Triton kernels' bodies, fsync, code that runs
+# once per process) or cannot judge, and bugs of issue 19's classes that its list did not name.
+# Each is applied alone to a copy of the repository (laid out as installed: kernels/ inside frem/,
+# imported through PYTHONPATH), so the working tree is never touched; every one must make its
+# tests fail. Run from anywhere:
+#   FREM_DATA=../shared/data/drosophila-vnc bash tests/audit_mutants.sh [FILTER]
+# FILTER (a substring) runs only the mutants whose file or code contains it.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+root="$(cd "$(dirname "$0")/.." && pwd)"
+copy=$(mktemp -d)
+trap 'rm -rf "$copy"' EXIT
+python3 - "$root" "$copy" <<'PY'
+import shutil, sys
+from pathlib import Path
+root, copy = Path(sys.argv[1]), Path(sys.argv[2])
+shutil.copytree(root, copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+    ".git", ".venv", "build", "*.egg-info", "results", "runs", "reproduction", "mutants", "__pycache__",
+    ".hypothesis", ".pytest_cache", ".benchmarks"))
+shutil.move(str(copy / "kernels"), str(copy / "frem" / "kernels"))
+PY
+cd "$copy"
+filter=${1:-}
 survived=0
+killed=0
 check() {  # FILE FROM TO PYTEST-ARGS: apply one textual mutant, run the tests, revert
-  local file=$1 from=$2 to=$3 tests=$4 saved
+  local file=${1/#kernels\//frem/kernels/} from=$2 to=$3 tests=$4 saved
+  [[ -n "$filter" && "$1 $2" != *"$filter"* ]] && return
   saved=$(mktemp)
   cp "$file" "$saved"
   python3 - "$file" "$from" "$to" <<'PY'
@@ -19,11 +37,13 @@ assert old in text, f"{path}: the code to mutate is gone: {old!r}"
 path.write_text(text.replace(old, new, 1))
 PY
   # shellcheck disable=SC2086
-  if OMP_NUM_THREADS=1 python3 -m pytest -x -q -p no:cacheprovider $tests >/dev/null 2>&1; then
-    echo "SURVIVED  $file: $from  ->  $to"
+  if PYTHONPATH="$copy" PYTHONSAFEPATH=1 OMP_NUM_THREADS=1 python3 -m pytest -x -q -p no:cacheprovider $tests \
+      >/dev/null 2>&1; then
+    echo "SURVIVED  $1: $from  ->  $to"
     survived=$((survived + 1))
   else
-    echo "killed    $file: $from  ->  $to"
+    echo "killed    $1: $from  ->  $to"
+    killed=$((killed + 1))
   fi
   cp "$saved" "$file"
   rm -f "$saved"
@@ -70,5 +90,41 @@ check kernels/scale_channels.py 'y = x.to(COMPUTE) * s.to(COMPUTE)
 # Durability: mutmut cannot see a missing fsync.
 check frem/seg/checkpoint.py '            os.fsync(f.fileno())' '            pass' "tests/test_evaluation.py -k synced"
 check frem/seg/checkpoint.py '        _sync_folder(path.parent)' '        pass' "tests/test_evaluation.py -k synced"
-echo "$survived survived"
+# Bugs of issue 19's classes that its list did not name, each against whole test files (not a -k
+# selection): the suite, not one test written for the bug, has to catch them.
+# Leakage and selection on the wrong split:
+check frem/seg/train.py 'normalization = fit_normalization(data.train, config.normalize)' \
+  'normalization = fit_normalization(data.val, config.normalize)' "tests/test_protocol.py"
+check frem/seg/train.py 'val = evaluate(model, data.val, classes' 'val = evaluate(model, data.test, classes' \
+  "tests/test_protocol.py"
+# Misaligned or mislabelled data:
+check frem/seg/train.py '        masks = torch.where(flag.view(-1, 1, 1), op(masks), masks)' '        masks = masks' \
+  "tests/test_train.py"
+check frem/seg/data/drosophila.py '191: 1,' '191: 2,' "tests/test_data.py"
+check frem/seg/data/drosophila.py '159: 3, 255: 3}' '159: 0, 255: 3}' "tests/test_data.py"
+check frem/seg/data/base.py 'for c in range(0, width - crop + 1, crop)]' 'for c in range(0, width - crop, crop)]' \
+  "tests/test_data.py"
+# The op's numerics on the path CPU tensors take:
+check kernels/scale_channels.py '    return scale.view((1, -1) + (1,) * (x.dim() - 2))' \
+  '    return scale.view((-1,) + (1,) * (x.dim() - 1))' "tests/test_scale_channels.py"
+# Training semantics:
+check frem/seg/train.py '            frem.resample(model, epoch)' '            frem.resample(model, 0)' \
+  "tests/test_train.py tests/test_protocol.py"
+check frem/seg/train.py '        net.train()' '        net.eval()' "tests/test_train.py tests/test_protocol.py"
+check frem/seg/train.py '            optimizer.zero_grad(set_to_none=True)' '            pass' \
+  "tests/test_train.py tests/test_protocol.py"
+# Search:
+check frem/seg/tune.py 'direction="maximize"' 'direction="minimize"' "tests/test_tune.py tests/test_search.py"
+check frem/seg/tune.py '        return metrics["best_val_miou"]' \
+  '        return [r for r in metrics["history"] if "val_miou" in r][-1]["val_miou"]' \
+  "tests/test_tune.py tests/test_search.py"
+check frem/seg/tune.py 'trial.suggest_float("X", *X_RANGE, log=True)' 'trial.suggest_float("X", *X_RANGE)' \
+  "tests/test_tune.py tests/test_search.py"
+# Evaluation and prediction:
+check frem/seg/predict.py 'r0, c0 = max(top - margin, 0), max(left - margin, 0)' 'r0, c0 = top, left' \
+  "tests/test_evaluation.py tests/test_robustness.py"
+check frem/seg/evaluate.py 'model.train(was_training)' 'model.train(True)' "tests/test_evaluation.py tests/test_train.py"
+# Files:
+check frem/seg/checkpoint.py '        Path(tmp).unlink(missing_ok=True)' '        pass' "tests/test_checkpoint.py tests/test_robustness.py"
+echo "$killed killed, $survived survived"
 exit "$survived"

@@ -4,6 +4,7 @@
     python tests/mutation.py train tune      # some groups
     python tests/mutation.py --list          # the groups, their files and tests
     python tests/mutation.py --summarize kernels   # re-score a finished run
+    python tests/mutation.py --sample 25 train evaluate   # 25 random mutants of each module
     python tests/mutation.py --again train   # after adding tests: rerun what survived or no test reached
 
 mutmut mutates the group's files and runs, for each mutant, the tests of the
@@ -20,7 +21,9 @@ mutmut`` and the Drosophila data (FREM_DATA). DEVELOPERS.md keeps the last run.
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -117,6 +120,8 @@ def again(group: str) -> dict:
     """
     copy = WORK / group
     not_caught = [name for name, state in mutant_states(copy).items() if state in ("survived", "no tests")]
+    if (sampled := WORK / f"{group}.sample.json").exists():
+        not_caught = sorted(set(not_caught) & set(json.loads(sampled.read_text())))
     copy_tree(copy)
     configure(group, copy)
     started = time.time()
@@ -148,23 +153,83 @@ def environment(copy: Path) -> dict:
             "FREM_DATA": os.environ.get("FREM_DATA", str(ROOT.parent / "shared" / "data" / "drosophila-vnc"))}
 
 
+def sample(group: str, per_module: int) -> dict:
+    """Run a uniform random sample of each module's mutants (the same sample every time).
+
+    A full run of the application's groups takes hours on 2 cores (a train.py mutant that
+    survives runs about a minute of training tests); a sample estimates each module's score,
+    with its 95% interval, and finds the kinds of bug the tests miss.
+    """
+    copy = WORK / group
+    if copy.exists():  # keep the results already there; take in changed tests and code
+        copy_tree(copy)
+        configure(group, copy)
+    else:
+        copy = prepare(group)
+    started = time.time()
+    mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", "2"]
+    # a name that matches nothing: mutmut generates the mutants and collects its stats, then stops
+    subprocess.run(mutmut + ["frem.no_such_mutant"], cwd=copy, env=environment(copy), capture_output=True)
+    states = scored(group, mutant_states(copy))
+    chosen = []
+    for module, names in sorted(by_module(states).items()):
+        chosen += random.Random(f"{group}:{module}").sample(sorted(names), min(per_module, len(names)))
+    (WORK / f"{group}.sample.json").write_text(json.dumps(chosen, indent=1))
+    if to_run := [name for name in chosen if states[name] == "not checked"]:
+        subprocess.run(mutmut + to_run, cwd=copy, env=environment(copy))
+    return summarize(group, minutes=(time.time() - started) / 60)
+
+
+def by_module(states: dict) -> dict:
+    modules = {}
+    for name in states:
+        modules.setdefault(re.match(r"(.*?)\.x[_ǁ]", name).group(1), []).append(name)
+    return modules
+
+
+def scored(group: str, states: dict) -> dict:
+    """The mutants that count: mutmut's mutants of the kernels' bodies are never called (Triton
+    compiles them from source) and are mutated by hand instead."""
+    return {name: state for name, state in states.items()
+            if not any(f".{prefix}" in name for prefix in HAND_MUTATED.get(group, ()))}
+
+
+def wilson(caught: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return math.nan, math.nan
+    p, spread = caught / n, z * math.sqrt(caught * (n - caught) / n + z * z / 4) / n
+    centre = p + z * z / (2 * n)
+    return (centre - spread) / (1 + z * z / n), (centre + spread) / (1 + z * z / n)
+
+
 def summarize(group: str, minutes: float | None = None) -> dict:
-    """Score a group's finished run from mutmut's results in its copy."""
-    states = mutant_states(WORK / group)
-    hand = [name for name in states if any(f".{prefix}" in name for prefix in HAND_MUTATED.get(group, ()))]
-    for name in hand:
-        del states[name]
-    counts = {state: sum(1 for s in states.values() if s == state) for state in sorted(set(states.values()))}
-    caught = counts.get("killed", 0) + counts.get("timeout", 0)
+    """Score a group from mutmut's results in its copy: all mutants, or the sample if one was drawn."""
+    everything = mutant_states(WORK / group)
+    states = scored(group, everything)
+    sampled = WORK / f"{group}.sample.json"
+    if sampled.exists():
+        states = {name: states[name] for name in json.loads(sampled.read_text()) if name in states}
     if minutes is None:  # re-scored later: keep the recorded time
         previous = WORK / f"{group}.summary.json"
         minutes = json.loads(previous.read_text())["minutes"] if previous.exists() else float("nan")
-    summary = {"group": group, "files": GROUPS[group][0], "tests": GROUPS[group][1], "mutants": len(states),
-               "counts": counts, "hand_mutated_left_out": len(hand), "score": caught / max(len(states), 1),
-               "minutes": round(minutes, 1)}
+    modules = {}
+    for module, names in sorted(by_module(states).items()):
+        counts = {state: sum(1 for n in names if states[n] == state) for state in sorted({states[n] for n in names})}
+        caught = counts.get("killed", 0) + counts.get("timeout", 0)
+        low, high = wilson(caught, len(names))
+        modules[module] = {"mutants": len(names), "counts": counts, "score": caught / len(names),
+                           "interval_95": [round(low, 3), round(high, 3)]}
+        print(f"  {module}: {caught}/{len(names)} caught ({100 * caught / len(names):.1f}%, "
+              f"95% {100 * low:.0f}-{100 * high:.0f}%); {counts}")
+    caught = sum(1 for s in states.values() if s in ("killed", "timeout"))
+    summary = {"group": group, "files": GROUPS[group][0], "tests": GROUPS[group][1], "sampled": sampled.exists(),
+               "mutants_in_group": len(scored(group, everything)), "mutants": len(states),
+               "hand_mutated_left_out": len(everything) - len(scored(group, everything)),
+               "score": caught / max(len(states), 1), "modules": modules, "minutes": round(minutes, 1)}
     (WORK / f"{group}.summary.json").write_text(json.dumps(summary, indent=2))
-    (WORK / f"{group}.survivors.txt").write_text("\n".join(n for n, s in states.items() if s == "survived") + "\n")
-    print(f"{group}: {caught}/{len(states)} caught ({100 * summary['score']:.1f}%) in {minutes:.0f} min; {counts}")
+    (WORK / f"{group}.survivors.txt").write_text(
+        "\n".join(n for n, s in states.items() if s in ("survived", "no tests", "not checked")) + "\n")
+    print(f"{group}: {caught}/{len(states)} caught ({100 * summary['score']:.1f}%) in {minutes:.0f} min")
     return summary
 
 
@@ -176,6 +241,11 @@ def main(argv) -> int:
     if "--summarize" in argv:  # re-score finished runs without running them again
         for group in [a for a in argv if a != "--summarize"] or list(GROUPS):
             summarize(group)
+        return 0
+    if "--sample" in argv:  # --sample N GROUP...: N mutants of each module
+        at = argv.index("--sample")
+        for group in argv[at + 2:]:
+            sample(group, int(argv[at + 1]))
         return 0
     if "--again" in argv:  # after adding tests: rerun what was not caught
         for group in [a for a in argv if a != "--again"]:

@@ -151,3 +151,6 @@ def test_frem_enhances_every_training_step_with_the_epochs_channels_and_nothing_
     history = train(config)["history"]
     expected = [(r["frem_channels"], 2) for r in history for _ in range(r["train_images"] // 2)]
     assert enhanced == expected and len(expected) == 2 * config.tiles_per_section // 2
+    recorded = train(config.with_(out=config.out + "-record"))["frem"]  # what metrics.json says ran
+    assert [(f["epoch"], f["channels"], f["B"], f["X"]) for f in recorded] == [(1, history[-1]["frem_channels"],
+                                                                                 config.B, config.X)]

@@ -210,3 +210,18 @@ def test_a_gpu_run_checkpoints_and_restores_the_gpu_generator_as_well(monkeypatc
     trainer._set_rng_state({"torch": state["torch"]}, gpu)  # saved on a CPU
     trainer._set_rng_state(state, torch.device("cpu"))  # saved on a GPU, continued on the CPU
     assert restored == [([1, 7], gpu)] and "cuda" not in trainer._rng_state(torch.device("cpu"))
+
+
+def test_resume_refuses_other_data_even_from_the_same_folder(tiny_config):
+    """The folder may move, its content may not: a run continued on other images is two runs in one."""
+    from dataclasses import replace
+
+    from frem.seg.data import load_dataset
+    config = tiny_config(epochs=1)
+    data = load_dataset(config.dataset, config.data, crop=config.crop, tiles_per_section=config.tiles_per_section,
+                        sections=config.sections)
+    train(config, data)
+    changed = replace(data, checksum="0" * len(data.checksum))
+    with pytest.raises(ValueError, match=r"cannot resume .*: it was trained with data .*\(now: "):
+        train(config.with_(epochs=2, resume=True), changed)
+    assert train(config.with_(epochs=2, resume=True), replace(data, root="/moved"))["history"][-1]["epoch"] == 1
