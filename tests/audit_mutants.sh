@@ -20,6 +20,13 @@ shutil.copytree(root, copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
 shutil.move(str(copy / "kernels"), str(copy / "frem" / "kernels"))
 PY
 cd "$copy"
+# A kill means something only if the unmutated copy is what the tests import, and passes.
+if ! PYTHONPATH="$copy" PYTHONSAFEPATH=1 python3 -c "import frem.kernels.scale_channels as k, frem.seg.train as t, sys
+sys.exit(not all(m.__file__.startswith('$copy') for m in (k, t)))" 2>/dev/null ||
+   ! PYTHONPATH="$copy" PYTHONSAFEPATH=1 python3 -m pytest -x -q -p no:cacheprovider tests/test_config.py >/dev/null 2>&1; then
+  echo "the unmutated copy in $copy does not import or pass its tests: no mutant can be judged"
+  exit 99
+fi
 filter=${1:-}
 survived=0
 killed=0

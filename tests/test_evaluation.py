@@ -102,3 +102,20 @@ def test_a_checkpoint_is_synced_before_and_after_its_rename(tmp_path, monkeypatc
     monkeypatch.setattr(os, "replace", lambda src, dst: events.append(("replace",)) or real_replace(src, dst))
     checkpoint.save({"a": torch.ones(2)}, tmp_path / "last.pt")
     assert events == [("fsync", "file"), ("replace",), ("fsync", "folder")]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_scores_in_eval_mode_and_leaves_the_mode_as_it_found_it(trained_run, drosophila_root, training):
+    """Scored in train mode, FREM would enhance the test images; left in train mode after a validation,
+    a user's model would go on predicting with FREM acting."""
+    from frem.seg.data import load_dataset
+    from frem.seg.evaluate import evaluate
+    state = checkpoint.load(trained_run / "best.pt")
+    model = model_from_checkpoint(state).train(training)
+    data = load_dataset("drosophila", str(drosophila_root), crop=64, tiles_per_section=2,
+                        sections={"train": (0,), "val": (12,), "test": (15,)})
+    modes = []
+    model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    evaluate(model, data.test, data.classes, state["normalization"], batch_size=1)
+    assert modes == [False, False] and model.training is training
+    assert all(m.training is training for m in model.modules())
