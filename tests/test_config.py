@@ -46,7 +46,7 @@ def test_the_variants_defaults_become_explicit_and_given_values_win():
 ])
 def test_a_setting_the_variant_does_not_take_is_refused_not_recorded(variant, given, named):
     """Recorded, it would read as if it had acted (a baseline 'with B=5')."""
-    with pytest.raises(ValueError, match=f"^{named} has no effect on --variant {variant};.*frem \\(B, X\\)"):
+    with pytest.raises(ValueError, match=f"^{named} has no effect on --variant {variant};.*supervision \\(lambda\\), dropout \\(B\\), frem \\(B, X\\)"):
         TrainConfig.build(variant=variant, **given)
 
 

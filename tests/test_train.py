@@ -92,6 +92,19 @@ def test_variants_differ_where_the_paper_says():
     assert (fixed.B, fixed.X, fixed.mode) == (10, 10000.0, "fixed")
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_only_the_dropout_variant_draws_at_random_in_a_training_step(variant):
+    """Each variant carries its own regulariser and no other's: a stray Dropout2d (or aux head) in the
+    baseline would make the table compare regularised models with each other."""
+    model = build_model(variant, encoder="resnet18", in_channels=1, classes=4).train()
+    x = torch.randn(2, 1, 64, 64)
+    first, second = model(x), model(x)
+    same = [torch.equal(a, b) for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (first, second)))]
+    assert same == ([False] if variant == "dropout" else [True, True] if variant == "supervision" else [True])
+    assert (model.bottleneck_dropout is not None, model.aux_head is not None) == (variant == "dropout",
+                                                                                   variant == "supervision")
+
+
 def test_augment_applies_one_symmetry_to_image_and_mask_alike():
     images = torch.arange(2 * 16, dtype=torch.uint8).view(2, 1, 4, 4)
     masks = images[:, 0] % 3
