@@ -76,3 +76,13 @@ def test_differences_name_the_settings_that_matter_and_skip_the_resumable_ones()
     as_lists = config.with_(sections={k: list(v) for k, v in config.sections.items()})
     assert config.differences(as_lists) == []
     assert config.differences(config.with_(sections={**config.sections, "val": ["slice19"]})) != []
+
+
+@pytest.mark.parametrize("lambda_, accepted", [(0.0, True), (1.0, True), (0.2, True), (-0.01, False), (1.01, False),
+                                               (1.5, False)])
+def test_lambda_is_a_weight_in_zero_to_one_and_the_given_one_wins(lambda_, accepted):
+    if not accepted:
+        with pytest.raises(ValueError, match=f"lambda must lie in \\[0, 1\\], got {lambda_}"):
+            TrainConfig.build(variant="supervision", lambda_=lambda_)
+    else:
+        assert TrainConfig.build(variant="supervision", lambda_=lambda_).lambda_ == lambda_

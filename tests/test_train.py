@@ -84,6 +84,9 @@ def test_variants_differ_where_the_paper_says():
     assert build_model("shallow", **kwargs).encoder.out_channels[-1] == 256
     dropout = build_model("dropout", B=8, **kwargs)
     assert dropout.bottleneck_dropout.p == pytest.approx(8 / 512)
+    assert build_model("dropout", B=512, **kwargs).bottleneck_dropout.p == 1.0  # the search space's upper end
+    with pytest.raises(ValueError, match=r"B=513 must lie in \[1, 512\]"):
+        build_model("dropout", B=513, **kwargs)
     supervision = build_model("supervision", **kwargs).train()
     main_logits, aux = supervision(torch.randn(2, 1, 64, 64))
     assert aux.shape == main_logits.shape == (2, 4, 64, 64)
