@@ -154,7 +154,7 @@ def _train(config, settings, data, normalization, model, context, device, on_val
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     state = {"epoch": -1, "best_val_miou": -math.inf, "best_epoch": None, "history": []}
 
-    if config.resume and last_path.exists():
+    if config.resume:  # check_run_folder made sure last.pt is there
         # On the CPU: set_rng_state takes CPU ByteTensors; load_state_dict moves the rest.
         saved = checkpoint.load(last_path, required=("config", "model", "optimizer", "rng", "state"),
                                 hint=f"{out / checkpoint.BEST} may still be intact (frem evaluate {out}); "
