@@ -119,3 +119,58 @@ def test_evaluate_scores_in_eval_mode_and_leaves_the_mode_as_it_found_it(trained
     evaluate(model, data.test, data.classes, state["normalization"], batch_size=1)
     assert modes == [False, False] and model.training is training
     assert all(m.training is training for m in model.modules())
+
+
+def test_the_probe_pools_every_batch_of_a_split(trained_run):
+    """Validation runs in batches: the figures' means are over all of them, not the last batch."""
+    model = model_from_checkpoint(checkpoint.load(trained_run / "best.pt"))
+    batches = [torch.randn(2, 1, 64, 64), 3 + torch.randn(1, 1, 64, 64)]
+    with torch.no_grad():
+        probe = FeatureProbe(model)
+        with probe.recording():
+            for x in batches:
+                model(x)
+        whole = model.encoder(torch.cat(batches))
+    stats = probe.summary()
+    assert stats["bottleneck_mean"] == pytest.approx(float(whole[-1].mean()), rel=1e-4)
+    assert stats["skip_mean"] == pytest.approx(float(whole[-2].mean()), rel=1e-4)
+
+
+def test_a_stack_predicts_page_by_page_into_multipage_tiffs_in_a_new_nested_folder(trained_run, monkeypatch,
+                                                                                   tmp_path):
+    import tifffile
+
+    from frem.seg import predict as predictor
+    stack = np.random.default_rng(0).integers(0, 255, (3, 96, 80), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
+    tiles = []
+    real = predictor.predict_image
+    monkeypatch.setattr(predictor, "predict_image", lambda *a, **k: tiles.append(a[4:] + tuple(k.values()))
+                        or real(*a, **k))
+    out = tmp_path / "new" / "nested"
+    written = predictor.predict(trained_run / "best.pt", [tmp_path / "stack.tif"], out, tile=32)
+    assert [p.name for p in written] == ["stack_labels.tif", "stack_overlay.tif"] and tiles == [(32,)] * 3
+    labels, overlays = tifffile.imread(written[0]), tifffile.imread(written[1])
+    assert labels.shape == (3, 96, 80) and labels.max() < 4 and overlays.shape == (3, 96, 80, 3)
+    with tifffile.TiffFile(written[1]) as tif:
+        assert len(tif.pages) == 3 and tif.pages[0].photometric == tifffile.PHOTOMETRIC.RGB
+    for page, image in zip(labels, stack):  # each page is that page's own prediction
+        alone = predictor.predict_image(model_from_checkpoint(checkpoint.load(trained_run / "best.pt")),
+                                        image[..., None], checkpoint.load(trained_run / "best.pt")["normalization"],
+                                        "cpu")
+        assert np.array_equal(page, alone)
+
+
+def test_an_rgb_overlay_keeps_its_colours_where_nothing_was_found():
+    from frem.seg.data.images import display_range
+    from frem.seg.predict import PALETTE, overlay
+    image = np.zeros((4, 4, 3), np.uint8)
+    image[..., 0], image[..., 2] = 200, 10
+    labels = np.full((4, 4), 3, np.uint8)  # background everywhere but one pixel
+    labels[1, 1] = 0
+    shown = overlay(image, labels, ("membrane", "mitochondria", "synapse", "background"))
+    shown_as = display_range(image)
+    assert shown.shape == (4, 4, 3) and shown.dtype == np.uint8
+    assert np.array_equal(shown[labels == 3], shown_as[labels == 3]) and shown_as[2, 2, 0] > shown_as[2, 2, 1]
+    blend = np.round(0.55 * shown_as[1, 1].astype(np.float32) + 0.45 * np.array(PALETTE[0], np.float32))
+    assert shown[1, 1].tolist() == blend.astype(int).tolist()
