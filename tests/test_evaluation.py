@@ -174,3 +174,23 @@ def test_an_rgb_overlay_keeps_its_colours_where_nothing_was_found():
     assert np.array_equal(shown[labels == 3], shown_as[labels == 3]) and shown_as[2, 2, 0] > shown_as[2, 2, 1]
     blend = np.round(0.55 * shown_as[1, 1].astype(np.float32) + 0.45 * np.array(PALETTE[0], np.float32))
     assert shown[1, 1].tolist() == blend.astype(int).tolist()
+
+
+def test_autocast_is_bfloat16_on_cuda_and_full_precision_on_the_cpu():
+    """bfloat16 keeps float32's range (X times a feature overflows float16); on the CPU nothing is cast."""
+    import contextlib
+    import warnings
+
+    from frem.seg.evaluate import autocast
+    assert isinstance(autocast(torch.device("cpu")), contextlib.nullcontext)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available": only the policy is checked here
+        on_gpu = autocast(torch.device("cuda", 0))
+    assert isinstance(on_gpu, torch.autocast) and (on_gpu.device, on_gpu.fast_dtype) == ("cuda", torch.bfloat16)
+
+
+def test_evaluating_a_run_without_its_best_checkpoint_says_how_to_get_one(tmp_path):
+    from frem.seg.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match=f"no checkpoint at {tmp_path / 'best.pt'}: train the run again "
+                                              f"\\(frem train --out {tmp_path}\\)"):
+        evaluate_run(tmp_path)
