@@ -5,6 +5,7 @@ so these run in seconds and test the tuner's bookkeeping, not the network.
 """
 
 import json
+import os
 
 import optuna
 import pytest
@@ -104,3 +105,55 @@ def test_the_search_maximises_validation_never_test(tmp_path, monkeypatch):
     assert [t.value for t in study.trials] == [0.4, 0.5]  # the best validation mIoU of each run
     assert summary["best_value"] == 0.5 and summary["best_test_miou"] == 0.99
     assert json.loads((tmp_path / "tune" / "tune_summary.json").read_text())["best_trial"] == 1
+
+
+@pytest.mark.parametrize("variant, params", [("frem", {"B": 17, "X": 631.8923743928}), ("supervision", {"lambda": 0.3}),
+                                             ("dropout", {"B": 200})])
+def test_the_printed_train_command_trains_the_best_setting_under_the_searchs_protocol(variant, params, tmp_path):
+    import shlex
+
+    from frem.seg.cli import build_parser, train_kwargs
+    base = TrainConfig.build(quick=True, variant=variant, epochs=7, val_every=2, crop=128, tiles_per_section=8,
+                             lr=3e-4, seed=5, normalize="dataset", data=str(tmp_path), dataset="folder")
+    command = shlex.split(tuner.train_command(base, params))
+    assert command[:2] == ["frem", "train"]
+    args = build_parser().parse_args(command[1:])
+    again = TrainConfig.build(quick=args.quick, **train_kwargs(args))
+    tuned = base.with_(**{("lambda_" if name == "lambda" else name): value for name, value in params.items()})
+    assert again.differences(tuned) == [] and again.out == f"runs/{variant}-tuned"
+
+
+def test_a_finished_search_run_again_trains_nothing_more(tmp_path, monkeypatch):
+    summary, study, seen = run(tmp_path, monkeypatch, [[0.2, 0.4]], optuna.pruners.NopPruner(), trials=2, epochs=2)
+    again, study, seen_again = run(tmp_path, monkeypatch, [[0.2, 0.4]], optuna.pruners.NopPruner(), trials=2, epochs=2)
+    assert len(study.trials) == 2 and seen_again == [] and again["best_value"] == summary["best_value"]
+
+
+def test_a_trial_whose_run_folder_holds_a_checkpoint_resumes_it(tmp_path, monkeypatch):
+    """A re-queued trial (its worker was killed) finds the killed trial's run folder and continues it."""
+    resumed = []
+    monkeypatch.setattr(tuner, "train", lambda config, data, on_validation=None: resumed.append(config.resume) or {
+        "best_val_miou": 0.5, "test": {"miou": 0.5}, "history": [{"epoch": 0, "val_miou": 0.5}]})
+    (tmp_path / "tune" / "trials" / "trial-0001").mkdir(parents=True)
+    (tmp_path / "tune" / "trials" / "trial-0001" / "last.pt").write_bytes(b"")
+    base = TrainConfig.build(quick=True, epochs=1, data=str(tmp_path))
+    tuner.tune(base, trials=2, study_name="s", storage=None, out=tmp_path / "tune", data=Data(), progress=False)
+    assert resumed == [False, True]
+
+
+def test_leaving_a_worker_waits_only_for_trials_that_can_still_finish(tmp_path, monkeypatch):
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"B": 3})
+    assert tuner.wait_for_other_workers(study, None) is True  # a re-queued trial waits to be run
+    study.optimize(lambda t: t.suggest_int("B", 1, 4), n_trials=1)
+    assert tuner.wait_for_other_workers(study, None) is False  # only finished trials: nothing to wait for
+    study.ask()  # a running trial of another worker, which journal storage cannot declare dead
+    monkeypatch.setattr(tuner.time, "sleep", lambda s: pytest.fail("waited on journal storage"))
+    assert tuner.wait_for_other_workers(study, f"journal:{tmp_path / 'j.log'}") is False
+
+
+def test_a_worker_is_alive_until_its_process_is_gone():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert tuner._alive(os.getpid()) and not tuner._alive(int(done.stdout))

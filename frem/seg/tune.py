@@ -179,12 +179,14 @@ def suggest(trial: optuna.Trial, variant: str, channels: int) -> dict:
 
 
 def train_command(base: TrainConfig, params: dict) -> str:
-    """The ``frem train`` command that trains the best trial's setting in full."""
+    """The ``frem train`` command that trains the best trial's setting in full, under the search's
+    protocol (every setting a trial trained with; floats exactly, as Python writes them back)."""
     args = ["frem", "train", "--variant", base.variant]
     for name, value in params.items():
-        args += [f"--{name}", f"{value:.6g}" if isinstance(value, float) else str(value)]
+        args += [f"--{name}", str(value)]
     args += ["--epochs", str(base.epochs), "--seed", str(base.seed), "--encoder", base.encoder,
-             "--batch-size", str(base.batch_size), "--lr", f"{base.lr:g}", "--val-every", str(base.val_every)]
+             "--batch-size", str(base.batch_size), "--lr", str(base.lr), "--val-every", str(base.val_every),
+             "--normalize", base.normalize]
     if base.crop is not None:
         args += ["--crop", str(base.crop)]
     if base.tiles_per_section is not None:
