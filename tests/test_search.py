@@ -157,3 +157,12 @@ def test_a_worker_is_alive_until_its_process_is_gone():
     import sys
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     assert tuner._alive(os.getpid()) and not tuner._alive(int(done.stdout))
+
+
+def test_a_journal_study_lives_in_the_file_named_even_in_a_new_folder(tmp_path):
+    path = tmp_path / "new" / "deeper" / "study.log"
+    storage = tuner.open_storage(f"journal:{path}", tmp_path / "out")
+    optuna.create_study(study_name="s", storage=storage).optimize(lambda t: t.suggest_int("B", 1, 4), n_trials=1)
+    assert path.stat().st_size > 0
+    again = optuna.load_study(study_name="s", storage=tuner.open_storage(f"journal:{path}", tmp_path / "elsewhere"))
+    assert len(again.trials) == 1
