@@ -80,10 +80,10 @@ def test_tune_passes_its_options_and_prints_the_command_apart(monkeypatch, capsy
     from frem.seg import tune
     calls = recorder(monkeypatch, tune, "tune", {"best_value": 0.5, "train_command": "frem train --B 3"})
     assert main(["tune", "--quick", "--trials", "4", "--study", "s", "--storage", "journal:j", "--pruner", "median",
-                 "--out", "O", "--no-progress", "--epochs", "2"]) == 0
+                 "--out", "O", "--no-progress", "--epochs", "2", "--device", "cuda:1"]) == 0
     (base,), kwargs = calls[0]
     assert kwargs == {"trials": 4, "study_name": "s", "storage": "journal:j", "out": "O", "pruner": "median",
-                      "progress": False} and base.epochs == 2
+                      "progress": False} and (base.epochs, base.device) == (2, "cuda:1")
     out = capsys.readouterr().out
     assert '"best_value": 0.5' in out and "train_command" not in out.split("\n\n")[0]
     assert out.endswith("Train the best setting in full with:\n  frem train --B 3\n")
@@ -132,3 +132,11 @@ def test_missing_extras_are_named_from_the_installed_metadata(monkeypatch):
         'no-such-third[x] ; python_version >= "3.9" and extra == "seg"'])
     assert cli.missing_requirements() == ["no-such-dist-frem", "no-such-third"]
     assert cli.missing_requirements("lightning") == ["no-such-other"]
+
+
+def test_without_the_seg_extra_the_command_names_it_in_one_line(monkeypatch, capsys):
+    from frem.seg import cli
+    monkeypatch.setattr(cli, "missing_requirements", lambda: ["segmentation-models-pytorch", "optuna"])
+    assert main(["train", "--quick"]) == 2
+    assert capsys.readouterr().err == ("frem: the command line needs the 'seg' extra (missing: "
+                                       "segmentation-models-pytorch, optuna): pip install \"frem[seg]\"\n")
