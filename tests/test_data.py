@@ -230,3 +230,43 @@ class IgnoresRange(http.server.SimpleHTTPRequestHandler):
 def test_a_server_that_ignores_range_restarts_the_file_instead_of_appending(drosophila_root, tmp_path):
     whole = resume_a_killed_download(IgnoresRange, drosophila_root, tmp_path / "cache")
     assert (tmp_path / "cache" / dro.raw_path(3)).read_bytes() == whole
+
+
+def test_a_split_moves_whole_and_the_data_names_its_parts(tmp_path):
+    from frem.seg.data.base import colour_name
+    data = load_dataset("folder", make_folder_dataset(tmp_path / "d"), crop=32)
+    moved = data.train.to("meta")  # every tensor moves (stats too: normalisation runs on the device)
+    assert {t.device.type for t in (moved.images, moved.masks, moved.stats)} == {"meta"}
+    assert moved.names == data.train.names and moved.images.shape == data.train.images.shape
+    assert data.splits() == {"train": data.train, "val": data.val, "test": data.test}
+    assert data.identity() == {"source": data.source, "root": data.root, "checksum": data.checksum}
+    assert (colour_name(1), colour_name(3)) == ("greyscale", "RGB")
+
+
+def test_a_folder_mixing_colour_and_greyscale_across_splits_is_refused(tmp_path):
+    root = make_folder_dataset(tmp_path / "d")
+    for name in ("img0", "img1"):
+        grey = np.asarray(Image.open(root / "val" / "images" / f"{name}.png"))
+        Image.fromarray(np.stack([grey] * 3, -1)).save(root / "val" / "images" / f"{name}.png")
+    with pytest.raises(DataError, match="mixes kinds of images across its splits"):
+        load_dataset("folder", root, crop=32)
+
+
+def test_a_download_never_waits_forever_on_a_silent_server(tmp_path, monkeypatch):
+    import urllib.request
+    waited = []
+
+    def silent(request, timeout=None):
+        waited.append(timeout)
+        raise TimeoutError("timed out")
+    monkeypatch.setattr(urllib.request, "urlopen", silent)
+    with pytest.raises((DataError, TimeoutError)):
+        dro._fetch("http://127.0.0.1:9/x", tmp_path / "x.part")
+    assert waited and all(t is not None and 0 < t <= 300 for t in waited)
+
+
+def test_a_split_without_masks_names_the_mask_it_expected(tmp_path):
+    root = make_folder_dataset(tmp_path / "d")
+    shutil.rmtree(root / "test" / "masks")
+    with pytest.raises(DataError, match=r"test/images/img0.png has no mask: expected .*test/masks/img0.png"):
+        load_dataset("folder", root)

@@ -27,11 +27,10 @@ def read_classes(root: Path) -> tuple[str, ...]:
 
 def _pairs(root: Path, split: str, num_classes: int):
     images_dir, masks_dir = root / split / "images", root / split / "masks"
-    images = sorted(p for p in images_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) \
-        if images_dir.is_dir() else []
+    images = sorted(p for p in images_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)  # none if no folder
     if not images:
         raise DataError(f"no images in {images_dir} (expected {split}/images/*.png etc.)")
-    masks = {p.stem: p for p in masks_dir.glob("*")} if masks_dir.is_dir() else {}
+    masks = {p.stem: p for p in masks_dir.glob("*")}
     for image_path in images:
         mask_path = masks.get(image_path.stem)
         if mask_path is None:
