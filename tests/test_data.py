@@ -270,3 +270,40 @@ def test_a_split_without_masks_names_the_mask_it_expected(tmp_path):
     shutil.rmtree(root / "test" / "masks")
     with pytest.raises(DataError, match=r"test/images/img0.png has no mask: expected .*test/masks/img0.png"):
         load_dataset("folder", root)
+
+
+def test_image_files_of_every_common_kind_keep_their_values(tmp_path, monkeypatch):
+    """What microscopes and image editors write: 16-bit and bilevel PNGs, palette PNGs, planar RGB
+    TIFFs, boolean and 32-bit integer TIFFs. Each reads as (H, W, C) with its values intact."""
+    import tifffile
+
+    from frem.seg.data.images import read_pages
+    ramp = np.arange(64 * 32, dtype=np.uint16).reshape(64, 32) * 31
+    Image.fromarray(ramp).save(tmp_path / "16bit.png")
+    (page,) = read_pages(tmp_path / "16bit.png")
+    assert page.dtype == np.uint16 and np.array_equal(page[..., 0], ramp)  # not cut to 8 bits
+    Image.fromarray(np.eye(8, dtype=bool)).convert("1").save(tmp_path / "bilevel.png")
+    (page,) = read_pages(tmp_path / "bilevel.png")
+    assert page.shape == (8, 8, 1) and set(np.unique(page)) == {0, 255}
+    palette = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), mode="P")
+    palette.putpalette([200, 10, 20, 5, 90, 250] + [0] * 762)
+    palette.save(tmp_path / "palette.png")
+    (page,) = read_pages(tmp_path / "palette.png")
+    assert page.shape == (2, 2, 3) and page[0, 0].tolist() == [200, 10, 20] and page[0, 1].tolist() == [5, 90, 250]
+    rgb = np.random.default_rng(0).integers(0, 255, (3, 16, 12), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "planar.tif", rgb, photometric="rgb", planarconfig="separate")
+    (page,) = read_pages(tmp_path / "planar.tif")
+    assert np.array_equal(page, np.moveaxis(rgb, 0, -1))
+    tifffile.imwrite(tmp_path / "bool.tif", np.eye(8, dtype=bool))
+    (page,) = read_pages(tmp_path / "bool.tif")
+    assert page.dtype == np.uint8 and np.array_equal(page[..., 0], np.eye(8, dtype=np.uint8))
+    tifffile.imwrite(tmp_path / "int32.tif", ramp.astype(np.int32))
+    (page,) = read_pages(tmp_path / "int32.tif")
+    assert page.dtype == np.uint16 and np.array_equal(page[..., 0], ramp)
+    tifffile.imwrite(tmp_path / "negative.tif", ramp.astype(np.int32) - 1)
+    with pytest.raises(DataError, match="negative.tif holds int32 values that do not fit 16 bits"):
+        read_pages(tmp_path / "negative.tif")
+    (tmp_path / "odd.png").write_bytes(b"x")
+    monkeypatch.setattr(Image, "open", lambda path: (_ for _ in ()).throw(ValueError()))
+    with pytest.raises(DataError, match=r"cannot read .*odd.png: ValueError$"):
+        read_pages(tmp_path / "odd.png")
