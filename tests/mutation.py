@@ -115,20 +115,22 @@ def run(group: str) -> dict:
 def again(group: str) -> dict:
     """After tests (or code) changed: bring the copy up to date and run what is not caught yet.
 
-    mutmut regenerates the mutants of changed functions and runs them; the survivors and the
-    mutants no test reached are named explicitly, since mutmut otherwise lets their results stand.
+    mutmut first regenerates the mutants of changed functions and collects stats for new tests
+    (a name that matches nothing stops it there); then the mutants not caught (survivors, those no
+    test reached, and changed functions' new mutants) are named, since mutmut otherwise lets a
+    result stand, and a run without names would run every mutant not checked yet: the whole
+    group, where a sample was drawn.
     """
     copy = WORK / group
-    not_caught = [name for name, state in mutant_states(copy).items() if state in ("survived", "no tests")]
-    if (sampled := WORK / f"{group}.sample.json").exists():
-        not_caught = sorted(set(not_caught) & set(json.loads(sampled.read_text())))
     copy_tree(copy)
     configure(group, copy)
     started = time.time()
     mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", "2"]
-    subprocess.run(mutmut, cwd=copy, env=environment(copy))
-    still = set(n for n, state in mutant_states(copy).items() if state in ("survived", "no tests"))
-    if named := sorted(still & set(not_caught)):
+    subprocess.run(mutmut + ["frem.no_such_mutant"], cwd=copy, env=environment(copy), capture_output=True)
+    states = scored(group, mutant_states(copy))
+    if (sampled := WORK / f"{group}.sample.json").exists():
+        states = {name: states[name] for name in json.loads(sampled.read_text()) if name in states}
+    if named := sorted(name for name, state in states.items() if state not in ("killed", "timeout")):
         subprocess.run(mutmut + named, cwd=copy, env=environment(copy))
     previous = WORK / f"{group}.summary.json"
     minutes = json.loads(previous.read_text())["minutes"] if previous.exists() else 0.0
