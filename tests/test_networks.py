@@ -249,6 +249,8 @@ def test_the_table_marks_a_known_pick_even_at_a_negative_entry():
     text = str(frem.candidates(unetr, x))
     assert text.splitlines()[-1] == "attach picks decoder5 input[0]: known by name for this architecture"
     assert re.search(r"\ndecoder5 +input\[0\] +2x48x2x2 +48 +\d+ +<- bottleneck \(known by name\)", text)
+    chosen = frem.candidates(unetr, x).chosen  # the row marked is that map, not one of its shape
+    assert any((s.layer, s.at, s.entry) == ("decoder5", "input", (0,)) for s in chosen.sites)
     assert "parallel branch after the last main-path map, as wide" in text
 
 
@@ -590,3 +592,22 @@ class Pack(nn.Module):
 
 def test_a_whole_output_is_preferred_over_the_same_map_as_an_entry():
     assert choose(survey(PackedHandOver(), x2d(16))).site.describe() == "zblock output"
+
+
+def test_a_network_that_never_lowers_the_resolution_is_refused_for_that_reason():
+    from handwritten import NoDownsampling
+    with pytest.raises(BottleneckNotFound, match="never lowers the resolution of its input"):
+        frem.attach(NoDownsampling(), "bottleneck", B=1, X=2.0, example_input=x2d())
+
+
+@pytest.mark.parametrize("dims, spatial", [(None, True), ((2, 3), True), ((-2, -1), True), ((1, 2, 3), True),
+                                           (1, False), (3, False), ((1, 3), False), (2, False)])
+def test_a_reduction_is_global_context_only_over_every_spatial_dim(dims, spatial):
+    """A global pool feeding a multiply is a gate (squeeze-excitation); a channel mean (CBAM's spatial
+    attention) or a pool over one axis keeps a map that can be a bottleneck."""
+    from frem.survey import _reduces_space
+    t = torch.zeros(2, 8, 4, 4)
+    assert _reduces_space(t, (t,) if dims is None else (t, dims), {}) is spatial
+    if dims is not None:
+        assert _reduces_space(t, (t,), {"dim": dims}) is spatial
+        assert _reduces_space(t, (t, True), {"dim": dims}) is spatial  # keepdim given by position
