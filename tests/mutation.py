@@ -6,6 +6,7 @@
     python tests/mutation.py --summarize kernels   # re-score a finished run
     python tests/mutation.py --sample 25 train evaluate   # 25 random mutants of each module
     python tests/mutation.py --again train   # after adding tests: rerun what survived or no test reached
+    python tests/mutation.py --table         # the last scores per module, as a markdown table
 
 mutmut mutates the group's files and runs, for each mutant, the tests of the
 group that cover the mutated function. A group runs in a copy of the
@@ -235,7 +236,31 @@ def summarize(group: str, minutes: float | None = None) -> dict:
     return summary
 
 
+def table() -> str:
+    """The per-module scores of the last runs, as DEVELOPERS.md shows them."""
+    lines = ["| group | module | mutants | scored | caught | survived | no test | score | 95% interval |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for group in GROUPS:
+        path = WORK / f"{group}.summary.json"
+        if not path.exists():
+            continue
+        summary = json.loads(path.read_text())
+        everything = by_module(scored(group, mutant_states(WORK / group)))
+        for module, row in summary.get("modules", {}).items():
+            counts = row["counts"]
+            caught = counts.get("killed", 0) + counts.get("timeout", 0)
+            kind = "sample" if summary.get("sampled") else "all"
+            low, high = row["interval_95"]
+            lines.append(f"| {group} | `{module}` | {len(everything.get(module, []))} | {row['mutants']} ({kind}) | "
+                         f"{caught} | {counts.get('survived', 0)} | {counts.get('no tests', 0)} | "
+                         f"{100 * row['score']:.0f}% | {100 * low:.0f}-{100 * high:.0f}% |")
+    return "\n".join(lines)
+
+
 def main(argv) -> int:
+    if "--table" in argv:
+        print(table())
+        return 0
     if "--list" in argv:
         for group, (files, tests) in GROUPS.items():
             print(f"{group}: {' '.join(files)}\n    tests: {' '.join(tests)}")
