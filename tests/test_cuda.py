@@ -89,3 +89,17 @@ def test_a_checkpoint_saved_on_the_gpu_loads_onto_the_cpu(tmp_path):
              "normalization": {}}
     checkpoint.save(state, tmp_path / "best.pt")
     assert checkpoint.load(tmp_path / "best.pt")["model"]["w"].device.type == "cpu"
+
+
+def test_a_tiny_run_trains_resumes_and_scores_on_the_gpu(tiny_config):
+    """The trainer's device paths: batches, flips and order on the GPU, channels_last, bf16 autocast,
+    the GPU generator in the checkpoint; the scores equal a CPU evaluation of the same best.pt."""
+    pytest.importorskip("segmentation_models_pytorch")
+    from frem.seg.evaluate import evaluate_run
+    from frem.seg.train import train
+    first = train(tiny_config(epochs=1, device="cuda"))
+    assert first["device"].startswith("cuda") and first["history"][0]["frem_channels"]
+    resumed = train(tiny_config(epochs=2, device="cuda", resume=True))
+    assert [r["epoch"] for r in resumed["history"]] == [0, 1]
+    on_cpu = evaluate_run(tiny_config().out, device="cpu")
+    assert on_cpu["miou"] == pytest.approx(resumed["test"]["miou"], abs=0.02)  # bf16 on the GPU, fp32 here
