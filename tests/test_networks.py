@@ -611,3 +611,40 @@ def test_a_reduction_is_global_context_only_over_every_spatial_dim(dims, spatial
     if dims is not None:
         assert _reduces_space(t, (t,), {"dim": dims}) is spatial
         assert _reduces_space(t, (t, True), {"dim": dims}) is spatial  # keepdim given by position
+
+
+class SqueezeByMean(nn.Module):
+    """timm's squeeze-excitation squeezes with x.mean((2, 3)), not an adaptive pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.down, self.fc, self.head = nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.down(x)
+        y = y * self.fc(y.mean((2, 3), keepdim=True)).sigmoid()
+        return nn.functional.interpolate(self.head(y), scale_factor=2.0)
+
+
+class DepthToSpaceByReshape(nn.Module):
+    """A sub-pixel decoder written with view/permute/reshape instead of nn.PixelShuffle."""
+
+    def __init__(self):
+        super().__init__()
+        self.down, self.expand, self.head = nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        y = self.expand(self.down(x))
+        n, c, h, w = y.shape
+        return self.head(y.view(n, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c // 4, 2 * h, 2 * w))
+
+
+def test_a_squeeze_by_mean_is_global_context_and_so_is_what_is_made_from_it_alone():
+    maps = [(m.op, m.pooled) for m in survey(SqueezeByMean(), x2d(16)).maps.values()]
+    assert maps == [("conv2d", False), ("mean", True), ("conv2d", True), ("sigmoid", True), ("mul", False),
+                    ("conv2d", False), ("interpolate", False)]
+
+
+def test_channels_folded_into_space_by_reshapes_are_sub_pixel():
+    maps = [(m.op, tuple(m.tensor.shape[1:]), m.sub_pixel) for m in survey(DepthToSpaceByReshape(), x2d(16)).maps.values()]
+    assert maps[:3] == [("conv2d", (8, 8, 8), False), ("conv2d", (8, 8, 8), True), ("reshape", (2, 16, 16), False)]
