@@ -307,3 +307,23 @@ def test_image_files_of_every_common_kind_keep_their_values(tmp_path, monkeypatc
     monkeypatch.setattr(Image, "open", lambda path: (_ for _ in ()).throw(ValueError()))
     with pytest.raises(DataError, match=r"cannot read .*odd.png: ValueError$"):
         read_pages(tmp_path / "odd.png")
+
+
+def test_a_bad_class_index_is_named_even_among_good_ones_and_its_page_with_it(tmp_path):
+    import tifffile
+    root = make_folder_dataset(tmp_path / "d")  # 3 classes
+    mask = np.zeros((64, 64), np.uint8)
+    mask[0, 0] = 3
+    Image.fromarray(mask).save(root / "train" / "masks" / "img0.png")
+    with pytest.raises(DataError, match=r"img0.png holds class index 3, but"):
+        load_dataset("folder", root)
+    root = make_folder_dataset(tmp_path / "stack")
+    for name in ("img0", "img1"):
+        (root / "train" / "images" / f"{name}.png").unlink()
+        (root / "train" / "masks" / f"{name}.png").unlink()
+    tifffile.imwrite(root / "train" / "images" / "s.tif", np.zeros((2, 64, 64), np.uint8), photometric="minisblack")
+    pages = np.zeros((2, 64, 64), np.uint8)
+    pages[1, 5, 5] = 7
+    tifffile.imwrite(root / "train" / "masks" / "s.tif", pages, photometric="minisblack")
+    with pytest.raises(DataError, match=r"s.tif\[page 1\] holds class index 7"):
+        load_dataset("folder", root)

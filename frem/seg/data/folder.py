@@ -39,14 +39,14 @@ def _pairs(root: Path, split: str, num_classes: int):
         if len(pages) != len(mask_pages):
             raise DataError(f"{image_path} has {len(pages)} page(s) but {mask_path} has {len(mask_pages)}")
         for k, (image, mask) in enumerate(zip(pages, mask_pages)):
+            page = f"[page {k}]" if len(pages) > 1 else ""  # a stack's errors and tiles name the page
             if mask.shape != image.shape[:2]:
-                raise DataError(f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} but "
-                                f"{image_path} is {image.shape[1]}x{image.shape[0]}")
+                raise DataError(f"{mask_path}{page} is {mask.shape[1]}x{mask.shape[0]} but "
+                                f"{image_path}{page} is {image.shape[1]}x{image.shape[0]}")
             if mask.min() < 0 or mask.max() >= num_classes:
                 bad = int(mask.max()) if mask.max() >= num_classes else int(mask.min())
-                raise DataError(f"{mask_path} holds class index {bad}, but classes.txt "
+                raise DataError(f"{mask_path}{page} holds class index {bad}, but classes.txt "
                                 f"names {num_classes} classes (0..{num_classes - 1})")
-            page = f"[page {k}]" if len(pages) > 1 else ""
             yield f"{split}/{image_path.name}{page}", image, mask
 
 
