@@ -2,6 +2,7 @@
 
     python tests/mutation.py                 # every group, one after the other
     python tests/mutation.py train tune      # some groups
+    python tests/mutation.py --continue train   # go on with a stopped whole-group run (results kept)
     python tests/mutation.py --list          # the groups, their files and tests
     python tests/mutation.py --summarize kernels   # re-score a finished run
     python tests/mutation.py --sample 25 train evaluate   # 25 random mutants of each module
@@ -106,8 +107,16 @@ use_git_change_detection = false
 """)
 
 
-def run(group: str) -> dict:
-    copy = prepare(group)
+def run(group: str, keep: bool = False) -> dict:
+    """The whole group. ``keep``: continue in the existing copy (mutmut keeps every result there
+    and runs what is unchecked), so a run of many hours can stop and go on another day."""
+    copy = WORK / group
+    if keep and copy.exists():
+        copy_tree(copy)
+        configure(group, copy)
+        (WORK / f"{group}.sample.json").unlink(missing_ok=True)  # scored in full from now on
+    else:
+        copy = prepare(group)
     started = time.time()
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "2"], cwd=copy, env=environment(copy))
     return summarize(group, minutes=(time.time() - started) / 60)
@@ -278,8 +287,9 @@ def main(argv) -> int:
         for group in [a for a in argv if a != "--again"]:
             again(group)
         return 0
-    for group in argv or list(GROUPS):
-        run(group)
+    keep = "--continue" in argv
+    for group in [a for a in argv if a != "--continue"] or list(GROUPS):
+        run(group, keep=keep)
     return 0
 
 
