@@ -194,3 +194,37 @@ def test_evaluating_a_run_without_its_best_checkpoint_says_how_to_get_one(tmp_pa
     with pytest.raises(CheckpointError, match=f"no checkpoint at {tmp_path / 'best.pt'}: train the run again "
                                               f"\\(frem train --out {tmp_path}\\)"):
         evaluate_run(tmp_path)
+
+
+class SignOfPixel(nn.Module):
+    """Class 0 where a pixel is positive, 1 elsewhere: any shift of the labels shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight[:] = torch.tensor([1.0, -1.0]).view(2, 1, 1, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("height, width, tile, margin", [(45, 50, 512, 64), (31, 70, 512, 64), (45, 50, 32, 8),
+                                                          (3, 5, 512, 64)])
+def test_predicted_labels_stay_on_their_pixels_at_any_size(height, width, tile, margin):
+    """Sizes that are no multiple of 32 are padded for the network: right and below only."""
+    image = np.random.default_rng(1).normal(size=(height, width, 1)).astype(np.float32)
+    raw = {"mode": "dataset", "units": "raw", "mean": 0.0, "std": 1.0}
+    labels = predict_image(SignOfPixel().eval(), image, raw, "cpu", tile=tile, margin=margin)
+    assert labels.shape == (height, width) and np.array_equal(labels, (image[..., 0] <= 0).astype(labels.dtype))
+
+
+def test_outputs_of_images_with_the_same_name_never_overwrite_each_other(tmp_path):
+    from pathlib import Path
+
+    from frem.seg.predict import output_names, palette_image
+    paths = [Path("x/a/img.png"), Path("y/a/img.png"), Path("b/img.tif"), Path("c.png"), Path("d/c.png")]
+    assert output_names(paths) == ["a_img_1", "a_img_2", "b_img", "c", "d_c"]
+    labels = np.arange(15, dtype=np.uint8).reshape(3, 5) % 4
+    image = palette_image(labels, ("a", "b", "c", "background"))
+    assert image.size == (5, 3) and np.array_equal(np.array(image), labels)

@@ -84,7 +84,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, classes, alpha: float = 0.45)
 def output_names(paths: list[Path]) -> list[str]:
     """A distinct output name per input: its stem, or parent_stem where stems repeat."""
     stems = Counter(p.stem for p in paths)
-    names = [p.stem if stems[p.stem] == 1 else f"{p.parent.name}_{p.stem}" for p in paths]
+    names = [p.stem if stems[p.stem] == 1 or not p.parent.name else f"{p.parent.name}_{p.stem}" for p in paths]
     repeats, seen, unique = Counter(names), Counter(), []
     for name in names:
         seen[name] += 1
