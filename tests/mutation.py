@@ -107,18 +107,48 @@ use_git_change_detection = false
 """)
 
 
+MUTMUT_RUN = [sys.executable, "-m", "mutmut", "run", "--max-children", "2"]
+
+
+def refreshed(group: str) -> Path:
+    """The group's copy with the working tree's code and tests, keeping mutmut's results if it exists."""
+    copy = WORK / group
+    if not copy.exists():
+        return prepare(group)
+    copy_tree(copy)
+    configure(group, copy)
+    return copy
+
+
+def generate(copy: Path) -> None:
+    """mutmut's generation and stats only: a mutant name that matches nothing stops it there."""
+    subprocess.run(MUTMUT_RUN + ["frem.no_such_mutant"], cwd=copy, env=environment(copy), capture_output=True)
+
+
+def sample_file(group: str) -> Path:
+    return WORK / f"{group}.sample.json"
+
+
+def in_sample(group: str, states: dict) -> dict:
+    """``states`` restricted to the group's sample, if one was drawn."""
+    sampled = sample_file(group)
+    if not sampled.exists():
+        return states
+    return {name: states[name] for name in json.loads(sampled.read_text()) if name in states}
+
+
+def recorded_minutes(group: str, default: float) -> float:
+    previous = WORK / f"{group}.summary.json"
+    return json.loads(previous.read_text())["minutes"] if previous.exists() else default
+
+
 def run(group: str, keep: bool = False) -> dict:
     """The whole group. ``keep``: continue in the existing copy (mutmut keeps every result there
     and runs what is unchecked), so a run of many hours can stop and go on another day."""
-    copy = WORK / group
-    if keep and copy.exists():
-        copy_tree(copy)
-        configure(group, copy)
-        (WORK / f"{group}.sample.json").unlink(missing_ok=True)  # scored in full from now on
-    else:
-        copy = prepare(group)
+    copy = refreshed(group) if keep else prepare(group)
+    sample_file(group).unlink(missing_ok=True)  # scored in full from now on
     started = time.time()
-    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "2"], cwd=copy, env=environment(copy))
+    subprocess.run(MUTMUT_RUN, cwd=copy, env=environment(copy))
     return summarize(group, minutes=(time.time() - started) / 60)
 
 
@@ -131,20 +161,13 @@ def again(group: str) -> dict:
     result stand, and a run without names would run every mutant not checked yet: the whole
     group, where a sample was drawn.
     """
-    copy = WORK / group
-    copy_tree(copy)
-    configure(group, copy)
+    copy = refreshed(group)
     started = time.time()
-    mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", "2"]
-    subprocess.run(mutmut + ["frem.no_such_mutant"], cwd=copy, env=environment(copy), capture_output=True)
-    states = scored(group, mutant_states(copy))
-    if (sampled := WORK / f"{group}.sample.json").exists():
-        states = {name: states[name] for name in json.loads(sampled.read_text()) if name in states}
+    generate(copy)
+    states = in_sample(group, scored(group, mutant_states(copy)))
     if named := sorted(name for name, state in states.items() if state not in ("killed", "timeout")):
-        subprocess.run(mutmut + named, cwd=copy, env=environment(copy))
-    previous = WORK / f"{group}.summary.json"
-    minutes = json.loads(previous.read_text())["minutes"] if previous.exists() else 0.0
-    return summarize(group, minutes=minutes + (time.time() - started) / 60)
+        subprocess.run(MUTMUT_RUN + named, cwd=copy, env=environment(copy))
+    return summarize(group, minutes=recorded_minutes(group, 0.0) + (time.time() - started) / 60)
 
 
 def mutant_states(copy: Path) -> dict:
@@ -172,23 +195,16 @@ def sample(group: str, per_module: int) -> dict:
     survives runs about a minute of training tests); a sample estimates each module's score,
     with its 95% interval, and finds the kinds of bug the tests miss.
     """
-    copy = WORK / group
-    if copy.exists():  # keep the results already there; take in changed tests and code
-        copy_tree(copy)
-        configure(group, copy)
-    else:
-        copy = prepare(group)
+    copy = refreshed(group)  # the results already there are kept
     started = time.time()
-    mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", "2"]
-    # a name that matches nothing: mutmut generates the mutants and collects its stats, then stops
-    subprocess.run(mutmut + ["frem.no_such_mutant"], cwd=copy, env=environment(copy), capture_output=True)
+    generate(copy)
     states = scored(group, mutant_states(copy))
     chosen = []
     for module, names in sorted(by_module(states).items()):
         chosen += random.Random(f"{group}:{module}").sample(sorted(names), min(per_module, len(names)))
-    (WORK / f"{group}.sample.json").write_text(json.dumps(chosen, indent=1))
+    sample_file(group).write_text(json.dumps(chosen, indent=1))
     if to_run := [name for name in chosen if states[name] == "not checked"]:
-        subprocess.run(mutmut + to_run, cwd=copy, env=environment(copy))
+        subprocess.run(MUTMUT_RUN + to_run, cwd=copy, env=environment(copy))
     return summarize(group, minutes=(time.time() - started) / 60)
 
 
@@ -217,13 +233,9 @@ def wilson(caught: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def summarize(group: str, minutes: float | None = None) -> dict:
     """Score a group from mutmut's results in its copy: all mutants, or the sample if one was drawn."""
     everything = mutant_states(WORK / group)
-    states = scored(group, everything)
-    sampled = WORK / f"{group}.sample.json"
-    if sampled.exists():
-        states = {name: states[name] for name in json.loads(sampled.read_text()) if name in states}
+    states = in_sample(group, scored(group, everything))
     if minutes is None:  # re-scored later: keep the recorded time
-        previous = WORK / f"{group}.summary.json"
-        minutes = json.loads(previous.read_text())["minutes"] if previous.exists() else float("nan")
+        minutes = recorded_minutes(group, math.nan)
     modules = {}
     for module, names in sorted(by_module(states).items()):
         counts = {state: sum(1 for n in names if states[n] == state) for state in sorted({states[n] for n in names})}
@@ -234,7 +246,8 @@ def summarize(group: str, minutes: float | None = None) -> dict:
         print(f"  {module}: {caught}/{len(names)} caught ({100 * caught / len(names):.1f}%, "
               f"95% {100 * low:.0f}-{100 * high:.0f}%); {counts}")
     caught = sum(1 for s in states.values() if s in ("killed", "timeout"))
-    summary = {"group": group, "files": GROUPS[group][0], "tests": GROUPS[group][1], "sampled": sampled.exists(),
+    summary = {"group": group, "files": GROUPS[group][0], "tests": GROUPS[group][1],
+               "sampled": sample_file(group).exists(),
                "mutants_in_group": len(scored(group, everything)), "mutants": len(states),
                "hand_mutated_left_out": len(everything) - len(scored(group, everything)),
                "score": caught / max(len(states), 1), "modules": modules, "minutes": round(minutes, 1)}
