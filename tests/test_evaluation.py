@@ -154,11 +154,13 @@ def test_a_stack_predicts_page_by_page_into_multipage_tiffs_in_a_new_nested_fold
     assert labels.shape == (3, 96, 80) and labels.max() < 4 and overlays.shape == (3, 96, 80, 3)
     with tifffile.TiffFile(written[1]) as tif:
         assert len(tif.pages) == 3 and tif.pages[0].photometric == tifffile.PHOTOMETRIC.RGB
-    for page, image in zip(labels, stack):  # each page is that page's own prediction
-        alone = predictor.predict_image(model_from_checkpoint(checkpoint.load(trained_run / "best.pt")),
-                                        image[..., None], checkpoint.load(trained_run / "best.pt")["normalization"],
-                                        "cpu")
+    state = checkpoint.load(trained_run / "best.pt")
+    for page, image, shown in zip(labels, stack, overlays):  # each page is that page's own prediction
+        alone = predictor.predict_image(model_from_checkpoint(state), image[..., None], state["normalization"], "cpu")
         assert np.array_equal(page, alone)
+        assert np.array_equal(shown, predictor.overlay(image[..., None], alone, state["classes"]))
+    again = predictor.predict(trained_run / "best.pt", [tmp_path / "stack.tif"], out, tile=32)  # the folder exists
+    assert again == written and np.array_equal(tifffile.imread(again[0]), labels)
 
 
 def test_an_rgb_overlay_keeps_its_colours_where_nothing_was_found():
@@ -174,6 +176,17 @@ def test_an_rgb_overlay_keeps_its_colours_where_nothing_was_found():
     assert np.array_equal(shown[labels == 3], shown_as[labels == 3]) and shown_as[2, 2, 0] > shown_as[2, 2, 1]
     blend = np.round(0.55 * shown_as[1, 1].astype(np.float32) + 0.45 * np.array(PALETTE[0], np.float32))
     assert shown[1, 1].tolist() == blend.astype(int).tolist()
+
+
+def test_an_overlay_colours_every_class_but_background_wherever_background_comes():
+    from frem.seg.predict import PALETTE, overlay
+    image = np.full((2, 3, 1), 100, np.uint8)
+    labels = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
+    shown = overlay(image, labels, ("background", "cell", "nucleus"))  # a folder data set's usual order
+    assert np.array_equal(shown[labels == 0], np.full((2, 3), 100))
+    for index in (1, 2):
+        blend = np.round(0.55 * 100 + 0.45 * np.array(PALETTE[index], np.float32)).astype(int)
+        assert (shown[labels == index] == blend).all()
 
 
 def test_autocast_is_bfloat16_on_cuda_and_full_precision_on_the_cpu():
@@ -197,26 +210,43 @@ def test_evaluating_a_run_without_its_best_checkpoint_says_how_to_get_one(tmp_pa
 
 
 class SignOfPixel(nn.Module):
-    """Class 0 where a pixel is positive, 1 elsewhere: any shift of the labels shows."""
+    """Class 0 where a pixel is positive, 1 elsewhere: any shift of the labels shows. Keeps what it saw."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(1, 2, 1, bias=False)
         with torch.no_grad():
             self.conv.weight[:] = torch.tensor([1.0, -1.0]).view(2, 1, 1, 1)
+        self.seen = []
 
     def forward(self, x):
+        self.seen.append(x.clone())
         return self.conv(x)
 
 
+RAW = {"mode": "dataset", "units": "raw", "mean": 0.0, "std": 1.0}
+
+
 @pytest.mark.parametrize("height, width, tile, margin", [(45, 50, 512, 64), (31, 70, 512, 64), (45, 50, 32, 8),
-                                                          (3, 5, 512, 64)])
+                                                          (3, 5, 512, 64), (40, 16, 512, 64), (16, 40, 512, 64)])
 def test_predicted_labels_stay_on_their_pixels_at_any_size(height, width, tile, margin):
-    """Sizes that are no multiple of 32 are padded for the network: right and below only."""
+    """Sizes that are no multiple of 32 are padded for the network (whose five halvings need one):
+    right and below only. A side no longer than its padding cannot be reflected and repeats its edge."""
     image = np.random.default_rng(1).normal(size=(height, width, 1)).astype(np.float32)
-    raw = {"mode": "dataset", "units": "raw", "mean": 0.0, "std": 1.0}
-    labels = predict_image(SignOfPixel().eval(), image, raw, "cpu", tile=tile, margin=margin)
+    model = SignOfPixel().eval()
+    labels = predict_image(model, image, RAW, "cpu", tile=tile, margin=margin)
     assert labels.shape == (height, width) and np.array_equal(labels, (image[..., 0] <= 0).astype(labels.dtype))
+    assert all(x.shape[-2] % 32 == 0 and x.shape[-1] % 32 == 0 for x in model.seen)
+
+
+@pytest.mark.parametrize("height, width, numpy_mode", [(40, 50, "reflect"), (3, 5, "edge")])
+def test_the_padding_is_the_image_mirrored_not_a_dark_band(height, width, numpy_mode):
+    """Zeros below and right of a section are a border the network never saw in training."""
+    image = np.random.default_rng(2).normal(size=(height, width, 1)).astype(np.float32)
+    model = SignOfPixel().eval()
+    predict_image(model, image, RAW, "cpu")
+    expected = np.pad(image[..., 0], ((0, -height % 32), (0, -width % 32)), mode=numpy_mode)
+    assert len(model.seen) == 1 and np.allclose(model.seen[0][0, 0].numpy(), expected)
 
 
 def test_outputs_of_images_with_the_same_name_never_overwrite_each_other(tmp_path):
