@@ -6,6 +6,7 @@
     python tests/mutation.py --list          # the groups, their files and tests
     python tests/mutation.py --summarize kernels   # re-score a finished run
     python tests/mutation.py --sample 25 train evaluate   # 25 random mutants of each module
+    python tests/mutation.py --modules train frem.seg.config   # every mutant of some of a group's modules
     python tests/mutation.py --again train   # after adding tests: rerun what survived or no test reached
     python tests/mutation.py --table         # the last scores per module, as a markdown table
 
@@ -129,12 +130,19 @@ def sample_file(group: str) -> Path:
     return WORK / f"{group}.sample.json"
 
 
-def in_sample(group: str, states: dict) -> dict:
-    """``states`` restricted to the group's sample, if one was drawn."""
-    sampled = sample_file(group)
-    if not sampled.exists():
-        return states
-    return {name: states[name] for name in json.loads(sampled.read_text()) if name in states}
+def scored_part(group: str, states: dict) -> dict:
+    """Per module, the mutants its score counts and how they were chosen: all of them once every
+    one has a result, else the group's sample if one was drawn, else those checked so far."""
+    sampled = set(json.loads(sample_file(group).read_text())) if sample_file(group).exists() else None
+    part = {}
+    for module, names in sorted(by_module(states).items()):
+        if all(states[n] != "not checked" for n in names):
+            part[module] = ("all", names)
+        elif sampled is not None:
+            part[module] = ("sample", [n for n in names if n in sampled])
+        else:
+            part[module] = ("partial", [n for n in names if states[n] != "not checked"])
+    return part
 
 
 def recorded_minutes(group: str, default: float) -> float:
@@ -146,7 +154,8 @@ def run(group: str, keep: bool = False) -> dict:
     """The whole group. ``keep``: continue in the existing copy (mutmut keeps every result there
     and runs what is unchecked), so a run of many hours can stop and go on another day."""
     copy = refreshed(group) if keep else prepare(group)
-    sample_file(group).unlink(missing_ok=True)  # scored in full from now on
+    if not keep:  # its names' results are gone; a module not finished falls back on the sample otherwise
+        sample_file(group).unlink(missing_ok=True)
     started = time.time()
     subprocess.run(MUTMUT_RUN, cwd=copy, env=environment(copy))
     return summarize(group, minutes=(time.time() - started) / 60)
@@ -164,8 +173,9 @@ def again(group: str) -> dict:
     copy = refreshed(group)
     started = time.time()
     generate(copy)
-    states = in_sample(group, scored(group, mutant_states(copy)))
-    if named := sorted(name for name, state in states.items() if state not in ("killed", "timeout")):
+    states = scored(group, mutant_states(copy))
+    counted = {n for _, names in scored_part(group, states).values() for n in names}
+    if named := sorted(n for n in counted if states[n] not in ("killed", "timeout")):
         subprocess.run(MUTMUT_RUN + named, cwd=copy, env=environment(copy))
     return summarize(group, minutes=recorded_minutes(group, 0.0) + (time.time() - started) / 60)
 
@@ -208,6 +218,21 @@ def sample(group: str, per_module: int) -> dict:
     return summarize(group, minutes=(time.time() - started) / 60)
 
 
+def modules(group: str, wanted: list[str]) -> dict:
+    """Every unchecked mutant of some of the group's modules: a whole module scored exactly,
+    where the whole group would not fit a day."""
+    copy = refreshed(group)
+    started = time.time()
+    generate(copy)
+    states = scored(group, mutant_states(copy))
+    found = by_module(states)
+    if unknown := [m for m in wanted if m not in found]:
+        raise SystemExit(f"no module {', '.join(unknown)} in group {group}: it has {', '.join(sorted(found))}")
+    if to_run := sorted(n for m in wanted for n in found[m] if states[n] == "not checked"):
+        subprocess.run(MUTMUT_RUN + to_run, cwd=copy, env=environment(copy))
+    return summarize(group, minutes=recorded_minutes(group, 0.0) + (time.time() - started) / 60)
+
+
 def by_module(states: dict) -> dict:
     modules = {}
     for name in states:
@@ -231,25 +256,27 @@ def wilson(caught: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def summarize(group: str, minutes: float | None = None) -> dict:
-    """Score a group from mutmut's results in its copy: all mutants, or the sample if one was drawn."""
-    everything = mutant_states(WORK / group)
-    states = in_sample(group, scored(group, everything))
+    """Score a group from mutmut's results in its copy, module by module (``scored_part``)."""
+    every_mutant = mutant_states(WORK / group)
+    everything = scored(group, every_mutant)
     if minutes is None:  # re-scored later: keep the recorded time
         minutes = recorded_minutes(group, math.nan)
-    modules = {}
-    for module, names in sorted(by_module(states).items()):
-        counts = {state: sum(1 for n in names if states[n] == state) for state in sorted({states[n] for n in names})}
+    modules, counted = {}, []
+    for module, (kind, names) in scored_part(group, everything).items():
+        counts = {state: sum(1 for n in names if everything[n] == state)
+                  for state in sorted({everything[n] for n in names})}
         caught = counts.get("killed", 0) + counts.get("timeout", 0)
         low, high = wilson(caught, len(names))
-        modules[module] = {"mutants": len(names), "counts": counts, "score": caught / len(names),
-                           "interval_95": [round(low, 3), round(high, 3)]}
-        print(f"  {module}: {caught}/{len(names)} caught ({100 * caught / len(names):.1f}%, "
+        modules[module] = {"kind": kind, "mutants": len(names), "counts": counts,
+                           "score": caught / max(len(names), 1), "interval_95": [round(low, 3), round(high, 3)]}
+        counted += names
+        print(f"  {module} ({kind}): {caught}/{len(names)} caught ({100 * caught / max(len(names), 1):.1f}%, "
               f"95% {100 * low:.0f}-{100 * high:.0f}%); {counts}")
+    states = {n: everything[n] for n in counted}
     caught = sum(1 for s in states.values() if s in ("killed", "timeout"))
     summary = {"group": group, "files": GROUPS[group][0], "tests": GROUPS[group][1],
-               "sampled": sample_file(group).exists(),
-               "mutants_in_group": len(scored(group, everything)), "mutants": len(states),
-               "hand_mutated_left_out": len(everything) - len(scored(group, everything)),
+               "mutants_in_group": len(everything), "mutants": len(states),
+               "hand_mutated_left_out": len(every_mutant) - len(everything),
                "score": caught / max(len(states), 1), "modules": modules, "minutes": round(minutes, 1)}
     (WORK / f"{group}.summary.json").write_text(json.dumps(summary, indent=2))
     (WORK / f"{group}.survivors.txt").write_text(
@@ -271,7 +298,7 @@ def table() -> str:
         for module, row in summary.get("modules", {}).items():
             counts = row["counts"]
             caught = counts.get("killed", 0) + counts.get("timeout", 0)
-            kind = "sample" if summary.get("sampled") else "all"
+            kind = row.get("kind", "sample" if summary.get("sampled") else "all")
             low, high = row["interval_95"]
             lines.append(f"| {group} | `{module}` | {len(everything.get(module, []))} | {row['mutants']} ({kind}) | "
                          f"{caught} | {counts.get('survived', 0)} | {counts.get('no tests', 0)} | "
@@ -295,6 +322,10 @@ def main(argv) -> int:
         at = argv.index("--sample")
         for group in argv[at + 2:]:
             sample(group, int(argv[at + 1]))
+        return 0
+    if "--modules" in argv:  # --modules GROUP MODULE...: every mutant of those modules
+        at = argv.index("--modules")
+        modules(argv[at + 1], argv[at + 2:])
         return 0
     if "--again" in argv:  # after adding tests: rerun what was not caught
         for group in [a for a in argv if a != "--again"]:
