@@ -154,6 +154,8 @@ def test_a_stack_predicts_page_by_page_into_multipage_tiffs_in_a_new_nested_fold
     assert labels.shape == (3, 96, 80) and labels.max() < 4 and overlays.shape == (3, 96, 80, 3)
     with tifffile.TiffFile(written[1]) as tif:
         assert len(tif.pages) == 3 and tif.pages[0].photometric == tifffile.PHOTOMETRIC.RGB
+    with tifffile.TiffFile(written[0]) as tif:  # three label pages, not one RGB image
+        assert len(tif.pages) == 3 and tif.pages[0].photometric == tifffile.PHOTOMETRIC.MINISBLACK
     state = checkpoint.load(trained_run / "best.pt")
     for page, image, shown in zip(labels, stack, overlays):  # each page is that page's own prediction
         alone = predictor.predict_image(model_from_checkpoint(state), image[..., None], state["normalization"], "cpu")
@@ -200,6 +202,24 @@ def test_autocast_is_bfloat16_on_cuda_and_full_precision_on_the_cpu():
         warnings.simplefilter("ignore")  # "CUDA is not available": only the policy is checked here
         on_gpu = autocast(torch.device("cuda", 0))
     assert isinstance(on_gpu, torch.autocast) and (on_gpu.device, on_gpu.fast_dtype) == ("cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize("variant, B, X, seed", [("frem", 16, 100.0, 3), ("frem-fixed", 0.25, 40.0, 7)])
+def test_a_run_is_rebuilt_with_its_own_frem_settings_and_colour_channels(variant, B, X, seed):
+    """What a rebuilt model is fine-tuned or probed with must be the run's FREM, not the defaults."""
+    import frem
+    from frem.seg.models import build_model
+    trained = build_model(variant, encoder="resnet18", in_channels=3, classes=2, B=B, X=X, seed=seed)
+    trained(torch.randn(2, 3, 64, 64))  # binds FREM: its channels are drawn
+    state = {"config": {"variant": variant, "encoder": "resnet18", "B": B, "X": X, "lambda_": None, "seed": seed},
+             "model": trained.state_dict(), "in_channels": 3, "classes": ["background", "cell"]}
+    rebuilt = model_from_checkpoint(state)
+    (original,), (again,) = frem.attached(trained), frem.attached(rebuilt)
+    again.bind(original.num_channels)
+    assert (again.B, again.X, again.mode, again.seed) == (original.B, original.X, original.mode, original.seed)
+    assert torch.equal(again.channels, original.channels) and not rebuilt.training
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(rebuilt(x), trained.eval()(x))
 
 
 def test_evaluating_a_run_without_its_best_checkpoint_says_how_to_get_one(tmp_path):
