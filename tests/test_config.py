@@ -57,6 +57,8 @@ def test_another_variant_keeps_the_protocol_and_takes_its_own_settings():
     assert (dropout.epochs, dropout.sections, dropout.encoder, dropout.seed, dropout.out) == (5, frem.sections, frem.encoder, 3, "elsewhere")
     assert frem.for_variant("frem").B == VARIANT_DEFAULTS["frem"]["B"]  # the variant's default, not the searched value
     assert (frem.B, frem.variant) == (162, "frem")  # the original is untouched
+    supervision = TrainConfig.build(quick=True, variant="supervision", lambda_=0.3)
+    assert supervision.for_variant("frem").lambda_ is None  # the search's lambda is not FREM's, nor refused
 
 
 def test_a_checkpoint_config_round_trips_and_ignores_settings_it_does_not_know():

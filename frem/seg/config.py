@@ -9,7 +9,7 @@ batch 16, Adam at 1e-4.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from frem.seg.data.drosophila import SPLIT
 from frem.seg.data.images import NORMALIZATIONS
@@ -56,7 +56,6 @@ class TrainConfig:
     resume: bool = False
     quick: bool = False
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, quick: bool = False, **given) -> "TrainConfig":
