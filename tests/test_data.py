@@ -28,6 +28,10 @@ def test_sixteen_tiles_of_256_per_section_with_all_four_classes(drosophila_root)
     assert len(data.test) == 32 and data.train.masks.max() == 3
     assert set(data.train.masks.unique().tolist()) == {0, 1, 2, 3}
     assert {n.split("@")[0] for n in data.test.names} == {"section15", "section16"}
+    # what a checkpoint records: by name and checksum list, and where it was read
+    assert (data.source, data.checksum, data.root) == (dro.source_name(), dro.checksum(), str(drosophila_root.resolve()))
+    with pytest.raises(DataError, match="^the train split has no images"):
+        dro.load_drosophila(drosophila_root, sections={"train": (), "val": (12,), "test": (15,)})
 
 
 def test_label_values_map_to_the_four_classes():
@@ -327,3 +331,151 @@ def test_a_bad_class_index_is_named_even_among_good_ones_and_its_page_with_it(tm
     tifffile.imwrite(root / "train" / "masks" / "s.tif", pages, photometric="minisblack")
     with pytest.raises(DataError, match=r"s.tif\[page 1\] holds class index 7"):
         load_dataset("folder", root)
+
+
+class RecordingRangeHandler(RangeHandler):
+    """RangeHandler that also records each request's path and Range header; answers a range
+    request with ``range_status`` instead when that is set (416: the part is already whole)."""
+    requests: list = []
+    range_status: int | None = None
+
+    def do_GET(self):
+        # the request line as sent: http.server collapses a leading '//' in self.path
+        self.requests.append((self.requestline.split()[1], self.headers.get("Range")))
+        if self.range_status and self.headers.get("Range"):
+            self.send_error(self.range_status)
+            return
+        super().do_GET()
+
+
+def serve(drosophila_root, status=None):
+    RecordingRangeHandler.requests, RecordingRangeHandler.range_status = [], status
+    handler = functools.partial(RecordingRangeHandler, directory=str(drosophila_root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_fresh_download_into_the_default_cache_is_whole_quiet_when_asked_and_shows_progress(
+        drosophila_root, tmp_path, monkeypatch, capsys):
+    """No --dest and no XDG_CACHE_HOME: ~/.cache. A missing file is asked for whole (no Range),
+    at a URL without '//' (object stores refuse it) even when the mirror ends in '/'."""
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    dest = tmp_path / "home" / ".cache" / "frem" / "drosophila-vnc"
+    assert dro.default_root() == dest
+    shutil.copytree(drosophila_root, dest)
+    for name in ("SHA256SUMS", "CITATION.txt", "README.md"):
+        (dest / name).unlink(missing_ok=True)
+    (dest / dro.raw_path(3)).unlink()
+    server = serve(drosophila_root)
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        assert dro.download(base_url=url, progress=False) == [dro.raw_path(3)]
+        assert capsys.readouterr().err == ""  # progress=False: nothing on the terminal
+        assert RecordingRangeHandler.requests == [("/" + dro.raw_path(3), None)]
+        (dest / dro.raw_path(4)).unlink()
+        assert dro.download(base_url=url) == [dro.raw_path(4)]
+    finally:
+        server.shutdown()
+    shown = capsys.readouterr().err
+    assert "Drosophila VNC" in shown and "file/s" in shown and dro.raw_path(4) in shown
+    assert (dest / dro.raw_path(3)).read_bytes() == (drosophila_root / dro.raw_path(3)).read_bytes()
+    assert (dest / "SHA256SUMS").read_text() == dro._CHECKSUMS.read_text()  # what load_dataset verifies against
+    assert (dest / "CITATION.txt").read_text() == dro.CITATION + "\n"
+
+
+def test_a_part_already_whole_is_kept_when_the_server_answers_416(drosophila_root, tmp_path):
+    dest = tmp_path / "cache"
+    shutil.copytree(drosophila_root, dest)
+    target = dest / dro.raw_path(3)
+    target.rename(target.with_name(target.name + ".part"))  # killed after the last byte, before the rename
+    server = serve(drosophila_root, status=416)
+    try:
+        assert dro.download(dest, base_url=f"http://127.0.0.1:{server.server_address[1]}", progress=False) == \
+            [dro.raw_path(3)]
+    finally:
+        server.shutdown()
+    assert target.read_bytes() == (drosophila_root / dro.raw_path(3)).read_bytes()
+
+
+def test_a_server_error_on_a_resumed_file_says_so_and_keeps_the_part(drosophila_root, tmp_path):
+    dest = tmp_path / "cache"
+    shutil.copytree(drosophila_root, dest)
+    target = dest / dro.raw_path(3)
+    part = target.with_name(target.name + ".part")
+    part.write_bytes(target.read_bytes()[:1000])
+    target.unlink()
+    server = serve(drosophila_root, status=503)
+    try:
+        with pytest.raises(DataError, match=r"could not download .*03.tif: HTTP Error 503"):
+            dro.download(dest, base_url=f"http://127.0.0.1:{server.server_address[1]}", progress=False)
+    finally:
+        server.shutdown()
+    assert part.stat().st_size == 1000  # the next try continues from there
+
+
+def test_the_data_sets_identity_is_the_sha256_of_its_checksum_list():
+    """Checkpoints hold it: any other digest or length makes every earlier run 'other data'."""
+    import hashlib
+    assert dro.checksum() == hashlib.sha256(dro._CHECKSUMS.read_bytes()).hexdigest()[:12]
+
+
+def test_a_bad_label_value_names_the_section_file_it_is_in(drosophila_root, tmp_path):
+    root = tmp_path / "d"
+    (root / "stack1" / "raw").mkdir(parents=True)
+    (root / "stack1" / "labels").mkdir()
+    shutil.copy(drosophila_root / dro.raw_path(0), root / dro.raw_path(0))
+    labels = np.asarray(Image.open(drosophila_root / dro.label_path(0))).copy()
+    labels[5, 5] = 7
+    Image.fromarray(labels).save(root / dro.label_path(0))
+    sums = {rel: dro.sha256(root / rel) for rel in (dro.raw_path(0), dro.label_path(0))}
+    with pytest.raises(DataError, match=r"labels00000000.png holds label values \[7\]"):
+        dro.load_section(root, 0, sums)
+
+
+def test_an_image_is_described_by_depth_and_colour():
+    from frem.seg.data.base import describe
+    assert describe(np.zeros((4, 5, 1), np.uint8)) == "8-bit greyscale"
+    assert describe(np.zeros((4, 5, 3), np.uint16)) == "16-bit RGB"
+    assert describe(np.zeros((4, 3, 1), np.float32)) == "32-bit float greyscale"
+    assert describe(np.zeros((4, 1, 3), np.int32)) == "int32 RGB"
+
+
+def test_overlays_stretch_the_1st_to_99_8th_percentile_over_0_255():
+    from frem.seg.data.images import display_range
+    eight_bit = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    assert display_range(eight_bit) is eight_bit  # 8-bit is shown as it is
+    for image in (np.arange(1000, dtype=np.uint16).reshape(10, 100, 1) * 60,
+                  np.linspace(0, 0.5, 1000, dtype=np.float32).reshape(10, 100, 1)):  # a range under 1
+        low, high = np.percentile(image.astype(np.float64), (1.0, 99.8))
+        expected = np.round(np.clip((image - low) / (high - low), 0, 1) * 255)
+        shown = display_range(image)
+        assert shown.dtype == np.uint8 and np.array_equal(shown, expected.astype(np.uint8))
+        assert shown.min() == 0 and shown.max() == 255
+    assert not display_range(np.full((3, 3, 1), 7.0, np.float32)).any()  # flat: no division by zero
+
+
+def test_a_folder_data_set_keeps_tiles_per_section_and_records_where_and_what_it_is(tmp_path):
+    import hashlib
+    root = make_folder_dataset(tmp_path / "d")
+    data = load_dataset("folder", root, crop=32, tiles_per_section=2)
+    assert len(data.train) == 2 * 2 and len(data.test) == 2 * 2  # two images a split, two tiles each
+    assert data.root == str(root.resolve())
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    assert data.checksum == digest.hexdigest()[:12]
+    assert data.source == f"folder 'd' ({len(files)} files, SHA-256 of contents {data.checksum})"
+
+
+def test_a_negative_class_index_in_a_mask_is_named(tmp_path):
+    import tifffile
+    root = make_folder_dataset(tmp_path / "d")
+    mask = np.zeros((64, 64), np.int16)
+    mask[3, 3] = -1
+    (root / "train" / "masks" / "img0.png").unlink()
+    tifffile.imwrite(root / "train" / "masks" / "img0.tif", mask)
+    with pytest.raises(DataError, match=r"img0.tif holds class index -1, but classes.txt names 3 classes"):
+        load_dataset("folder", root, crop=32)
