@@ -479,3 +479,15 @@ def test_a_negative_class_index_in_a_mask_is_named(tmp_path):
     tifffile.imwrite(root / "train" / "masks" / "img0.tif", mask)
     with pytest.raises(DataError, match=r"img0.tif holds class index -1, but classes.txt names 3 classes"):
         load_dataset("folder", root, crop=32)
+
+
+def test_a_complete_cache_is_used_as_it_is(drosophila_root, tmp_path, monkeypatch, capsys):
+    """No 'downloading it once' note and no re-hashing of every file on each run."""
+    monkeypatch.delenv("FREM_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cache = dro.default_root()
+    for relative in dro.checksums():
+        (cache / relative).parent.mkdir(parents=True, exist_ok=True)
+        (cache / relative).symlink_to(drosophila_root / relative)
+    monkeypatch.setattr(dro, "download", lambda *a, **k: pytest.fail("a complete cache was downloaded again"))
+    assert dro.resolve_root() == cache and capsys.readouterr().err == ""
