@@ -491,3 +491,23 @@ def test_a_complete_cache_is_used_as_it_is(drosophila_root, tmp_path, monkeypatc
         (cache / relative).symlink_to(drosophila_root / relative)
     monkeypatch.setattr(dro, "download", lambda *a, **k: pytest.fail("a complete cache was downloaded again"))
     assert dro.resolve_root() == cache and capsys.readouterr().err == ""
+
+
+def test_dataset_normalisation_standardises_by_the_training_splits_own_units():
+    from types import SimpleNamespace
+
+    from frem.seg.data.images import fit_normalization, normalize
+    images = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (4, 1, 8, 8), dtype=np.uint8))
+    assert fit_normalization(SimpleNamespace(images=images)) == {"mode": "image"}  # the default
+    for split in (images, images.float() / 1000):  # 8-bit, and calibrated units with a std under 1
+        fitted = fit_normalization(SimpleNamespace(images=split), "dataset")
+        values = split.double()
+        assert fitted == {"mode": "dataset", "units": "raw", "mean": pytest.approx(float(values.mean())),
+                          "std": pytest.approx(float(values.std()))}
+        standard = normalize(split, fitted).double()
+        assert torch.allclose(standard, (values - values.mean()) / values.std(), atol=1e-5)
+    flat = fit_normalization(SimpleNamespace(images=torch.full((2, 1, 4, 4), 9.0)), "dataset")
+    assert flat["std"] == 1.0 and not normalize(torch.full((1, 1, 4, 4), 9.0), flat).any()  # no 0/0
+    # a checkpoint from before raw units holds the statistics of intensities / 255
+    old = {"mean": 0.5, "std": 0.25}
+    assert torch.allclose(normalize(images, old), (images.float() / 255.0 - 0.5) / 0.25)
