@@ -468,6 +468,9 @@ def test_a_folder_data_set_keeps_tiles_per_section_and_records_where_and_what_it
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     assert data.checksum == digest.hexdigest()[:12]
     assert data.source == f"folder 'd' ({len(files)} files, SHA-256 of contents {data.checksum})"
+    whole = load_dataset("folder", root, crop=None)  # no crop: each image whole, as one tile
+    first = np.asarray(Image.open(root / "train" / "images" / "img0.png"))
+    assert tuple(whole.train.images.shape) == (2, 1, 64, 64) and np.array_equal(whole.train.images[0, 0], first)
 
 
 def test_a_negative_class_index_in_a_mask_is_named(tmp_path):
