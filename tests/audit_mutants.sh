@@ -10,15 +10,9 @@ set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 copy=$(mktemp -d)
 trap 'rm -rf "$copy"' EXIT
-python3 - "$root" "$copy" <<'PY'
-import shutil, sys
-from pathlib import Path
-root, copy = Path(sys.argv[1]), Path(sys.argv[2])
-shutil.copytree(root, copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
-    ".git", ".venv", "build", "*.egg-info", "results", "runs", "reproduction", "mutants", "__pycache__",
-    ".hypothesis", ".pytest_cache", ".benchmarks"))
-shutil.move(str(copy / "kernels"), str(copy / "frem" / "kernels"))
-PY
+# the copy is mutation.py's (one list of what to leave out), kernels/ moved into frem/ as installed
+python3 -c "import sys; sys.path.insert(0, sys.argv[1]); import mutation, pathlib; mutation.copy_tree(pathlib.Path(sys.argv[2]))" \
+  "$root/tests" "$copy"
 cd "$copy"
 # A kill means something only if the unmutated copy is what the tests import, and passes.
 if ! PYTHONPATH="$copy" PYTHONSAFEPATH=1 python3 -c "import frem.kernels.scale_channels as k, frem.seg.train as t, sys
