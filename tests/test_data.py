@@ -514,3 +514,36 @@ def test_dataset_normalisation_standardises_by_the_training_splits_own_units():
     # a checkpoint from before raw units holds the statistics of intensities / 255
     old = {"mean": 0.5, "std": 0.25}
     assert torch.allclose(normalize(images, old), (images.float() / 255.0 - 0.5) / 0.25)
+
+
+def test_tiles_cover_the_grid_whole_tiles_only_and_a_limit_spreads_them_corner_to_corner():
+    from frem.seg.data.base import tile_grid
+    assert tile_grid(63, 95, 32) == [(0, 0), (0, 32)]  # a 31-pixel remainder is no tile
+    assert tile_grid(128, 128, 32, limit=4) == [(0, 0), (32, 32), (64, 64), (96, 96)]
+    assert tile_grid(64, 64, 32, limit=4) == [(0, 0), (0, 32), (32, 0), (32, 32)]
+
+
+def test_each_image_keeps_its_own_statistics_and_a_flat_channel_divides_by_one():
+    from frem.seg.data.base import image_stats
+    image = np.random.default_rng(4).normal(5.0, 2.0, (6, 7, 2))
+    image[..., 1] = 3.0  # flat
+    stats = image_stats(image)
+    assert stats.shape == (2, 2) and stats.dtype == np.float32
+    assert stats[0].tolist() == pytest.approx([image[..., 0].mean(), image[..., 0].std()], rel=1e-6)
+    assert stats[1].tolist() == [3.0, 1.0]
+
+
+def test_uncropped_images_stay_whole_whatever_their_shape_and_sizes_must_agree(tmp_path):
+    root = make_folder_dataset(tmp_path / "d")
+    for split in ("train", "val", "test"):  # taller than wide
+        for i in range(2):
+            for kind in ("images", "masks"):
+                path = root / split / kind / f"img{i}.png"
+                Image.fromarray(np.asarray(Image.open(path))[:, :40].copy()).save(path)
+    data = load_dataset("folder", root, crop=None)
+    assert tuple(data.train.images.shape) == (2, 1, 64, 40) and data.train.masks.dtype == torch.uint8
+    for kind in ("images", "masks"):  # one image of another size
+        path = root / "val" / kind / "img1.png"
+        Image.fromarray(np.asarray(Image.open(path))[:48].copy()).save(path)
+    with pytest.raises(DataError, match=r"the val split mixes image sizes \[\(48, 40\), \(64, 40\)\]: pass a crop"):
+        load_dataset("folder", root, crop=None)
