@@ -547,3 +547,13 @@ def test_uncropped_images_stay_whole_whatever_their_shape_and_sizes_must_agree(t
         Image.fromarray(np.asarray(Image.open(path))[:48].copy()).save(path)
     with pytest.raises(DataError, match=r"the val split mixes image sizes \[\(48, 40\), \(64, 40\)\]: pass a crop"):
         load_dataset("folder", root, crop=None)
+
+
+def test_a_16_bit_pgm_keeps_its_values(tmp_path):
+    """Pillow opens it as 32-bit integers (mode I): converting that to 8 bits would clip it."""
+    from frem.seg.data.images import read_pages
+    values = (np.arange(64 * 64).reshape(64, 64) * 15).astype(np.uint16)
+    path = tmp_path / "cells.pgm"
+    path.write_bytes(b"P5\n64 64\n65535\n" + values.astype(">u2").tobytes())
+    (page,) = read_pages(path)
+    assert page.shape == (64, 64, 1) and np.array_equal(page[..., 0], values)
