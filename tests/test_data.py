@@ -557,3 +557,32 @@ def test_a_16_bit_pgm_keeps_its_values(tmp_path):
     path.write_bytes(b"P5\n64 64\n65535\n" + values.astype(">u2").tobytes())
     (page,) = read_pages(path)
     assert page.shape == (64, 64, 1) and np.array_equal(page[..., 0], values)
+
+
+def test_transparency_and_print_colours_are_dropped_and_grey_stays_grey(tmp_path):
+    """RGBA and CMYK become RGB; greyscale with alpha (LA) stays one channel, as the
+    greyscale model it is meant for expects."""
+    from frem.seg.data.images import read_pages
+    rgba = np.random.default_rng(5).integers(0, 256, (6, 5, 4), dtype=np.uint8)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+    (page,) = read_pages(tmp_path / "rgba.png")
+    assert np.array_equal(page, rgba[..., :3])
+    Image.fromarray(rgba[..., :2], mode="LA").save(tmp_path / "la.png")
+    (page,) = read_pages(tmp_path / "la.png")
+    assert np.array_equal(page, rgba[..., :1])
+    Image.fromarray(rgba, mode="CMYK").save(tmp_path / "cmyk.jpg")
+    (page,) = read_pages(tmp_path / "cmyk.jpg")
+    assert page.shape == (6, 5, 3) and page.dtype == np.uint8
+
+
+def test_a_float_mask_is_refused_and_a_full_16_bit_integer_image_fits(tmp_path):
+    import tifffile
+
+    from frem.seg.data.images import read_pages
+    tifffile.imwrite(tmp_path / "mask.tif", np.zeros((4, 4), np.float32))
+    with pytest.raises(DataError, match="mask.tif holds float32 values; a mask holds integer class indices"):
+        read_pages(tmp_path / "mask.tif", mask=True)
+    top = np.array([[0, 65535]], np.int32)
+    tifffile.imwrite(tmp_path / "top.tif", top)
+    (page,) = read_pages(tmp_path / "top.tif")
+    assert page.dtype == np.uint16 and page[..., 0].tolist() == [[0, 65535]]

@@ -42,7 +42,7 @@ def read_pages(path, *, mask: bool = False) -> list[np.ndarray]:
         else:
             with Image.open(path) as image:
                 if not mask and image.mode not in ("L", "RGB", "I;16", "I;16B", "I", "F"):
-                    image = image.convert("RGB" if image.mode in ("RGBA", "P", "CMYK", "LA") else "L")
+                    image = image.convert("RGB" if image.mode in ("RGBA", "P", "CMYK") else "L")  # LA: grey
                 array = np.array(image)
             axes = "YXS" if array.ndim == 3 else "YX"
     except DataError:
