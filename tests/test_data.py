@@ -586,3 +586,7 @@ def test_a_float_mask_is_refused_and_a_full_16_bit_integer_image_fits(tmp_path):
     tifffile.imwrite(tmp_path / "top.tif", top)
     (page,) = read_pages(tmp_path / "top.tif")
     assert page.dtype == np.uint16 and page[..., 0].tolist() == [[0, 65535]]
+    for dtype in (np.float16, np.float64):  # other float widths become float32, values kept
+        tifffile.imwrite(tmp_path / "float.tif", np.array([[0.25, 3.5]], dtype))
+        (page,) = read_pages(tmp_path / "float.tif")
+        assert page.dtype == np.float32 and page[..., 0].tolist() == [[0.25, 3.5]]
