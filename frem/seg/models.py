@@ -23,15 +23,16 @@ from frem.seg.variants import DECODER_CHANNELS, DEFAULT_ENCODER, variant_setting
 class PaperUnet(smp.Unet):
     """smp.Unet with the comparison's two bottleneck options.
 
-    ``dropout``: Dropout2d on the deepest feature map (whole channels, as FREM
-    works on whole channels). ``deep_supervision``: an auxiliary head; in
-    training ``forward`` then returns ``(logits, aux_logits)``.
+    ``bottleneck_dropout``: Dropout2d on the deepest feature map (whole channels,
+    as FREM works on whole channels), set by ``build_model`` once the width is
+    known. ``deep_supervision``: an auxiliary head; in training ``forward`` then
+    returns ``(logits, aux_logits)``.
     """
 
-    def __init__(self, *, dropout: float = 0.0, deep_supervision: bool = False, **kwargs):
+    def __init__(self, *, deep_supervision: bool = False, **kwargs):
         super().__init__(**kwargs)
         bottleneck = self.encoder.out_channels[-1]
-        self.bottleneck_dropout = nn.Dropout2d(dropout) if dropout > 0 else None
+        self.bottleneck_dropout: nn.Module | None = None
         self.aux_head = nn.Conv2d(bottleneck, kwargs["classes"], 1) if deep_supervision else None
 
     def forward(self, x):
