@@ -241,3 +241,12 @@ def test_resume_refuses_other_data_even_from_the_same_folder(tiny_config):
     with pytest.raises(ValueError, match=r"cannot resume .*: it was trained with data .*\(now: "):
         train(config.with_(epochs=2, resume=True), changed)
     assert train(config.with_(epochs=2, resume=True), replace(data, root="/moved"))["history"][-1]["epoch"] == 1
+
+
+def test_a_model_is_built_with_the_encoder_asked_for_and_the_drosophila_defaults():
+    import frem
+    from frem.seg.models import build_model
+    model = build_model("frem", encoder="resnet18")
+    assert len(model.encoder.layer3) == 2  # resnet18's, not smp's default encoder (resnet34: 6 blocks)
+    assert model.encoder._in_channels == 1 and model.segmentation_head[0].out_channels == 4  # greyscale, 4 classes
+    assert frem.attached(model)[0].seed == 0
