@@ -250,3 +250,9 @@ def test_a_model_is_built_with_the_encoder_asked_for_and_the_drosophila_defaults
     assert len(model.encoder.layer3) == 2  # resnet18's, not smp's default encoder (resnet34: 6 blocks)
     assert model.encoder._in_channels == 1 and model.segmentation_head[0].out_channels == 4  # greyscale, 4 classes
     assert frem.attached(model)[0].seed == 0
+
+
+def test_the_dropout_variant_takes_b_as_a_count_from_one_or_as_a_fraction():
+    from frem.seg.models import build_model
+    assert build_model("dropout", encoder="resnet18", B=1).bottleneck_dropout.p == pytest.approx(1 / 512)
+    assert build_model("dropout", encoder="resnet18", B=0.25).bottleneck_dropout.p == pytest.approx(0.25)
