@@ -250,6 +250,7 @@ def test_a_model_is_built_with_the_encoder_asked_for_and_the_drosophila_defaults
     assert len(model.encoder.layer3) == 2  # resnet18's, not smp's default encoder (resnet34: 6 blocks)
     assert model.encoder._in_channels == 1 and model.segmentation_head[0].out_channels == 4  # greyscale, 4 classes
     assert frem.attached(model)[0].seed == 0
+    assert frem.attached(build_model("frem", encoder="resnet18", seed=3))[0].seed == 3
 
 
 def test_the_dropout_variant_takes_b_as_a_count_from_one_or_as_a_fraction():
