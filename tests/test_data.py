@@ -1,5 +1,6 @@
 """Data: the Drosophila stack (split, classes, checksums, download) and folder data sets."""
 
+import contextlib
 import functools
 import http.server
 import shutil
@@ -104,6 +105,18 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def serving(handler_class, drosophila_root):
+    """A local HTTP server of the data with ``handler_class``; yields its base URL."""
+    handler = functools.partial(handler_class, directory=str(drosophila_root))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+
+
 def resume_a_killed_download(handler_class, drosophila_root, dest) -> bytes:
     """Download into ``dest`` (a copy of the data) whose 03.tif a killed download left as 1000 bytes
     of ``.part``, from a local HTTP server with ``handler_class``; return the file's true bytes."""
@@ -111,11 +124,8 @@ def resume_a_killed_download(handler_class, drosophila_root, dest) -> bytes:
     whole = (dest / dro.raw_path(3)).read_bytes()
     (dest / dro.raw_path(3)).unlink()
     (dest / (dro.raw_path(3) + ".part")).write_bytes(whole[:1000])
-    handler = functools.partial(handler_class, directory=str(drosophila_root))
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        fetched = dro.download(dest, base_url=f"http://127.0.0.1:{server.server_address[1]}", progress=False)
-        server.shutdown()
+    with serving(handler_class, drosophila_root) as url:
+        fetched = dro.download(dest, base_url=url, progress=False)
     assert fetched == ["stack1/raw/03.tif"]
     return whole
 
@@ -350,10 +360,7 @@ class RecordingRangeHandler(RangeHandler):
 
 def serve(drosophila_root, status=None):
     RecordingRangeHandler.requests, RecordingRangeHandler.range_status = [], status
-    handler = functools.partial(RecordingRangeHandler, directory=str(drosophila_root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return serving(RecordingRangeHandler, drosophila_root)
 
 
 def test_a_fresh_download_into_the_default_cache_is_whole_quiet_when_asked_and_shows_progress(
@@ -368,16 +375,13 @@ def test_a_fresh_download_into_the_default_cache_is_whole_quiet_when_asked_and_s
     for name in ("SHA256SUMS", "CITATION.txt", "README.md"):
         (dest / name).unlink(missing_ok=True)
     (dest / dro.raw_path(3)).unlink()
-    server = serve(drosophila_root)
-    url = f"http://127.0.0.1:{server.server_address[1]}/"
-    try:
+    with serve(drosophila_root) as base:
+        url = base + "/"
         assert dro.download(base_url=url, progress=False) == [dro.raw_path(3)]
         assert capsys.readouterr().err == ""  # progress=False: nothing on the terminal
         assert RecordingRangeHandler.requests == [("/" + dro.raw_path(3), None)]
         (dest / dro.raw_path(4)).unlink()
         assert dro.download(base_url=url) == [dro.raw_path(4)]
-    finally:
-        server.shutdown()
     shown = capsys.readouterr().err
     assert "Drosophila VNC" in shown and "file/s" in shown and dro.raw_path(4) in shown
     assert (dest / dro.raw_path(3)).read_bytes() == (drosophila_root / dro.raw_path(3)).read_bytes()
@@ -390,12 +394,8 @@ def test_a_part_already_whole_is_kept_when_the_server_answers_416(drosophila_roo
     shutil.copytree(drosophila_root, dest)
     target = dest / dro.raw_path(3)
     target.rename(target.with_name(target.name + ".part"))  # killed after the last byte, before the rename
-    server = serve(drosophila_root, status=416)
-    try:
-        assert dro.download(dest, base_url=f"http://127.0.0.1:{server.server_address[1]}", progress=False) == \
-            [dro.raw_path(3)]
-    finally:
-        server.shutdown()
+    with serve(drosophila_root, status=416) as url:
+        assert dro.download(dest, base_url=url, progress=False) == [dro.raw_path(3)]
     assert target.read_bytes() == (drosophila_root / dro.raw_path(3)).read_bytes()
 
 
@@ -406,12 +406,9 @@ def test_a_server_error_on_a_resumed_file_says_so_and_keeps_the_part(drosophila_
     part = target.with_name(target.name + ".part")
     part.write_bytes(target.read_bytes()[:1000])
     target.unlink()
-    server = serve(drosophila_root, status=503)
-    try:
-        with pytest.raises(DataError, match=r"could not download .*03.tif: HTTP Error 503"):
-            dro.download(dest, base_url=f"http://127.0.0.1:{server.server_address[1]}", progress=False)
-    finally:
-        server.shutdown()
+    with serve(drosophila_root, status=503) as url, \
+            pytest.raises(DataError, match=r"could not download .*03.tif: HTTP Error 503"):
+        dro.download(dest, base_url=url, progress=False)
     assert part.stat().st_size == 1000  # the next try continues from there
 
 
