@@ -143,6 +143,13 @@ def generate(copy: Path) -> None:
     subprocess.run(MUTMUT_RUN + ["frem.no_such_mutant"], cwd=copy, env=environment(copy), capture_output=True)
 
 
+def up_to_date(group: str) -> tuple[Path, dict]:
+    """The group's copy refreshed and its mutants generated, with the state of each that counts."""
+    copy = refreshed(group)
+    generate(copy)
+    return copy, scored(group, mutant_states(copy))
+
+
 def sample_file(group: str) -> Path:
     return WORK / f"{group}.sample.json"
 
@@ -187,10 +194,8 @@ def again(group: str) -> dict:
     result stand, and a run without names would run every mutant not checked yet: the whole
     group, where a sample was drawn.
     """
-    copy = refreshed(group)
     started = time.time()
-    generate(copy)
-    states = scored(group, mutant_states(copy))
+    copy, states = up_to_date(group)
     counted = {n for _, names in scored_part(group, states).values() for n in names}
     if named := sorted(n for n in counted if states[n] not in ("killed", "timeout")):
         subprocess.run(MUTMUT_RUN + named, cwd=copy, env=environment(copy))
@@ -222,10 +227,8 @@ def sample(group: str, per_module: int) -> dict:
     survives runs about a minute of training tests); a sample estimates each module's score,
     with its 95% interval, and finds the kinds of bug the tests miss.
     """
-    copy = refreshed(group)  # the results already there are kept
     started = time.time()
-    generate(copy)
-    states = scored(group, mutant_states(copy))
+    copy, states = up_to_date(group)  # the results already there are kept
     chosen = []
     for module, names in sorted(by_module(states).items()):
         chosen += random.Random(f"{group}:{module}").sample(sorted(names), min(per_module, len(names)))
@@ -238,10 +241,8 @@ def sample(group: str, per_module: int) -> dict:
 def modules(group: str, wanted: list[str]) -> dict:
     """Every unchecked mutant of some of the group's modules: a whole module scored exactly,
     where the whole group would not fit a day."""
-    copy = refreshed(group)
     started = time.time()
-    generate(copy)
-    states = scored(group, mutant_states(copy))
+    copy, states = up_to_date(group)
     found = by_module(states)
     if unknown := [m for m in wanted if m not in found]:
         raise SystemExit(f"no module {', '.join(unknown)} in group {group}: it has {', '.join(sorted(found))}")
@@ -327,6 +328,17 @@ def main(argv) -> int:
     if argv[:1] == ["--mutmut"]:  # how the driver starts mutmut
         mutmut_fastest_first(argv[1:])
         return 0
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return 0
+    options = {"--table", "--list", "--summarize", "--sample", "--modules", "--again", "--continue"}
+    # a group's name is checked before anything is copied or deleted under WORK
+    named = [a for a in argv if a not in options]
+    named = named[1:] if "--sample" in argv else named  # its count
+    named = named[:1] if "--modules" in argv else named  # the group; its modules follow
+    if unknown := [a for a in named if a not in GROUPS]:
+        raise SystemExit(f"unknown group or option {', '.join(unknown)}: groups are {', '.join(GROUPS)}; "
+                         "see --help")
     if "--table" in argv:
         print(table())
         return 0
