@@ -292,7 +292,7 @@ def find_bottleneck(model: nn.Module, example_input=None) -> str:
 class CandidateTable(list):
     """``frem.candidates``: the feature maps of a model, the lowest resolution first, printable."""
 
-    def __init__(self, rows, chosen: FeatureMap | None, known: Site | None, error: str | None, hidden: int = 0):
+    def __init__(self, rows, chosen: FeatureMap | None, known: Site | None, error: str | None, hidden: int):
         super().__init__(rows)
         self.chosen, self.known, self.error, self.hidden = chosen, known, error, hidden
 

@@ -320,7 +320,7 @@ def _mark_sub_pixel(result: Survey, recorder: _Recorder, node) -> None:
         if fmap is None:
             return
         fmap.sub_pixel = True
-        name, inputs = recorder.made_by.get(node, ("", []))
+        name, inputs = recorder.made_by[node]  # recorded with the map itself
         same = [n for n, shape in inputs if shape == fmap.shape]
         node = same[0] if name in ELEMENTWISE_OPS and same else None
 

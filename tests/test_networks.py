@@ -254,6 +254,35 @@ def test_the_table_marks_a_known_pick_even_at_a_negative_entry():
     assert "parallel branch after the last main-path map, as wide" in text
 
 
+def test_the_table_marks_a_known_pick_whose_entry_is_chosen_at_training_the_deepest():
+    """A timm dict of features is known by name with its entry left to the first training call."""
+    import timm
+    from handwritten import FeatureUNet
+
+    class DictUNet(FeatureUNet):
+        def forward(self, x):
+            return self.decoder(list(self.encoder(x).values()), x.shape[2:])
+
+    encoder = timm.create_model("resnet18", features_only=True, pretrained=False, in_chans=1, feature_cls="dict")
+    model, x = DictUNet(encoder, encoder.feature_info.channels()), x2d(64)
+    table = frem.candidates(model, x)
+    deepest = list(encoder(x))[-1]
+    assert ("encoder", "output", (deepest,)) in [(s.layer, s.at, s.entry) for s in table.chosen.sites]
+    assert sum("<- bottleneck (known by name)" in line for line in str(table).splitlines()) == 1
+    assert_frem_acts_exactly_at(model, frem.attach(model, B=2, X=3.0), x, "output", (deepest,))
+
+
+def test_a_refusal_lists_six_sites_and_counts_the_rest():
+    from types import SimpleNamespace
+
+    from frem.bottleneck import _describe
+    maps = [SimpleNamespace(site=frem.Site(f"stage{i}"), order=i, shape=(1, 8, 4, 4)) for i in range(8)]
+    assert _describe(maps[:6]).count("stage") == 6 and "more" not in _describe(maps[:6])
+    listed = _describe(maps)
+    assert listed.count("stage") == 6 and listed.endswith("; and 2 more")
+    assert listed.startswith("stage7 output (1, 8, 4, 4); stage6")  # the latest first
+
+
 def test_the_pick_always_shows_however_small_the_limit():
     from handwritten import PlainUNet
     table = frem.candidates(PlainUNet(), x2d(), limit=0)
@@ -412,6 +441,29 @@ def test_a_map_that_only_multiplies_by_broadcasting_is_a_gate():
     assert choose(found).site.describe() == "up input[0]"
 
 
+class CoarseGate(nn.Module):
+    """Spatial attention computed one level coarser than the bottleneck, then upsampled into it."""
+
+    def __init__(self):
+        super().__init__()
+        self.down, self.mid = nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.attention = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(8, 1, 1))
+        self.up, self.head = nn.Upsample(scale_factor=2.0), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        d = self.down(x)
+        gate = nn.functional.interpolate(self.attention(d), scale_factor=2.0).sigmoid()
+        return self.head(self.up(self.mid(d * gate)))
+
+
+def test_the_table_starts_at_the_main_paths_lowest_level_and_ends_with_gates_however_coarse():
+    table = frem.candidates(CoarseGate(), torch.randn(1, 1, 16, 16))
+    rows = [(m.site.layer, m.resolution) for m in table]
+    assert rows[:3] == [("down", 64), ("mid", 64), ("mid", 64)] and table.chosen is table[2]
+    assert rows[3:5] == [("up", 256), ("head", 256)]  # then finer maps
+    assert {layer for layer, _ in rows[5:]} == {"attention", "attention.0"}  # gates last
+
+
 class TokensBeside(nn.Module):
     """A transformer-like side branch whose (N, L, D) tokens must not count as a feature map."""
 
@@ -499,6 +551,7 @@ def test_entries_are_described_and_replaced_at_any_depth():
     assert deepest_entry((torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 4, 4))) == (0,)  # resolution, not width
     assert deepest_entry((torch.zeros(2, 4, 4, 4), torch.zeros(2, 4, 4, 4))) == (1,)  # alike: the last
     assert deepest_entry(("text", 3)) is None and deepest_entry((torch.zeros(3), torch.zeros(4))) == (1,)
+    assert deepest_entry([torch.zeros(3), torch.zeros(4), torch.zeros(5)]) == (2,)  # no maps: the last tensor
 
 
 class LookAlike(nn.Module):
@@ -613,6 +666,13 @@ def test_a_reduction_is_global_context_only_over_every_spatial_dim(dims, spatial
         assert _reduces_space(t, (t, True), {"dim": dims}) is spatial  # keepdim given by position
 
 
+def test_a_mean_over_a_single_pixel_is_no_global_context():
+    """At 1x1 a mean over space changes nothing: what comes of it is still the map, not a squeeze."""
+    from frem.survey import _reduces_space
+    one, two = torch.zeros(2, 8, 1, 1), torch.zeros(2, 8, 1, 2)
+    assert not _reduces_space(one, (one, (2, 3)), {}) and _reduces_space(two, (two, (2, 3)), {})
+
+
 class SqueezeByMean(nn.Module):
     """timm's squeeze-excitation squeezes with x.mean((2, 3)), not an adaptive pool."""
 
@@ -645,6 +705,21 @@ def test_a_squeeze_by_mean_is_global_context_and_so_is_what_is_made_from_it_alon
                     ("conv2d", False), ("interpolate", False)]
 
 
-def test_channels_folded_into_space_by_reshapes_are_sub_pixel():
-    maps = [(m.op, tuple(m.tensor.shape[1:]), m.sub_pixel) for m in survey(DepthToSpaceByReshape(), x2d(16)).maps.values()]
-    assert maps[:3] == [("conv2d", (8, 8, 8), False), ("conv2d", (8, 8, 8), True), ("reshape", (2, 16, 16), False)]
+@pytest.mark.parametrize("height, width", [(16, 16), (16, 32)])
+def test_channels_folded_into_space_by_reshapes_are_sub_pixel(height, width):
+    found = survey(DepthToSpaceByReshape(), torch.randn(2, 1, height, width))
+    maps = [(m.op, tuple(m.tensor.shape[1:]), m.sub_pixel) for m in found.maps.values()]
+    h, w = height // 2, width // 2
+    assert maps[:3] == [("conv2d", (8, h, w), False), ("conv2d", (8, h, w), True), ("reshape", (2, height, width), False)]
+
+
+def test_without_an_example_input_the_error_suggests_a_layer_the_model_has():
+    # containers nested deep enough that a suggestion counting them would land on one
+    down = nn.Sequential(nn.Sequential(nn.Sequential(nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(4, 8, 1)))))
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), down, nn.Upsample(scale_factor=2), nn.Conv2d(8, 2, 1))
+    with pytest.raises(ValueError, match="example_input") as refusal:
+        frem.bottleneck.locate_bottleneck(model)
+    suggested = re.search(r"layer='([^']+)'", str(refusal.value)).group(1)
+    layer = dict(model.named_modules()).get(suggested)
+    assert layer is not None and not isinstance(layer, frem.bottleneck.CONTAINERS), suggested
+    assert "layer=" not in str(pytest.raises(ValueError, frem.bottleneck.locate_bottleneck, nn.Sequential()).value)
