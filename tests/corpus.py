@@ -180,6 +180,20 @@ CASES = {
     "no-downsampling": Case(hw.NoDownsampling, x2d, (), "no downsampling"),
 }
 
+# Where the measured rule alone refuses, each with a phrase of its reason: a structure it cannot read
+# (a head at the lowest resolution, a narrowing projection, parallel paths, an encoder that may go on).
+# On every other network of the corpus it picks, and picks right: refusing more is a bug too.
+NARROWER = "is narrower than an earlier one"
+AS_WIDE = "as wide or wider, are made from it"
+MEASURED_REFUSALS = {
+    "monai-unetr": AS_WIDE, "smp-pan-resnet": AS_WIDE, "timm-vit-dpt": AS_WIDE,
+    "torchvision-deeplabv3": NARROWER, "torchvision-fcn": NARROWER, "smp-deeplabv3-resnet": NARROWER,
+    "flat-projection": NARROWER,
+    "smp-pspnet-resnet": "nothing with weights works at a higher resolution",
+    "two-encoders": "lie on parallel paths",
+    "monai-highresnet": "never lowers the resolution", "no-downsampling": "never lowers the resolution",
+}
+
 
 def resolve(found, text: str):
     """The surveyed map a ``Site.describe()`` text names (negative entries counted from the end)."""

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from corpus import CASES, resolve, x2d, x3d
+from corpus import CASES, MEASURED_REFUSALS, resolve, x2d, x3d
 from torch import nn
 
 import frem
@@ -95,8 +95,10 @@ def test_attach_is_right_or_refuses_and_says_where(name):
         listed = [resolve(found, m.site.describe()) for m in refusal.candidates]
         assert not right or any(r is m for r in right for m in listed), \
             f"{name}: refused without listing a right site ({case.right}): {refusal}"
+        assert MEASURED_REFUSALS.get(name, "<picks>") in str(refusal), f"{name}: {refusal}"
         return
     assert right, f"{name} has no single bottleneck, but attach picked {handle.layer!r}"
+    assert name not in MEASURED_REFUSALS or frem.bottleneck.known_bottleneck(model) is not None, name
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(outputs(model.eval(), x), bare))  # eval: untouched
     model.train()(x)  # a dict output's entry is decided at the first training call
@@ -123,7 +125,9 @@ def test_the_measured_rule_alone_is_right_or_refuses(name):
         chosen = choose(found, name)
     except BottleneckNotFound as refusal:
         assert any(r is m for r in right for m in refusal.candidates), str(refusal)
+        assert MEASURED_REFUSALS.get(name, "<picks>") in str(refusal), f"{name}: {refusal}"
         return
+    assert name not in MEASURED_REFUSALS, f"{name}: measured {chosen.site.describe()}, expected a refusal"
     assert any(chosen is r for r in right), f"{name}: measured {chosen.site.describe()}"
 
 
@@ -132,8 +136,27 @@ def test_every_category_of_the_issue_is_in_the_corpus():
     assert {"channel-expanding blocks", "side branch", "sub-pixel decoder", "concatenation", "no downsampling",
             "small example input", "attention gates", "transformer", "head at the lowest resolution",
             "narrowing projection", "parallel branches"} <= categories
-    assert len(CASES) >= 40
+    assert len(CASES) >= 40 and set(MEASURED_REFUSALS) < set(CASES)
     assert {n.rsplit("-", 1)[-1] for n in CASES} >= {"2d", "3d"}
+
+
+@pytest.mark.parametrize("name, notes", [
+    ("flat-projection", ["wider than the last map: encoder or decoder?", "narrower than an earlier map on the main path",
+                         "upstream of the pick"]),
+    ("smp-pspnet-resnet", ["last map at the lowest resolution, but no decoder follows"]),
+    ("subpixel-unet-flat", ["sub-pixel channels: a pixel shuffle folds them into space",
+                            "entry into the lowest resolution"]),
+    ("smp-pan-resnet", ["parallel branch after the last main-path map, as wide: feeds the decoder"])])
+def test_each_map_the_rule_passes_over_says_why(name, notes):
+    """The notes frem.candidates prints: what a user reads to see why attach refused or picked."""
+    _, model, x = build(name)
+    found = survey(model, x)
+    try:
+        choose(found, name)
+    except BottleneckNotFound:
+        pass
+    said = {m.note for m in found.maps.values()}
+    assert set(notes) <= said, sorted(said - {None})
 
 
 def test_unetr_measured_alone_is_ambiguous_and_says_so():
