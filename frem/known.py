@@ -28,8 +28,7 @@ def _timm_features(model):
     # plain timm model's feature_info is a list.
     info = getattr(model, "feature_info", None)
     if _library(model, "timm") and callable(getattr(info, "channels", None)):
-        returns_dict = (type(model).__name__ == "FeatureDictNet" or getattr(model, "return_dict", False)
-                        or getattr(model, "out_as_dict", False))
+        returns_dict = type(model).__name__ == "FeatureDictNet" or getattr(model, "return_dict", False)
         # A dict's deepest entry is picked at the first training call.
         return Site("", entry=None if returns_dict else (-1,), channels=int(info.channels()[-1]))
     return None

@@ -96,6 +96,7 @@ def test_attach_is_right_or_refuses_and_says_where(name):
         assert not right or any(r is m for r in right for m in listed), \
             f"{name}: refused without listing a right site ({case.right}): {refusal}"
         assert MEASURED_REFUSALS.get(name, "<picks>") in str(refusal), f"{name}: {refusal}"
+        assert re.search(rf"\b{type(model).__name__}\b", str(refusal))  # the message names the network it is about
         return
     assert right, f"{name} has no single bottleneck, but attach picked {handle.layer!r}"
     assert name not in MEASURED_REFUSALS or frem.bottleneck.known_bottleneck(model) is not None, name
@@ -277,7 +278,10 @@ def test_the_table_marks_a_known_pick_even_at_a_negative_entry():
     assert "parallel branch after the last main-path map, as wide" in text
 
 
-def test_the_table_marks_a_known_pick_whose_entry_is_chosen_at_training_the_deepest():
+@pytest.mark.parametrize("features", [dict(feature_cls="dict"),
+                                      dict(feature_cls="hook", feature_cfg=dict(return_dict=True))],
+                         ids=["FeatureDictNet", "FeatureHookNet-dict"])
+def test_the_table_marks_a_known_pick_whose_entry_is_chosen_at_training_the_deepest(features):
     """A timm dict of features is known by name with its entry left to the first training call."""
     import timm
     from handwritten import FeatureUNet
@@ -286,7 +290,7 @@ def test_the_table_marks_a_known_pick_whose_entry_is_chosen_at_training_the_deep
         def forward(self, x):
             return self.decoder(list(self.encoder(x).values()), x.shape[2:])
 
-    encoder = timm.create_model("resnet18", features_only=True, pretrained=False, in_chans=1, feature_cls="dict")
+    encoder = timm.create_model("resnet18", features_only=True, pretrained=False, in_chans=1, **features)
     model, x = DictUNet(encoder, encoder.feature_info.channels()), x2d(64)
     table = frem.candidates(model, x)
     deepest = list(encoder(x))[-1]
