@@ -461,6 +461,73 @@ class BroadcastGate(nn.Module):
         return self.up(d * self.attention(d))
 
 
+class ExpandedGate(nn.Module):
+    """The attention map expanded to the full shape first: as many elements as the map it gates."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(1, 2, 3, stride=2, padding=1)  # two channels: the expanded dim has size 2
+        self.attention = nn.Sequential(nn.Conv2d(2, 1, 1), nn.Sigmoid())
+        self.up = nn.ConvTranspose2d(2, 2, 2, stride=2)
+
+    def forward(self, x):
+        d = self.down(x)
+        return self.up(d * self.attention(d).expand_as(d))
+
+
+def test_a_gate_expanded_to_the_maps_shape_is_still_a_gate():
+    found = survey(ExpandedGate(), torch.randn(1, 1, 16, 16))
+    attention = next(m for m in found if m.site.layer == "attention")
+    assert not attention.live and choose(found).site.describe() == "up input[0]"
+
+
+class CustomActivation(torch.autograd.Function):
+    """An op written as an autograd Function, which the survey's recorder does not see."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0)
+
+
+class UNetWithCustomOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down, self.middle = nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.up, self.head = nn.ConvTranspose2d(8, 8, 2, stride=2), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.up(self.middle(CustomActivation.apply(self.down(x)))))
+
+
+def test_maps_made_by_an_op_the_survey_cannot_see_are_not_taken_for_global_context():
+    found = survey(UNetWithCustomOp(), torch.randn(1, 1, 16, 16))
+    assert not any(m.pooled for m in found.maps.values())
+    assert choose(found).site.describe() == "middle output"
+
+
+@pytest.mark.parametrize("size, pooled", [(2, False), ((2, 4), True)], ids=["1x1", "1x2"])
+def test_an_adaptive_pool_is_global_context_only_over_more_than_one_pixel(size, pooled):
+    found = survey(SqueezeByPool(), torch.randn(1, 1, *((size, size) if isinstance(size, int) else size)))
+    assert [m.pooled for m in found.maps.values() if m.op == "adaptive_avg_pool2d"] == [pooled]
+
+
+class SqueezeByPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down, self.fc = nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 1)
+        self.up = nn.ConvTranspose2d(4, 2, 2, stride=2)
+
+    def forward(self, x):
+        y = self.down(x)
+        return self.up(y * self.fc(nn.functional.adaptive_avg_pool2d(y, 1)).sigmoid())
+
+
 def test_a_map_that_only_multiplies_by_broadcasting_is_a_gate():
     found = survey(BroadcastGate(), torch.randn(1, 1, 16, 16))
     attention = next(m for m in found if m.site.layer == "attention")
@@ -603,11 +670,18 @@ def lookalikes():
     tv = LookAlike()
     tv.backbone = LookAlike()
     tv.backbone.return_layers = {"layer4": "out"}
-    return [smp_like, feature_info_only, nn.ModuleDict(), dyn, unetr, half_nnunet, only_decoder, tv]
+    skip = type("SkipConnection", (nn.Module,), {})()  # MONAI's nesting, in a class of another library
+    skip.submodule = nn.Conv2d(1, 1, 1)
+    unet_elsewhere = type("UNet", (nn.Module,), {})()
+    unet_elsewhere.model = nn.Sequential(nn.Conv2d(1, 1, 1), skip)
+    classifier = __import__("timm").create_model("resnet18", pretrained=False, in_chans=1, num_classes=2)
+    return [smp_like, feature_info_only, nn.ModuleDict(), dyn, unetr, half_nnunet, only_decoder, tv, unet_elsewhere,
+            classifier]
 
 
 @pytest.mark.parametrize("model", lookalikes(), ids=["smp", "feature_info", "moduledict", "dynunet", "unetr",
-                                                     "nnunet-without-decoder", "decoder-only", "torchvision"])
+                                                     "nnunet-without-decoder", "decoder-only", "torchvision",
+                                                     "unet-not-monai", "timm-classifier"])
 def test_look_alikes_are_not_taken_for_the_libraries(model):
     assert frem.bottleneck.known_bottleneck(model) is None
 
