@@ -169,9 +169,13 @@ def scored_part(group: str, states: dict) -> dict:
     return part
 
 
-def recorded_minutes(group: str, default: float) -> float:
+def last_summary(group: str) -> dict:
     previous = WORK / f"{group}.summary.json"
-    return json.loads(previous.read_text())["minutes"] if previous.exists() else default
+    return json.loads(previous.read_text()) if previous.exists() else {}
+
+
+def recorded_minutes(group: str, default: float) -> float:
+    return last_summary(group).get("minutes", default)
 
 
 def run(group: str, keep: bool = False) -> dict:
@@ -192,11 +196,14 @@ def again(group: str) -> dict:
     (a name that matches nothing stops it there); then the mutants not caught (survivors, those no
     test reached, and changed functions' new mutants) are named, since mutmut otherwise lets a
     result stand, and a run without names would run every mutant not checked yet: the whole
-    group, where a sample was drawn.
+    group, where a sample was drawn. A module last scored over all its mutants stays whole: the new
+    mutants of its changed functions are run too, not just those of the sample.
     """
     started = time.time()
+    whole = {module for module, row in last_summary(group).get("modules", {}).items() if row.get("kind") == "all"}
     copy, states = up_to_date(group)
-    counted = {n for _, names in scored_part(group, states).values() for n in names}
+    counted = {n for module, (_, names) in scored_part(group, states).items()
+               for n in (by_module(states)[module] if module in whole else names)}
     if named := sorted(n for n in counted if states[n] not in ("killed", "timeout")):
         subprocess.run(MUTMUT_RUN + named, cwd=copy, env=environment(copy))
     return summarize(group, minutes=recorded_minutes(group, 0.0) + (time.time() - started) / 60)
