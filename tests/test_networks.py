@@ -147,7 +147,8 @@ def test_every_category_of_the_issue_is_in_the_corpus():
     ("smp-pspnet-resnet", ["last map at the lowest resolution, but no decoder follows"]),
     ("subpixel-unet-flat", ["sub-pixel channels: a pixel shuffle folds them into space",
                             "entry into the lowest resolution"]),
-    ("smp-pan-resnet", ["parallel branch after the last main-path map, as wide: feeds the decoder"])])
+    ("smp-pan-resnet", ["parallel branch after the last main-path map, as wide: feeds the decoder"]),
+    ("smp-segformer-mit", ["detour: the encoder goes back to a finer resolution after it"])])
 def test_each_map_the_rule_passes_over_says_why(name, notes):
     """The notes frem.candidates prints: what a user reads to see why attach refused or picked."""
     _, model, x = build(name)
@@ -509,6 +510,28 @@ def test_maps_made_by_an_op_the_survey_cannot_see_are_not_taken_for_global_conte
     found = survey(UNetWithCustomOp(), torch.randn(1, 1, 16, 16))
     assert not any(m.pooled for m in found.maps.values())
     assert choose(found).site.describe() == "middle output"
+
+
+class CustomActivationLayer(nn.Module):
+    def forward(self, x):
+        return CustomActivation.apply(x)
+
+
+def test_a_bottleneck_made_by_an_op_the_survey_cannot_see_is_found_from_its_module():
+    model = UNetWithCustomOp()
+    model.middle = nn.Sequential(model.middle, CustomActivationLayer())  # the block's last op is unseen
+    model.train()
+    found = survey(model, torch.randn(1, 1, 16, 16))
+    assert all(m.training is True for m in model.modules())  # the flags put back as they were
+    pick = choose(found)
+    assert pick.site.describe() == "middle output" and pick.op == ""  # made where the recorder cannot see
+    assert found.maps[pick.node] is pick
+
+
+def test_a_model_without_feature_maps_gets_an_empty_table_that_says_so():
+    table = frem.candidates(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)), torch.randn(1, 1, 8, 8))
+    assert list(table) == [] and table.chosen is None
+    assert "attach picks nothing: frem found no feature map (N, C, *spatial) in Sequential" in str(table)
 
 
 @pytest.mark.parametrize("size, pooled", [(2, False), ((2, 4), True)], ids=["1x1", "1x2"])
