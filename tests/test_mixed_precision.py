@@ -128,7 +128,11 @@ def test_an_overflowing_x_is_capped_and_named_at_the_next_redraw_not_a_silent_na
     (enhanced,) = seen
     assert enhanced.dtype == torch.float16
     assert torch.isfinite(enhanced).all() and enhanced.max() == FLOAT16_MAX  # capped, not inf
-    assert int(handle.capped) > 0
+    first = int((enhanced.abs() == FLOAT16_MAX).sum())
+    assert first > 0 and int(handle.capped) == first and handle.capped.dtype == torch.long
+    with torch.autocast("cpu", dtype=torch.float16):
+        model(torch.rand(2, 1, 8, 8) + 1.0)
+    assert int(handle.capped) == first + int((seen[1].abs() == FLOAT16_MAX).sum())  # summed over the epoch
     with pytest.warns(RuntimeWarning, match=r"FREM at 1 capped \d+ enhanced values at float16's maximum \(65504\) "
                                             r"in epoch 0: \|features\| x X=1e\+06 passed float16's range.*bfloat16"):
         frem.resample(model, 1)
@@ -157,21 +161,30 @@ def test_an_overflow_downstream_of_frem_is_named_at_the_next_redraw():
         scaler.update()
         assert not torch.isfinite(loss)
     assert int(handle.capped) == 0  # FREM's own output fits: the overflow is downstream
-    with pytest.warns(RuntimeWarning, match=r"FREM at 1: in 4 of 4 float16 training steps of epoch 0 the gradient "
-                                            r"came back inf/NaN: .* overflow float16 downstream.*bfloat16"):
+    said = r"FREM at 1: in 4 of 4 float16 training steps of epoch {} the gradient came back inf/NaN: .* overflow " \
+           r"float16 downstream.*bfloat16"
+    with pytest.warns(RuntimeWarning, match=said.format(0)):
         frem.resample(model, 1)
+    for x, target in batches(4, size=8):  # the next epoch's steps are counted afresh
+        with torch.autocast("cpu", dtype=torch.float16):
+            nn.functional.cross_entropy(model(x), target).backward()
+    with pytest.warns(RuntimeWarning, match=said.format(1)):
+        frem.resample(model, 2)
 
 
-def test_a_few_skipped_steps_while_the_gradscaler_settles_are_no_alarm():
+@pytest.mark.parametrize("overflowed, alarm", [(1, False), (4, False), (5, True)])
+def test_a_few_skipped_steps_while_the_gradscaler_settles_are_no_alarm_most_steps_are(overflowed, alarm):
     torch.manual_seed(0)
     model = HandUNet()
     frem.attach(model, "bottleneck", B=4, X=632.0, example_input=torch.randn(1, 1, 16, 16))
     handle = frem.attached(model)[0]
-    handle.overflowed += 1  # one overflowed step of eight: GradScaler's own calibration looks like this
-    handle._float16_steps = 7
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
+    handle.overflowed += overflowed  # of eight steps: GradScaler's own calibration skips one or two
+    handle._float16_steps = 8
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", RuntimeWarning)
         frem.resample(model, 1)
+    assert [str(w.message).split(" the gradient")[0] for w in said] == \
+        ([f"FREM at {handle.layer}: in {overflowed} of 8 float16 training steps of epoch 0"] if alarm else [])
 
 
 def test_bfloat16_and_float32_need_no_cap():

@@ -64,6 +64,9 @@ def test_float_B_is_a_fraction_of_the_channels():
 
 
 def test_buffers_follow_to_and_stay_out_of_state_dict():
+    unbound = FREM(2, 10)  # nothing drawn until it knows its width
+    assert unbound.channels.numel() == unbound.scale.numel() == 0 and unbound.channels.dtype == torch.long
+    assert unbound.state_dict() == {}
     module = FREM(2, 10).bind(4)
     assert module.state_dict() == {}
     module.to(torch.float64)
@@ -149,6 +152,9 @@ def test_bind_puts_the_buffers_where_asked_or_where_the_module_is():
     assert FREM(2, 5.0).bind(4, device="meta").scale.device.type == "meta"
     moved = FREM(2, 5.0).to("meta").bind(4)
     assert moved.scale.device.type == moved.channels.device.type == "meta"
+    # the float16 counters too, as integers: summed on the device each step, read once an epoch
+    assert moved.capped.device.type == moved.overflowed.device.type == "meta"
+    assert moved.capped.dtype == moved.overflowed.dtype == torch.long
     lazy = FREM(2, 5.0).train()
     lazy(torch.empty(3, 4, 2, device="meta"))  # learnt at the first call, on the input's device
     assert lazy.num_channels == 4 and lazy.scale.device.type == "meta"
