@@ -388,3 +388,15 @@ def test_the_holder_is_the_outermost_non_container_not_the_nearest():
 
     model = nn.Sequential(Outer())
     assert frem.attach(model, "0.inner.conv", B=1, X=2.0)._holder_ref() is model[0]
+
+
+def test_frem_at_a_layers_input_scales_what_the_layer_receives():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 2, 1))
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        bare = model[1](model[0](x))
+        enhanced = model[1](model[0](x) * 3.0)
+    frem.attach(model, "1", at="input", B=4, X=3.0)  # every channel: the draw cannot matter
+    with torch.no_grad():
+        assert torch.allclose(model.train()(x), enhanced) and torch.equal(model.eval()(x), bare)
