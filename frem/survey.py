@@ -169,7 +169,7 @@ class _Recorder(TorchFunctionMode):
             node = t.grad_fn
             if node is None:
                 continue
-            pooled = self._pooled(name, lineage, t, args, kwargs)
+            pooled = self._pooled(name, lineage, args, kwargs)
             self.pooled[node] = pooled
             self.made_by[node] = (name, [(n, tuple(i.shape)) for i, n in lineage])
             if t.dim() == rank and t.is_floating_point():
@@ -182,7 +182,7 @@ class _Recorder(TorchFunctionMode):
                         self.gate_edges.add((node, inode))
             self._shuffle(name, lineage, t, node)
 
-    def _pooled(self, name, lineage, out, args, kwargs) -> bool:
+    def _pooled(self, name, lineage, args, kwargs) -> bool:
         rank = self.survey.rank
         maps = [t for t, _ in lineage if t.dim() == rank]
         if name in ADAPTIVE_POOLS and any(_spatial(t) > 1 for t in maps):
