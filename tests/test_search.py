@@ -166,3 +166,19 @@ def test_a_journal_study_lives_in_the_file_named_even_in_a_new_folder(tmp_path):
     assert path.stat().st_size > 0
     again = optuna.load_study(study_name="s", storage=tuner.open_storage(f"journal:{path}", tmp_path / "elsewhere"))
     assert len(again.trials) == 1
+
+
+@pytest.mark.parametrize("validations", [1, 12, 15])
+def test_each_pruner_is_set_to_the_number_of_validations(validations):
+    """Hyperband's budget is the validations a trial reports (one step each); the median pruner waits
+    for 5 trials and a fifth of the validations. Optuna's own attributes: nothing else shows them."""
+    hyperband = tuner.make_pruner("hyperband", validations)
+    assert isinstance(hyperband, optuna.pruners.HyperbandPruner)
+    assert (hyperband._min_resource, hyperband._max_resource, hyperband._reduction_factor) == (1, validations, 3)
+    median = tuner.make_pruner("median", validations)
+    assert type(median) is optuna.pruners.MedianPruner
+    assert (median._n_startup_trials, median._n_warmup_steps) == (5, max(1, validations // 5))
+    assert type(tuner.make_pruner("none", validations)) is optuna.pruners.NopPruner
+    with pytest.raises(ValueError, match="unknown pruner 'asha': hyperband, median or none"):
+        tuner.make_pruner("asha", validations)
+    assert tuner.make_pruner("hyperband", 0)._max_resource == 1  # a budget of at least one step
