@@ -449,35 +449,25 @@ def test_gates_are_not_bottlenecks():
 
 
 class BroadcastGate(nn.Module):
-    """A spatial attention map (N, 1, H, W) from a conv, multiplied into the bottleneck: not pooled, still a gate."""
+    """A spatial attention map (N, 1, H, W) from a conv, multiplied into the bottleneck: not pooled, still a gate.
+    ``expand``: the map expanded to the full shape first, as many elements as the map it gates."""
 
-    def __init__(self):
+    def __init__(self, channels=8, expand=False):
         super().__init__()
-        self.down = nn.Conv2d(1, 8, 3, stride=2, padding=1)
-        self.attention = nn.Sequential(nn.Conv2d(8, 1, 1), nn.Sigmoid())
-        self.up = nn.ConvTranspose2d(8, 2, 2, stride=2)
+        self.expand = expand
+        self.down = nn.Conv2d(1, channels, 3, stride=2, padding=1)
+        self.attention = nn.Sequential(nn.Conv2d(channels, 1, 1), nn.Sigmoid())
+        self.up = nn.ConvTranspose2d(channels, 2, 2, stride=2)
 
     def forward(self, x):
         d = self.down(x)
-        return self.up(d * self.attention(d))
-
-
-class ExpandedGate(nn.Module):
-    """The attention map expanded to the full shape first: as many elements as the map it gates."""
-
-    def __init__(self):
-        super().__init__()
-        self.down = nn.Conv2d(1, 2, 3, stride=2, padding=1)  # two channels: the expanded dim has size 2
-        self.attention = nn.Sequential(nn.Conv2d(2, 1, 1), nn.Sigmoid())
-        self.up = nn.ConvTranspose2d(2, 2, 2, stride=2)
-
-    def forward(self, x):
-        d = self.down(x)
-        return self.up(d * self.attention(d).expand_as(d))
+        gate = self.attention(d)
+        return self.up(d * (gate.expand_as(d) if self.expand else gate))
 
 
 def test_a_gate_expanded_to_the_maps_shape_is_still_a_gate():
-    found = survey(ExpandedGate(), torch.randn(1, 1, 16, 16))
+    # two channels: the expanded dim has size 2
+    found = survey(BroadcastGate(channels=2, expand=True), torch.randn(1, 1, 16, 16))
     attention = next(m for m in found if m.site.layer == "attention")
     assert not attention.live and choose(found).site.describe() == "up input[0]"
 
@@ -536,19 +526,8 @@ def test_a_model_without_feature_maps_gets_an_empty_table_that_says_so():
 
 @pytest.mark.parametrize("size, pooled", [(2, False), ((2, 4), True)], ids=["1x1", "1x2"])
 def test_an_adaptive_pool_is_global_context_only_over_more_than_one_pixel(size, pooled):
-    found = survey(SqueezeByPool(), torch.randn(1, 1, *((size, size) if isinstance(size, int) else size)))
+    found = survey(Gated(), torch.randn(1, 1, *((size, size) if isinstance(size, int) else size)))
     assert [m.pooled for m in found.maps.values() if m.op == "adaptive_avg_pool2d"] == [pooled]
-
-
-class SqueezeByPool(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.down, self.fc = nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 1)
-        self.up = nn.ConvTranspose2d(4, 2, 2, stride=2)
-
-    def forward(self, x):
-        y = self.down(x)
-        return self.up(y * self.fc(nn.functional.adaptive_avg_pool2d(y, 1)).sigmoid())
 
 
 def test_a_map_that_only_multiplies_by_broadcasting_is_a_gate():
