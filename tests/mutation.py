@@ -202,8 +202,9 @@ def again(group: str) -> dict:
     started = time.time()
     whole = {module for module, row in last_summary(group).get("modules", {}).items() if row.get("kind") == "all"}
     copy, states = up_to_date(group)
+    every = by_module(states)
     counted = {n for module, (_, names) in scored_part(group, states).items()
-               for n in (by_module(states)[module] if module in whole else names)}
+               for n in (every[module] if module in whole else names)}
     if named := sorted(n for n in counted if states[n] not in ("killed", "timeout")):
         subprocess.run(MUTMUT_RUN + named, cwd=copy, env=environment(copy))
     return summarize(group, minutes=recorded_minutes(group, 0.0) + (time.time() - started) / 60)
@@ -339,42 +340,33 @@ def main(argv) -> int:
         print(__doc__)
         return 0
     options = {"--table", "--list", "--summarize", "--sample", "--modules", "--again", "--continue"}
+    rest = [a for a in argv if a not in options]
+    count = int(rest.pop(0)) if "--sample" in argv else None  # --sample N GROUP...
+    groups, wanted = (rest[:1], rest[1:]) if "--modules" in argv else (rest, [])  # --modules GROUP MODULE...
     # a group's name is checked before anything is copied or deleted under WORK
-    named = [a for a in argv if a not in options]
-    named = named[1:] if "--sample" in argv else named  # its count
-    named = named[:1] if "--modules" in argv else named  # the group; its modules follow
-    if unknown := [a for a in named if a not in GROUPS]:
+    if unknown := [a for a in groups if a not in GROUPS]:
         raise SystemExit(f"unknown group or option {', '.join(unknown)}: groups are {', '.join(GROUPS)}; "
                          "see --help")
     if "--table" in argv:
         print(table())
-        return 0
-    if "--list" in argv:
+    elif "--list" in argv:
         for group, (files, tests) in GROUPS.items():
             print(f"{group}: {' '.join(files)}\n    tests: {' '.join(tests)}")
-        return 0
-    if "--summarize" in argv:  # re-score finished runs without running them again
-        for group in [a for a in argv if a != "--summarize"] or list(GROUPS):
+    elif "--summarize" in argv:  # re-score finished runs without running them again
+        for group in groups or list(GROUPS):
             summarize(group)
-        return 0
-    if "--sample" in argv:  # --sample N GROUP...: N mutants of each module
-        at = argv.index("--sample")
-        for group in argv[at + 2:]:
-            sample(group, int(argv[at + 1]))
-        return 0
-    if "--modules" in argv:  # --modules GROUP MODULE...: every mutant of those modules
-        at = argv.index("--modules")
-        modules(argv[at + 1], argv[at + 2:])
-        return 0
-    if "--again" in argv:  # after adding tests: rerun what was not caught
-        for group in [a for a in argv if a != "--again"]:
+    elif "--sample" in argv:  # N mutants of each module
+        for group in groups:
+            sample(group, count)
+    elif "--modules" in argv:  # every mutant of those modules
+        modules(groups[0], wanted)
+    elif "--again" in argv:  # after adding tests: rerun what was not caught
+        for group in groups:
             again(group)
-        return 0
-    keep = "--continue" in argv
-    for group in [a for a in argv if a != "--continue"] or list(GROUPS):
-        run(group, keep=keep)
+    else:
+        for group in groups or list(GROUPS):
+            run(group, keep="--continue" in argv)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
