@@ -88,3 +88,16 @@ def test_lambda_is_a_weight_in_zero_to_one_and_the_given_one_wins(lambda_, accep
             TrainConfig.build(variant="supervision", lambda_=lambda_)
     else:
         assert TrainConfig.build(variant="supervision", lambda_=lambda_).lambda_ == lambda_
+
+
+def test_a_run_loads_its_data_set_tiled_and_split_as_its_settings_say(drosophila_root, tmp_path):
+    sections = {"train": [0, 1], "val": [2], "test": [3]}
+    config = TrainConfig.build(quick=True, data=str(drosophila_root), crop=32, tiles_per_section=3, sections=sections)
+    data = config.load_data()
+    assert data.root == str(drosophila_root)
+    assert {name: tuple(split.images.shape) for name, split in data.splits().items()} == {
+        "train": (6, 1, 32, 32), "val": (3, 1, 32, 32), "test": (3, 1, 32, 32)}
+    moved = config.with_(data=str(tmp_path / "gone")).load_data(drosophila_root)  # the folder moved
+    assert moved.checksum == data.checksum and moved.train.names == data.train.names
+    with pytest.raises(Exception, match="folder"):
+        config.with_(dataset="folder", data=None).load_data()

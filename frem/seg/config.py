@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from frem.seg.data import SegmentationData, load_dataset
 from frem.seg.data.drosophila import SPLIT
 from frem.seg.data.images import NORMALIZATIONS
 from frem.seg.variants import DEFAULT_ENCODER, VARIANT_DEFAULTS, variant_settings
@@ -118,6 +119,12 @@ class TrainConfig:
 
     def with_(self, **changes) -> "TrainConfig":
         return replace(self, **changes)
+
+    def load_data(self, root=None) -> SegmentationData:
+        """The data this run trains on: its data set, tiled and split as the run says (``root``
+        in place of ``data`` where the folder moved)."""
+        return load_dataset(self.dataset, root or self.data, crop=self.crop,
+                            tiles_per_section=self.tiles_per_section, sections=self.sections)
 
 
 def _normal(value):

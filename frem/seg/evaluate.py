@@ -107,14 +107,11 @@ def evaluate_run(run_dir, data=None, device="cpu", data_root=None) -> dict:
     the checkpoint holds.
     """
     from frem.seg.config import TrainConfig
-    from frem.seg.data import load_dataset
     state = checkpoint.load(Path(run_dir) / checkpoint.BEST, hint=f"train the run again (frem train --out {run_dir})")
     config = TrainConfig.from_dict(state["config"])
     if data is None:
-        root = data_root or config.data
         try:
-            data = load_dataset(config.dataset, root, crop=config.crop,
-                                tiles_per_section=config.tiles_per_section, sections=config.sections)
+            data = config.load_data(data_root)
         except DataError as problem:
             raise DataError(f"{problem} (the data {run_dir} was trained on; if it moved, pass --data DIR)") from None
     if data.differs_from(state.get("data")):

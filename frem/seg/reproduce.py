@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 
 from frem.seg import checkpoint, figures, paper
 from frem.seg.config import TrainConfig
-from frem.seg.data import load_dataset
 from frem.seg.data.images import normalize
 from frem.seg.evaluate import model_from_checkpoint
 from frem.seg.variants import VARIANT_DEFAULTS, VARIANTS
@@ -226,8 +225,7 @@ def protocol_tag(base: TrainConfig) -> str:
 def reproduce(base: TrainConfig, *, seeds, out, results_dir, tune_trials: int, paper_tables="auto",
               variants=VARIANTS, progress: bool = True) -> dict:
     out, results_dir = Path(out), Path(results_dir)
-    data = load_dataset(base.dataset, base.data, crop=base.crop,
-                        tiles_per_section=base.tiles_per_section, sections=base.sections)
+    data = base.load_data()
     base = base.with_(data=data.root or base.data)
     results = run_all(base, seeds, out, data, variants, progress)
     rows = summarize(results, data.classes, seeds, variants)

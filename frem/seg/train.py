@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 import frem
 from frem.seg import checkpoint, distributed
 from frem.seg.config import TrainConfig
-from frem.seg.data import SegmentationData, load_dataset
+from frem.seg.data import SegmentationData
 from frem.seg.data.images import fit_normalization, normalize
 from frem.seg.evaluate import autocast, evaluate, evaluate_run
 from frem.seg.models import build_model
@@ -123,8 +123,7 @@ def run_training(config: TrainConfig, data: SegmentationData | None = None, on_v
     settings = variant_settings(config.variant, config.B, config.X, config.lambda_)
     check_run_folder(config)
     if data is None:
-        data = load_dataset(config.dataset, config.data, crop=config.crop,
-                            tiles_per_section=config.tiles_per_section, sections=config.sections)
+        data = config.load_data()
     # The run remembers where its data was: evaluate and predict need the run folder alone.
     config = config.with_(data=data.root or config.data)
     normalization = fit_normalization(data.train, config.normalize)
