@@ -166,7 +166,7 @@ def test_a_second_process_on_one_run_folder_is_refused(tiny_config, drosophila_r
 @pytest.mark.slow
 def test_concurrent_starts_on_a_new_sqlite_study(tmp_path):
     code = ("import sys; from pathlib import Path; from frem.seg.tune import open_study\n"
-            "study = open_study(None, Path(sys.argv[1]), 'frem', None); print(study.study_name)")
+            "study = open_study(None, Path(sys.argv[1]), 'frem', None, seed=0); print(study.study_name)")
     for attempt in range(3):
         out = tmp_path / f"t{attempt}"
         workers = [subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE,

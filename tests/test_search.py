@@ -9,6 +9,7 @@ import os
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
 from frem.seg import tune as tuner
 from frem.seg.config import TrainConfig
@@ -182,3 +183,115 @@ def test_each_pruner_is_set_to_the_number_of_validations(validations):
     with pytest.raises(ValueError, match="unknown pruner 'asha': hyperband, median or none"):
         tuner.make_pruner("asha", validations)
     assert tuner.make_pruner("hyperband", 0)._max_resource == 1  # a budget of at least one step
+
+
+# ---------------------------------------------------------------- workers, storage and the study's records
+
+def gone_pid() -> int:
+    import subprocess
+    import sys
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
+def test_a_restarted_search_requeues_the_trials_of_its_dead_workers_and_no_other(tmp_path, monkeypatch):
+    import socket
+    study = tuner.open_study(None, tmp_path / "search", "s", optuna.pruners.NopPruner(), seed=0)
+    host, gone = socket.gethostname(), gone_pid()
+    # A live worker first: a loop that stopped at the first trial it keeps would recover nothing after it.
+    workers = {"live here": f"{host}:{os.getpid()}", "other host": f"elsewhere-{host}:{gone}", "unnamed": None,
+               "raced": f"{host}:{gone}", "dead": f"{host}:{gone}", "dead too": f"{host}:{gone}"}
+    trials = {}
+    for name, worker in workers.items():
+        trial = trials[name] = study.ask()
+        trial.suggest_int("B", 1, 512)
+        trial.report(0.25, step=0)
+        if worker:
+            trial.set_user_attr("worker", worker)
+    set_state = study._storage.set_trial_state_values
+
+    def finished_by_another_worker(trial_id, state, values=None):
+        if trial_id == trials["raced"]._trial_id:
+            raise optuna.exceptions.UpdateFinishedTrialError("finished meanwhile")
+        return set_state(trial_id, state, values)
+    monkeypatch.setattr(study._storage, "set_trial_state_values", finished_by_another_worker)
+
+    recovered = tuner.recover_killed_trials(study)
+    assert recovered == [trials["dead"].number, trials["dead too"].number]
+    states = {name: study.trials[trial.number].state for name, trial in trials.items()}
+    assert states == {"live here": TrialState.RUNNING, "other host": TrialState.RUNNING, "unnamed": TrialState.RUNNING,
+                      "raced": TrialState.RUNNING, "dead": TrialState.FAIL, "dead too": TrialState.FAIL}
+    retries = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.system_attrs["failed_trial"] for t in retries] == recovered
+    for retry, number in zip(retries, recovered):  # the same setting, its validations and its run folder
+        assert retry.params == study.trials[number].params and retry.intermediate_values == {0: 0.25}
+        assert retry.user_attrs == study.trials[number].user_attrs
+
+
+def test_a_missing_database_driver_is_named_with_its_install_line(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    monkeypatch.setitem(sys.modules, "psycopg2", None)
+    with pytest.raises(ValueError) as postgres:
+        tuner.open_storage("postgresql://frem@127.0.0.1:1/x", None)
+    assert str(postgres.value).startswith("--storage postgresql://... needs its database driver (psycopg")
+    assert str(postgres.value).endswith(': pip install "frem[postgres]"')
+    monkeypatch.setitem(sys.modules, "MySQLdb", None)
+    with pytest.raises(ValueError) as mysql:
+        tuner.open_storage("mysql://frem@127.0.0.1:1/x", None)
+    assert str(mysql.value) == "--storage mysql://... needs its database driver (MySQLdb): install the driver named"
+
+
+def test_the_first_workers_seed_is_the_studys_training_seed_in_the_storage_named(tmp_path):
+    journal = f"journal:{tmp_path / 'j.log'}"
+    out = tmp_path / "a" / "new" / "folder"
+    first = tuner.open_study(journal, out, "s", optuna.pruners.NopPruner(), seed=3)
+    second = tuner.open_study(journal, out, "s", optuna.pruners.NopPruner(), seed=4)
+    assert first.user_attrs["train_seed"] == second.user_attrs["train_seed"] == 3
+    assert (tmp_path / "j.log").stat().st_size > 0 and not (out / "study.db").exists()
+
+
+def test_each_trial_records_its_run_folder_and_worker_and_trains_its_setting_on_the_data_given(tmp_path, monkeypatch):
+    import socket
+    trained = []
+    monkeypatch.setattr(tuner, "train", lambda config, data, on_validation=None: trained.append((config, data)) or {
+        "best_val_miou": 0.5, "test": {"miou": 0.25}, "history": [{"epoch": 0}, {"epoch": 1}]})
+    journal, data = f"journal:{tmp_path / 'j.log'}", Data()
+    base = TrainConfig.build(quick=True, epochs=2, seed=3, data=str(tmp_path))
+    tuner.tune(base, trials=2, study_name="s", storage=journal, out=tmp_path / "tune", data=data, progress=False)
+    assert not (tmp_path / "tune" / "study.db").exists()  # the storage named, not the default
+    study = optuna.load_study(study_name="s", storage=tuner.open_storage(journal, tmp_path))
+    assert study.user_attrs == {"train_seed": 3, "variant": "frem", "epochs": 2}
+    for trial, (config, given) in zip(study.trials, trained, strict=True):
+        run_dir = str(tmp_path / "tune" / "trials" / f"trial-{trial.number:04d}")
+        assert trial.user_attrs == {"run_dir": run_dir, "worker": f"{socket.gethostname()}:{os.getpid()}",
+                                    "epochs_trained": 2, "test_miou": 0.25}
+        assert given is data and config.out == run_dir and not config.resume and not config.progress
+        assert config.differences(base.with_(**trial.params)) == []  # the trial's B and X, the rest as given
+    assert tuner.trials_table(study) == [{"number": t.number, "state": "COMPLETE", "value": 0.5, **t.params,
+                                          "epochs_trained": 2} for t in study.trials]
+
+
+def test_the_search_space_is_the_tuned_encoders_width(tmp_path, monkeypatch):
+    monkeypatch.setattr(tuner, "train", lambda config, data, on_validation=None: {
+        "best_val_miou": 0.5, "test": {"miou": 0.5}, "history": [{"epoch": 0}]})
+    base = TrainConfig.build(quick=True, epochs=1, data=str(tmp_path), encoder="mobilenet_v2")
+    tuner.tune(base, trials=1, study_name="s", storage=None, out=tmp_path / "tune", data=Data(), progress=False)
+    study = optuna.load_study(study_name="s", storage=tuner.open_storage(None, tmp_path / "tune"))
+    width = bottleneck_channels(build_model("frem", encoder="mobilenet_v2", B=1, X=1.0))
+    assert study.trials[0].distributions["B"].high == width != bottleneck_channels(build_model("frem", B=1, X=1.0))
+
+
+def test_a_second_worker_does_not_replay_the_first_workers_settings(tmp_path, monkeypatch):
+    monkeypatch.setattr(tuner, "train", lambda config, data, on_validation=None: {
+        "best_val_miou": 0.5, "test": {"miou": 0.5}, "history": [{"epoch": 0}]})
+    base = TrainConfig.build(quick=True, epochs=1, data=str(tmp_path), seed=7)
+
+    def search(out, trials):
+        tuner.tune(base, trials=trials, study_name="s", storage=None, out=out, data=Data(), progress=False)
+        return [t.params for t in optuna.load_study(study_name="s", storage=tuner.open_storage(None, out)).trials]
+
+    first = search(tmp_path / "one", 2)
+    assert search(tmp_path / "two", 2) == first  # seeded: the same search twice
+    resumed = search(tmp_path / "one", 4)
+    assert resumed[:2] == first and not any(p in first for p in resumed[2:])

@@ -12,7 +12,6 @@ wait for each other (a file lock) instead of racing to create its tables.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shlex
 import socket
@@ -30,7 +29,6 @@ from tqdm.auto import tqdm
 
 from frem.seg import checkpoint
 from frem.seg.config import TrainConfig
-from frem.seg.data import load_dataset
 from frem.seg.models import bottleneck_channels, build_model
 from frem.seg.search_space import LAMBDA_RANGE, SEARCH_SPACE, TUNABLE, X_RANGE
 from frem.seg.train import train
@@ -69,10 +67,12 @@ def open_storage(url: str | None, out: Path):
 
 
 def _missing_driver(url: str, error: ImportError) -> ValueError:
-    """SQLAlchemy names the driver it wanted; the user needs that name and the install line."""
+    """SQLAlchemy names the driver it wanted (Optuna re-raises, so the name is on the cause);
+    the user needs that name and the install line."""
     scheme = url.split("://", 1)[0]
-    remedy = 'pip install "frem[postgres]"' if url.startswith("postgres") else "install the driver SQLAlchemy names"
-    return ValueError(f"--storage {scheme}://... needs its database driver ({error.name or error}): {remedy}")
+    driver = error.name or getattr(error.__cause__, "name", None) or error
+    remedy = 'pip install "frem[postgres]"' if url.startswith("postgres") else "install the driver named"
+    return ValueError(f"--storage {scheme}://... needs its database driver ({driver}): {remedy}")
 
 
 @contextmanager
@@ -104,7 +104,7 @@ def _retry_callback() -> RetryHeartbeatStaleTrialCallback:
         return RetryHeartbeatStaleTrialCallback(max_retry=3, inherit_intermediate_values=True)
 
 
-def open_study(storage: str | None, out: Path, study_name: str, pruner, seed: int = 0) -> optuna.Study:
+def open_study(storage: str | None, out: Path, study_name: str, pruner, *, seed: int) -> optuna.Study:
     """Create or load the study, one process at a time: two workers starting on a new study
     would otherwise both try to create its tables (a file lock on one machine, an advisory
     lock in PostgreSQL across machines).
@@ -206,8 +206,7 @@ def tune(base: TrainConfig, *, trials: int, study_name: str, storage: str | None
     if base.variant not in TUNABLE:
         raise ValueError(f"--variant {base.variant} has nothing to tune: choose one of {', '.join(TUNABLE)}")
     out = Path(out)
-    data = data or load_dataset(base.dataset, base.data, crop=base.crop,
-                                tiles_per_section=base.tiles_per_section, sections=base.sections)
+    data = data or base.load_data()
     channels = bottleneck_channels(build_model(base.variant, encoder=base.encoder,
                                                in_channels=data.in_channels, classes=len(data.classes),
                                                B=1, X=1.0))
@@ -319,6 +318,3 @@ def trials_table(study: optuna.Study) -> list[dict]:
     return [{"number": t.number, "state": t.state.name, "value": t.value, **t.params,
              "epochs_trained": t.user_attrs.get("epochs_trained")} for t in study.trials]
 
-
-def load_summary(out) -> dict:
-    return json.loads((Path(out) / SUMMARY).read_text())
