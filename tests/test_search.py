@@ -70,10 +70,15 @@ class Data:
     in_channels, classes = 1, ("a", "b", "c", "d")
 
 
-def run(tmp_path, monkeypatch, scores, pruner, trials=6, epochs=4, val_every=1):
+def run(tmp_path, monkeypatch, scores, pruner, trials=6, epochs=4, val_every=1, validations=None):
     seen = []
     monkeypatch.setattr(tuner, "train", fake_training(scores, seen))
-    monkeypatch.setattr(tuner, "make_pruner", lambda name, validations: pruner)
+
+    def make_pruner(name, count):
+        if validations is not None:
+            validations.append(count)
+        return pruner
+    monkeypatch.setattr(tuner, "make_pruner", make_pruner)
     base = TrainConfig.build(quick=True, epochs=epochs, val_every=val_every, data=str(tmp_path))
     summary = tuner.tune(base, trials=trials, study_name="s", storage=None, out=tmp_path / "tune", data=Data(),
                          progress=False)
@@ -93,8 +98,10 @@ def test_a_hopeless_trial_is_pruned_and_its_training_stopped(tmp_path, monkeypat
 
 
 def test_the_pruner_gets_one_step_per_validation(tmp_path, monkeypatch):
+    validations = []
     summary, study, _ = run(tmp_path, monkeypatch, [[0.2, 0.3, 0.4, 0.5, 0.6, 0.7]],
-                            optuna.pruners.NopPruner(), trials=1, epochs=6, val_every=2)
+                            optuna.pruners.NopPruner(), trials=1, epochs=6, val_every=2, validations=validations)
+    assert validations == [3]  # the pruner is made for the validations a full trial reports
     # validations after epochs 1, 3, 5: steps 0, 1, 2, the unit Hyperband's max_resource counts in
     assert sorted(study.trials[0].intermediate_values) == [0, 1, 2]
     assert study.trials[0].intermediate_values == {0: 0.3, 1: 0.5, 2: 0.7}
@@ -295,3 +302,67 @@ def test_a_second_worker_does_not_replay_the_first_workers_settings(tmp_path, mo
     assert search(tmp_path / "two", 2) == first  # seeded: the same search twice
     resumed = search(tmp_path / "one", 4)
     assert resumed[:2] == first and not any(p in first for p in resumed[2:])
+
+
+def instant_training(config, data, on_validation=None):
+    return {"best_val_miou": 0.5, "test": {"miou": 0.5}, "history": [{"epoch": 0}]}
+
+
+def test_a_search_shows_its_progress_counting_the_trials_the_study_already_holds(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tuner, "train", instant_training)
+    base = TrainConfig.build(quick=True, epochs=1, data=str(tmp_path))
+    search = dict(study_name="s", storage=None, out=tmp_path / "tune", data=Data())
+    tuner.tune(base, trials=2, progress=False, **search)
+    assert capsys.readouterr().err == ""
+    study = optuna.load_study(study_name="s", storage=tuner.open_storage(None, tmp_path / "tune"))
+    study.enqueue_trial({"B": 5, "X": 50.0})  # a trial re-queued from a dead worker: it runs as well
+    tuner.tune(base, trials=2, **search)  # progress shown by default, on stderr
+    shown = capsys.readouterr()
+    assert shown.out == "" and "TPE search" in shown.err and "trial" in shown.err
+    assert "2/3" in shown.err and "3/3" in shown.err and "0/" not in shown.err
+
+
+def test_a_requeued_trial_resumes_in_the_killed_trials_run_folder(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(tuner, "train", lambda config, data, on_validation=None: trained.append(config) or
+                        instant_training(config, data))
+    killed = tmp_path / "tune" / "trials" / "trial-0000"
+    killed.mkdir(parents=True)
+    (killed / "last.pt").write_bytes(b"")
+    study = tuner.open_study(None, tmp_path / "tune", "s", optuna.pruners.NopPruner(), seed=0)
+    study.enqueue_trial({"B": 5, "X": 50.0}, user_attrs={"run_dir": str(killed)})
+    study.enqueue_trial({"B": 6, "X": 60.0}, user_attrs={"run_dir": str(killed)})  # taking the next number
+    base = TrainConfig.build(quick=True, epochs=1, data=str(tmp_path))
+    tuner.tune(base, trials=1, study_name="s", storage=None, out=tmp_path / "tune", data=Data(), progress=False)
+    assert [(c.out, c.resume) for c in trained] == [(str(killed), True)] * 2
+
+
+def test_a_leaving_worker_first_runs_the_trial_a_dead_worker_on_its_machine_left(tmp_path, monkeypatch):
+    import socket
+    study = tuner.open_study(None, tmp_path / "tune", "s", optuna.pruners.NopPruner(), seed=0)
+    trained = []
+
+    def train_while_a_neighbour_dies(config, data, on_validation=None):
+        if not trained:  # another worker on this machine takes a trial and is killed
+            orphan = study.ask({"B": optuna.distributions.IntDistribution(1, 512),
+                                "X": optuna.distributions.FloatDistribution(1.0, 10000.0, log=True)})
+            orphan.set_user_attr("worker", f"{socket.gethostname()}:{gone_pid()}")
+        trained.append(config.out)
+        return instant_training(config, data)
+    monkeypatch.setattr(tuner, "train", train_while_a_neighbour_dies)
+    monkeypatch.setattr(tuner.time, "sleep", lambda seconds: None)
+    base = TrainConfig.build(quick=True, epochs=1, data=str(tmp_path))
+    tuner.tune(base, trials=1, study_name="s", storage=None, out=tmp_path / "tune", data=Data(), progress=False)
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]  # the orphan failed and rerun
+    assert study.trials[2].system_attrs["failed_trial"] == 1 and len(trained) == 2
+
+
+def test_a_journal_worker_leaves_without_waiting_for_trials_it_cannot_declare_dead(tmp_path, monkeypatch):
+    journal = f"journal:{tmp_path / 'j.log'}"
+    study = tuner.open_study(journal, tmp_path / "tune", "s", optuna.pruners.NopPruner(), seed=0)
+    study.ask().set_user_attr("worker", f"elsewhere:{os.getpid()}")  # another machine's, still running
+    monkeypatch.setattr(tuner, "train", instant_training)
+    monkeypatch.setattr(tuner.time, "sleep", lambda seconds: pytest.fail("waited on a journal storage"))
+    base = TrainConfig.build(quick=True, epochs=1, data=str(tmp_path))
+    tuner.tune(base, trials=1, study_name="s", storage=journal, out=tmp_path / "tune", data=Data(), progress=False)
