@@ -247,6 +247,8 @@ def test_a_missing_database_driver_is_named_with_its_install_line(monkeypatch):
     with pytest.raises(ValueError) as mysql:
         tuner.open_storage("mysql://frem@127.0.0.1:1/x", None)
     assert str(mysql.value) == "--storage mysql://... needs its database driver (MySQLdb): install the driver named"
+    unnamed = tuner._missing_driver("oracle://frem@host/x", ImportError("no module for oracle"))  # no name, no cause
+    assert str(unnamed) == "--storage oracle://... needs its database driver (no module for oracle): install the driver named"
 
 
 def test_the_first_workers_seed_is_the_studys_training_seed_in_the_storage_named(tmp_path):
