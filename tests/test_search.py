@@ -113,6 +113,8 @@ def test_the_search_maximises_validation_never_test(tmp_path, monkeypatch):
     assert [t.value for t in study.trials] == [0.4, 0.5]  # the best validation mIoU of each run
     assert summary["best_value"] == 0.5 and summary["best_test_miou"] == 0.99
     assert json.loads((tmp_path / "tune" / "tune_summary.json").read_text())["best_trial"] == 1
+    assert summary["train_command"] == tuner.train_command(TrainConfig.build(quick=True, epochs=2, data=str(tmp_path)),
+                                                           study.trials[1].params)
 
 
 @pytest.mark.parametrize("variant, params", [("frem", {"B": 17, "X": 631.8923743928}), ("supervision", {"lambda": 0.3}),
@@ -354,9 +356,11 @@ def test_a_leaving_worker_first_runs_the_trial_a_dead_worker_on_its_machine_left
     monkeypatch.setattr(tuner, "train", train_while_a_neighbour_dies)
     monkeypatch.setattr(tuner.time, "sleep", lambda seconds: None)
     base = TrainConfig.build(quick=True, epochs=1, data=str(tmp_path))
-    tuner.tune(base, trials=1, study_name="s", storage=None, out=tmp_path / "tune", data=Data(), progress=False)
+    summary = tuner.tune(base, trials=1, study_name="s", storage=None, out=tmp_path / "tune", data=Data(),
+                         progress=False)
     states = [t.state for t in study.trials]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]  # the orphan failed and rerun
+    assert (summary["trials"], summary["complete"], summary["epochs_spent"]) == (2, 2, 2)  # the failed one not counted
     assert study.trials[2].system_attrs["failed_trial"] == 1 and len(trained) == 2
 
 
@@ -368,3 +372,31 @@ def test_a_journal_worker_leaves_without_waiting_for_trials_it_cannot_declare_de
     monkeypatch.setattr(tuner.time, "sleep", lambda seconds: pytest.fail("waited on a journal storage"))
     base = TrainConfig.build(quick=True, epochs=1, data=str(tmp_path))
     tuner.tune(base, trials=1, study_name="s", storage=journal, out=tmp_path / "tune", data=Data(), progress=False)
+
+
+def test_the_default_study_is_a_sqlite_file_in_the_output_folder_made_for_it(tmp_path):
+    out = tmp_path / "new" / "deeper"
+    optuna.create_study(study_name="s", storage=tuner.open_storage(None, out))
+    assert (out / "study.db").stat().st_size > 0
+
+
+def test_a_worker_is_declared_dead_after_two_missed_heartbeats_and_its_trial_retried_with_its_validations(tmp_path):
+    storage = tuner.open_storage(None, tmp_path)
+    assert storage.get_heartbeat_interval() == tuner.HEARTBEAT_S and storage.grace_period == 2 * tuner.HEARTBEAT_S
+    retry = storage.get_heartbeat_stale_trial_callback()
+    assert isinstance(retry, optuna.storages.RetryHeartbeatStaleTrialCallback) and retry._inherit_intermediate_values
+
+
+def test_a_trial_that_keeps_killing_its_worker_is_retried_three_times_then_left_failed(tmp_path):
+    import socket
+    study = tuner.open_study(None, tmp_path, "s", optuna.pruners.NopPruner(), seed=0)
+    dead = f"{socket.gethostname()}:{gone_pid()}"
+    trial = study.ask()
+    trial.suggest_int("B", 1, 512)
+    for _ in range(4):
+        trial.set_user_attr("worker", dead)
+        tuner.recover_killed_trials(study)
+        if not study.get_trials(states=(TrialState.WAITING,)):
+            break
+        trial = study.ask()  # the retry, taken by the next worker, which dies too
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 4  # the first run and three retries
