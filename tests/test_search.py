@@ -170,6 +170,13 @@ def test_a_worker_is_alive_until_its_process_is_gone():
     assert tuner._alive(os.getpid()) and not tuner._alive(int(done.stdout))
 
 
+def test_a_worker_of_another_user_is_alive(monkeypatch):
+    def not_allowed(pid, signal):
+        raise PermissionError(f"cannot signal {pid}")
+    monkeypatch.setattr(tuner.os, "kill", not_allowed)
+    assert tuner._alive(1)
+
+
 def test_a_journal_study_lives_in_the_file_named_even_in_a_new_folder(tmp_path):
     path = tmp_path / "new" / "deeper" / "study.log"
     storage = tuner.open_storage(f"journal:{path}", tmp_path / "out")
@@ -236,6 +243,9 @@ def test_a_restarted_search_requeues_the_trials_of_its_dead_workers_and_no_other
     for retry, number in zip(retries, recovered):  # the same setting, its validations and its run folder
         assert retry.params == study.trials[number].params and retry.intermediate_values == {0: 0.25}
         assert retry.user_attrs == study.trials[number].user_attrs
+    # The retries carry the dead worker's name; checked again (every 5 s while a worker waits), they are
+    # waiting to run, not running, and stay as they are.
+    assert tuner.recover_killed_trials(study) == [] and study.get_trials(states=(TrialState.WAITING,)) == retries
 
 
 def test_a_missing_database_driver_is_named_with_its_install_line(monkeypatch):
@@ -355,7 +365,8 @@ def test_a_leaving_worker_first_runs_the_trial_a_dead_worker_on_its_machine_left
         trained.append(config.out)
         return instant_training(config, data)
     monkeypatch.setattr(tuner, "train", train_while_a_neighbour_dies)
-    monkeypatch.setattr(tuner.time, "sleep", lambda seconds: None)
+    slept = []
+    monkeypatch.setattr(tuner.time, "sleep", slept.append)
     base = TrainConfig.build(quick=True, epochs=1, data=str(tmp_path))
     summary = tuner.tune(base, trials=1, study_name="s", storage=None, out=tmp_path / "tune", data=Data(),
                          progress=False)
@@ -363,6 +374,7 @@ def test_a_leaving_worker_first_runs_the_trial_a_dead_worker_on_its_machine_left
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]  # the orphan failed and rerun
     assert (summary["trials"], summary["complete"], summary["epochs_spent"]) == (2, 2, 2)  # the failed one not counted
     assert study.trials[2].system_attrs["failed_trial"] == 1 and len(trained) == 2
+    assert slept and all(0 < seconds <= 5 for seconds in slept)  # it looked again at least every 5 s
 
 
 def test_a_journal_worker_leaves_without_waiting_for_trials_it_cannot_declare_dead(tmp_path, monkeypatch):
