@@ -49,8 +49,7 @@ def test_each_phase_reads_only_its_own_split(tiny_config, monkeypatch):
     from frem.seg import evaluate as evaluation
     monkeypatch.setattr(evaluation, "evaluate", evaluate)  # the test score: evaluate_run
     config = tiny_config(epochs=3, normalize="dataset")
-    data = trainer.load_dataset(config.dataset, config.data, crop=config.crop,
-                                tiles_per_section=config.tiles_per_section, sections=config.sections)
+    data = config.load_data()
     metrics = train(config, data)
     train_sections = {f"section{s:02d}" for s in config.sections["train"]}
     val_sections = {f"section{s:02d}" for s in config.sections["val"]}
@@ -129,9 +128,8 @@ def test_the_quick_protocol_and_explicit_options(drosophila_root):
 def test_the_data_and_callbacks_given_to_train_are_the_ones_used(tiny_config):
     """The tuner hands train its loaded data and reports to Optuna from on_validation; a reproduction
     shows progress from on_epoch. Each is called once per validation / epoch with what the history says."""
-    from frem.seg.data import load_dataset
     config = tiny_config(epochs=3, val_every=2)
-    data = load_dataset(config.dataset, config.data, crop=config.crop, tiles_per_section=2, sections=config.sections)
+    data = config.with_(tiles_per_section=2).load_data()
     validations, epochs = [], []
     metrics = train(config, data, on_validation=lambda e, m: validations.append((e, m)), on_epoch=epochs.append)
     assert [r["train_images"] for r in metrics["history"]] == [len(data.train)] * 3 != [config.tiles_per_section] * 3

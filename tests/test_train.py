@@ -189,14 +189,12 @@ def test_evaluate_agrees_with_an_independent_iou_count(tiny_config, tmp_path):
     """The test metrics against numpy's confusion matrix of best.pt's own predictions."""
     import numpy as np
 
-    from frem.seg.data import load_dataset
     from frem.seg.data.images import normalize
     from frem.seg.evaluate import model_from_checkpoint
     config = tiny_config(epochs=2)
     metrics = train(config)
     state = checkpoint.load(tmp_path / "run" / "best.pt")
-    data = load_dataset(config.dataset, config.data, crop=config.crop,
-                        tiles_per_section=config.tiles_per_section, sections=config.sections)
+    data = config.load_data()
     with torch.no_grad():
         x = normalize(data.test.images, state["normalization"], data.test.stats)
         predicted = model_from_checkpoint(state)(x).argmax(1)
@@ -232,10 +230,8 @@ def test_resume_refuses_other_data_even_from_the_same_folder(tiny_config):
     """The folder may move, its content may not: a run continued on other images is two runs in one."""
     from dataclasses import replace
 
-    from frem.seg.data import load_dataset
     config = tiny_config(epochs=1)
-    data = load_dataset(config.dataset, config.data, crop=config.crop, tiles_per_section=config.tiles_per_section,
-                        sections=config.sections)
+    data = config.load_data()
     train(config, data)
     changed = replace(data, checksum="0" * len(data.checksum))
     with pytest.raises(ValueError, match=r"cannot resume .*: it was trained with data .*\(now: "):
