@@ -69,11 +69,12 @@ def test_every_variant_trains(variant, tiny_config):
     metrics = train(tiny_config(variant=variant, tiles_per_section=2, batch_size=2))
     assert math.isfinite(metrics["history"][0]["train_loss"])
     assert metrics["variant"] == variant and metrics["settings"] == VARIANT_DEFAULTS[variant]
+    assert metrics["device"] == "cpu"
     attached = metrics["frem"]
-    if variant.startswith("frem"):
-        assert [(f["B"], f["X"], f["mode"]) for f in attached] == [
-            (VARIANT_DEFAULTS[variant]["B"], VARIANT_DEFAULTS[variant]["X"],
-             "fixed" if variant == "frem-fixed" else "random")]
+    if variant.startswith("frem"):  # the record says where FREM acted and how to draw its channels again
+        assert [(f["layer"], f["B"], f["X"], f["mode"], f["seed"]) for f in attached] == [
+            ("encoder", VARIANT_DEFAULTS[variant]["B"], VARIANT_DEFAULTS[variant]["X"],
+             "fixed" if variant == "frem-fixed" else "random", metrics["config"]["seed"])]
     else:
         assert attached == []
 
@@ -253,3 +254,14 @@ def test_the_dropout_variant_takes_b_as_a_count_from_one_or_as_a_fraction():
     from frem.seg.models import build_model
     assert build_model("dropout", encoder="resnet18", B=1).bottleneck_dropout.p == pytest.approx(1 / 512)
     assert build_model("dropout", encoder="resnet18", B=0.25).bottleneck_dropout.p == pytest.approx(0.25)
+
+
+def test_a_non_square_tile_is_flipped_but_never_transposed():
+    from frem.seg.train import augment
+    images = torch.arange(2 * 4 * 6, dtype=torch.float32).reshape(2, 1, 4, 6)
+    masks = (images[:, 0] % 4).to(torch.uint8)
+    flips = torch.tensor([[True, False], [True, False], [True, True]])  # h, v, transpose per tile
+    out_images, out_masks = augment(images, masks, flips)
+    assert out_images.shape == images.shape and out_masks.shape == masks.shape
+    assert torch.equal(out_images[0], images[0].flip(-1).flip(-2)) and torch.equal(out_images[1], images[1])
+    assert torch.equal(out_masks[0], masks[0].flip(-1).flip(-2)) and torch.equal(out_masks[1], masks[1])
