@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,7 +237,7 @@ def test_resume_refuses_other_data_even_from_the_same_folder(tiny_config):
     data = config.load_data()
     train(config, data)
     changed = replace(data, checksum="0" * len(data.checksum))
-    with pytest.raises(ValueError, match=r"cannot resume .*: it was trained with data .*\(now: "):
+    with pytest.raises(ValueError, match=rf"cannot resume .*: it was trained with data {re.escape(data.source)} \(now: "):
         train(config.with_(epochs=2, resume=True), changed)
     assert train(config.with_(epochs=2, resume=True), replace(data, root="/moved"))["history"][-1]["epoch"] == 1
 
@@ -265,3 +267,16 @@ def test_a_non_square_tile_is_flipped_but_never_transposed():
     assert out_images.shape == images.shape and out_masks.shape == masks.shape
     assert torch.equal(out_images[0], images[0].flip(-1).flip(-2)) and torch.equal(out_images[1], images[1])
     assert torch.equal(out_masks[0], masks[0].flip(-1).flip(-2)) and torch.equal(out_masks[1], masks[1])
+
+
+def test_a_last_checkpoint_without_what_resuming_needs_is_refused_in_one_line(tiny_config):
+    """A last.pt from elsewhere (or cut down by hand) must not resume with a KeyError half-way."""
+    config = tiny_config(epochs=1)
+    train(config)
+    last = Path(config.out) / checkpoint.LAST
+    whole = torch.load(last, weights_only=False)
+    for key in ("optimizer", "rng", "state"):
+        checkpoint.save({k: v for k, v in whole.items() if k != key}, last)
+        with pytest.raises(checkpoint.CheckpointError, match=rf"{re.escape(str(last))} is not a frem checkpoint "
+                                                             rf"\(it lacks {key}\)"):
+            train(config.with_(epochs=2, resume=True))
