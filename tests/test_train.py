@@ -280,3 +280,12 @@ def test_a_last_checkpoint_without_what_resuming_needs_is_refused_in_one_line(ti
         with pytest.raises(checkpoint.CheckpointError, match=rf"{re.escape(str(last))} is not a frem checkpoint "
                                                              rf"\(it lacks {key}\)"):
             train(config.with_(epochs=2, resume=True))
+
+
+def test_a_run_shows_its_epochs_on_stderr_only_when_asked(tiny_config, capsys):
+    bar = r"frem: +\d+%\|[^|]*\| (\d+)/2 \[[^]]*epoch"
+    train(tiny_config(epochs=2, progress=False))
+    assert re.findall(bar, capsys.readouterr().err) == []
+    train(tiny_config(epochs=2, progress=True, out=tiny_config().out + "-shown"))
+    shown = capsys.readouterr()
+    assert re.findall(bar, shown.err)[-1] == "2" and not re.findall(bar, shown.out)
