@@ -290,3 +290,23 @@ def test_a_run_shows_its_epochs_on_stderr_only_when_asked_counting_those_a_resum
     train(config.with_(epochs=3, resume=True, progress=True))
     shown = re.findall(bar, capsys.readouterr().err)
     assert shown[0] == ("2", "3") and shown[-1] == ("3", "3")
+
+
+def test_variants_on_one_seed_see_the_same_tiles_in_the_same_order_and_flips(tiny_config, monkeypatch):
+    """The table compares variants on the same seeds: a dropout layer drawing from torch's global RNG
+    must not change which tiles, in which order and how flipped, the baseline saw."""
+    from frem.seg import train as trainer
+    real = trainer.augment
+
+    def recording(images, masks, flips):
+        seen.append((masks.sum((1, 2)).tolist(), flips.tolist()))
+        return real(images, masks, flips)
+    monkeypatch.setattr(trainer, "augment", recording)
+    runs = {}
+    for name, variant, seed in (("baseline", "baseline", 0), ("dropout", "dropout", 0), ("seed 1", "baseline", 1)):
+        seen = []
+        train(tiny_config(variant=variant, seed=seed, epochs=2, batch_size=2, out=f"{tiny_config().out}-{name}"))
+        runs[name] = seen
+    assert runs["baseline"] == runs["dropout"]
+    tiles, flips = ([step[part] for step in runs["baseline"]] for part in (0, 1))
+    assert tiles != [step[0] for step in runs["seed 1"]] and flips != [step[1] for step in runs["seed 1"]]
