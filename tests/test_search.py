@@ -295,8 +295,7 @@ def test_each_trial_records_its_run_folder_and_worker_and_trains_its_setting_on_
 
 
 def test_the_search_space_is_the_tuned_encoders_width(tmp_path, monkeypatch):
-    monkeypatch.setattr(tuner, "train", lambda config, data, on_validation=None: {
-        "best_val_miou": 0.5, "test": {"miou": 0.5}, "history": [{"epoch": 0}]})
+    monkeypatch.setattr(tuner, "train", instant_training)
     base = TrainConfig.build(quick=True, epochs=1, data=str(tmp_path), encoder="mobilenet_v2")
     tuner.tune(base, trials=1, study_name="s", storage=None, out=tmp_path / "tune", data=Data(), progress=False)
     study = optuna.load_study(study_name="s", storage=tuner.open_storage(None, tmp_path / "tune"))
@@ -305,8 +304,7 @@ def test_the_search_space_is_the_tuned_encoders_width(tmp_path, monkeypatch):
 
 
 def test_a_second_worker_does_not_replay_the_first_workers_settings(tmp_path, monkeypatch):
-    monkeypatch.setattr(tuner, "train", lambda config, data, on_validation=None: {
-        "best_val_miou": 0.5, "test": {"miou": 0.5}, "history": [{"epoch": 0}]})
+    monkeypatch.setattr(tuner, "train", instant_training)
     base = TrainConfig.build(quick=True, epochs=1, data=str(tmp_path), seed=7)
 
     def search(out, trials):
