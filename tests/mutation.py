@@ -368,5 +368,6 @@ def main(argv) -> int:
             run(group, keep="--continue" in argv)
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from frem.seg.config import QUICK, RESUMABLE, TrainConfig
+from frem.seg.data import DataError
 from frem.seg.variants import VARIANT_DEFAULTS
 
 
@@ -101,5 +102,5 @@ def test_a_run_loads_its_data_set_tiled_and_split_as_its_settings_say(drosophila
         "train": (6, 1, 32, 32), "val": (3, 1, 32, 32), "test": (3, 1, 32, 32)}
     moved = config.with_(data=str(tmp_path / "gone")).load_data(drosophila_root)  # the folder moved
     assert moved.checksum == data.checksum and moved.train.names == data.train.names
-    with pytest.raises(Exception, match="folder"):
+    with pytest.raises(DataError, match="--dataset folder needs --data DIR"):
         config.with_(dataset="folder", data=None).load_data()

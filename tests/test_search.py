@@ -7,6 +7,9 @@ so these run in seconds and test the tuner's bookkeeping, not the network.
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 
 import optuna
 import pytest
@@ -65,6 +68,16 @@ def fake_training(scores_by_trial, seen):
                 on_validation(epoch, score)
         return {"best_val_miou": max(scores), "test": {"miou": 0.99}, "history": history}
     return train
+
+
+def gone_pid() -> int:
+    """The pid of a process that has ended."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
+def instant_training(config, data, on_validation=None):
+    return {"best_val_miou": 0.5, "test": {"miou": 0.5}, "history": [{"epoch": 0}]}
 
 
 class Data:
@@ -164,10 +177,7 @@ def test_leaving_a_worker_waits_only_for_trials_that_can_still_finish(tmp_path, 
 
 
 def test_a_worker_is_alive_until_its_process_is_gone():
-    import subprocess
-    import sys
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    assert tuner._alive(os.getpid()) and not tuner._alive(int(done.stdout))
+    assert tuner._alive(os.getpid()) and not tuner._alive(gone_pid())
 
 
 def test_a_worker_of_another_user_is_alive(monkeypatch):
@@ -204,15 +214,9 @@ def test_each_pruner_is_set_to_the_number_of_validations(validations):
 
 # ---------------------------------------------------------------- workers, storage and the study's records
 
-def gone_pid() -> int:
-    import subprocess
-    import sys
-    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout)
 
 
 def test_a_restarted_search_requeues_the_trials_of_its_dead_workers_and_no_other(tmp_path, monkeypatch):
-    import socket
     study = tuner.open_study(None, tmp_path / "search", "s", optuna.pruners.NopPruner(), seed=0)
     host, gone = socket.gethostname(), gone_pid()
     # A live worker first: a loop that stopped at the first trial it keeps would recover nothing after it.
@@ -249,7 +253,6 @@ def test_a_restarted_search_requeues_the_trials_of_its_dead_workers_and_no_other
 
 
 def test_a_missing_database_driver_is_named_with_its_install_line(monkeypatch):
-    import sys
     monkeypatch.setitem(sys.modules, "psycopg", None)
     monkeypatch.setitem(sys.modules, "psycopg2", None)
     with pytest.raises(ValueError) as postgres:
@@ -274,7 +277,6 @@ def test_the_first_workers_seed_is_the_studys_training_seed_in_the_storage_named
 
 
 def test_each_trial_records_its_run_folder_and_worker_and_trains_its_setting_on_the_data_given(tmp_path, monkeypatch):
-    import socket
     trained = []
     monkeypatch.setattr(tuner, "train", lambda config, data, on_validation=None: trained.append((config, data)) or {
         "best_val_miou": 0.5, "test": {"miou": 0.25}, "history": [{"epoch": 0}, {"epoch": 1}]})
@@ -317,10 +319,6 @@ def test_a_second_worker_does_not_replay_the_first_workers_settings(tmp_path, mo
     assert resumed[:2] == first and not any(p in first for p in resumed[2:])
 
 
-def instant_training(config, data, on_validation=None):
-    return {"best_val_miou": 0.5, "test": {"miou": 0.5}, "history": [{"epoch": 0}]}
-
-
 def test_a_search_shows_its_progress_counting_the_trials_the_study_already_holds(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tuner, "train", instant_training)
     base = TrainConfig.build(quick=True, epochs=1, data=str(tmp_path))
@@ -351,7 +349,6 @@ def test_a_requeued_trial_resumes_in_the_killed_trials_run_folder(tmp_path, monk
 
 
 def test_a_leaving_worker_first_runs_the_trial_a_dead_worker_on_its_machine_left(tmp_path, monkeypatch):
-    import socket
     study = tuner.open_study(None, tmp_path / "tune", "s", optuna.pruners.NopPruner(), seed=0)
     trained = []
 
@@ -399,7 +396,6 @@ def test_a_worker_is_declared_dead_after_two_missed_heartbeats_and_its_trial_ret
 
 
 def test_a_trial_that_keeps_killing_its_worker_is_retried_three_times_then_left_failed(tmp_path):
-    import socket
     study = tuner.open_study(None, tmp_path, "s", optuna.pruners.NopPruner(), seed=0)
     dead = f"{socket.gethostname()}:{gone_pid()}"
     trial = study.ask()
