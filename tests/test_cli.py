@@ -1,5 +1,7 @@
 """The frem command: predict, and one clear line for every bad input."""
 
+import json
+import re
 import subprocess
 import sys
 
@@ -140,3 +142,170 @@ def test_without_the_seg_extra_the_command_names_it_in_one_line(monkeypatch, cap
     assert main(["train", "--quick"]) == 2
     assert capsys.readouterr().err == ("frem: the command line needs the 'seg' extra (missing: "
                                        "segmentation-models-pytorch, optuna): pip install \"frem[seg]\"\n")
+
+
+FINISHED = {"test": {"miou": 0.5}, "best_epoch": 2, "best_val_miou": 0.25, "device": "cpu", "wall_time_s": 1.26,
+            "history": []}
+EVERY_TRAIN_OPTION = ["--dataset", "folder", "--data", "D", "--encoder", "resnet18", "--epochs", "3",
+                      "--batch-size", "5", "--lr", "0.002", "--seed", "7", "--crop", "96", "--tiles-per-section", "6",
+                      "--val-every", "2", "--normalize", "dataset", "--keep", "best", "--device", "cuda:1",
+                      "--no-progress"]
+GIVEN = {"dataset": "folder", "data": "D", "encoder": "resnet18", "epochs": 3, "batch_size": 5, "lr": 0.002, "seed": 7,
+         "crop": 96, "tiles_per_section": 6, "val_every": 2, "normalize": "dataset", "keep": "best",
+         "device": "cuda:1", "progress": False}
+
+
+def settings(config, names):
+    return {name: getattr(config, name) for name in names}
+
+
+def test_every_training_option_reaches_the_run_with_its_type(monkeypatch, capsys):
+    from frem.seg import train
+    calls = recorder(monkeypatch, train, "train", FINISHED)
+    assert main(["train", "--variant", "supervision", "--lambda", "0.25", "--out", "O", "--resume",
+                 *EVERY_TRAIN_OPTION]) == 0
+    (config,), _ = calls[0]
+    assert settings(config, GIVEN) == GIVEN and (config.variant, config.lambda_, config.out, config.resume) == (
+        "supervision", 0.25, "O", True)
+    assert all(type(getattr(config, name)) is type(value) for name, value in GIVEN.items())  # "3" is not 3
+    assert json.loads(capsys.readouterr().out) == {"run": "O", "test": {"miou": 0.5}, "best_epoch": 2,
+                                                   "best_val_miou": 0.25, "device": "cpu", "wall_time_s": 1.3}
+
+
+@pytest.mark.parametrize("options, B, X", [(["--B", "12"], 12, 250.0), (["--B", "0.25", "--X", "40"], 0.25, 40.0)])
+def test_B_is_a_count_or_a_fraction_and_X_a_float(options, B, X, monkeypatch):
+    from frem.seg import train
+    calls = recorder(monkeypatch, train, "train", FINISHED)
+    assert main(["train", *options]) == 0
+    (config,), _ = calls[0]
+    assert (config.B, config.X) == (B, X) and type(config.B) is type(B) and type(config.X) is float
+
+
+@pytest.mark.parametrize("options, out", [([], "runs/frem"), (["--variant", "dropout"], "runs/dropout"),
+                                          (["--quick", "--variant", "baseline"], "runs/baseline")])
+def test_without_options_a_run_has_the_protocols_defaults_and_its_variants_folder(options, out, monkeypatch):
+    from frem.seg import train
+    from frem.seg.config import TrainConfig
+    calls = recorder(monkeypatch, train, "train", FINISHED)
+    assert main(["train", *options]) == 0
+    (config,), _ = calls[0]
+    variant = options[options.index("--variant") + 1] if "--variant" in options else "frem"
+    assert config == TrainConfig.build(quick="--quick" in options, variant=variant, out=out)
+    assert config.progress is True and config.resume is False
+
+
+@pytest.mark.parametrize("command", ["tune", "reproduce"])
+def test_tune_and_reproduce_take_the_same_training_options_as_train(command, monkeypatch):
+    from frem.seg import reproduce, tune
+    calls = recorder(monkeypatch, tune, "tune", {}) if command == "tune" else recorder(
+        monkeypatch, reproduce, "reproduce", {"verdict": "V", "beside_paper": ""})
+    assert main([command, *EVERY_TRAIN_OPTION]) == 0
+    (base,), kwargs = calls[0]
+    assert settings(base, GIVEN) == GIVEN and kwargs["progress"] is False
+    assert main([command]) == 0  # progress bars unless --no-progress
+    assert calls[1][1]["progress"] is True
+
+
+def test_every_argument_has_help_and_no_help_misstates_a_default():
+    """Every option says what it does, and where its help names a default it is the one the code uses."""
+    import argparse
+
+    from frem.seg.cli import add_train_options, build_parser
+    from frem.seg.config import TrainConfig
+    from frem.seg.variants import VARIANT_DEFAULTS
+    shared = argparse.ArgumentParser()
+    add_train_options(shared)
+    protocol = {action.dest for action in shared._actions}  # None here: the protocol's default
+
+    def parsers(parser):
+        yield parser
+        for action in parser._subparsers._group_actions if parser._subparsers else ():
+            for sub in action.choices.values():
+                yield from parsers(sub)
+    checked = 0
+    for parser in parsers(build_parser()):
+        trains = protocol <= {action.dest for action in parser._actions}  # train, tune, reproduce
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            text = action.help
+            assert text and len(text) > 8, f"{parser.prog} {action.dest} has no help"
+            default = getattr(TrainConfig, action.dest) if trains and action.dest in protocol else action.default
+            stated = re.findall(r"\bdefault ([^;),]+)", text) + re.findall(r"^([\w-]+) \(default\b", text)
+            if action.dest == "lambda_":
+                assert stated == [str(VARIANT_DEFAULTS["supervision"]["lambda_"])]
+            elif action.dest in ("B", "X"):
+                stated = dict(re.findall(r"([\w-]+): ([\d.]+)", text))
+                assert stated == {v: f"{d[action.dest]:g}" for v, d in VARIANT_DEFAULTS.items() if action.dest in d}
+            elif default is not None and not isinstance(default, bool):  # 1 == True
+                assert stated and stated[0].split(":")[0] == str(default), (parser.prog, action.dest, text)
+            checked += bool(stated)
+    assert checked >= 20
+
+
+def test_a_command_without_its_arguments_says_what_is_missing(capsys):
+    for args, missing in [([], "command"), (["data"], "data_command"), (["predict", "x.tif"], "--checkpoint")]:
+        with pytest.raises(SystemExit) as exit:
+            main(args)
+        assert exit.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"the following arguments are required: {missing}" in err
+
+
+def test_a_mistyped_option_of_a_nested_command_is_that_commands_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "download", "drosophila", "--dset", "D"])
+    assert capsys.readouterr().err == ("frem data download: error: unrecognized arguments: --dset D "
+                                       "(did you mean --dest?)\n")
+    with pytest.raises(SystemExit):
+        main(["evaluate", "R", "extra"])  # no option to suggest: the error alone
+    assert capsys.readouterr().err == "frem evaluate: error: unrecognized arguments: extra\n"
+
+
+@pytest.mark.parametrize("error", [ValueError("bad value"), TypeError("bad type"), OSError("disk is full")])
+def test_an_error_of_the_run_is_one_line_with_the_command_and_status_2(error, monkeypatch, capsys):
+    from frem.seg import evaluate
+
+    def failing(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(evaluate, "evaluate_run", failing)
+    assert main(["evaluate", "R"]) == 2
+    assert capsys.readouterr().err == f"frem evaluate: error: {error}\n"
+
+
+def test_evaluate_and_predict_print_what_they_produced(monkeypatch, capsys, tmp_path):
+    from frem.seg import evaluate, predict
+    recorder(monkeypatch, evaluate, "evaluate_run", {"miou": 0.25})
+    assert main(["evaluate", "R"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"run": "R", "checkpoint": "best.pt", "split": "test", "miou": 0.25}
+    recorder(monkeypatch, predict, "predict", [tmp_path / "a_labels.png", tmp_path / "a_overlay.png"])
+    assert main(["predict", "--checkpoint", "c.pt", "a.png", "--out", "O"]) == 0
+    assert capsys.readouterr().out.splitlines() == [str(tmp_path / "a_labels.png"), str(tmp_path / "a_overlay.png")]
+
+
+def test_timms_deprecation_warning_is_silenced_and_no_other(monkeypatch):
+    import warnings
+
+    from frem.seg import evaluate
+    recorder(monkeypatch, evaluate, "evaluate_run", {})
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        assert main(["evaluate", "R"]) == 0
+        warnings.warn("`torch.jit.interface` is deprecated. Please use ...", FutureWarning)
+        warnings.warn("something else is deprecated", FutureWarning)
+        warnings.warn("`torch.jit.interface` is deprecated", DeprecationWarning)
+    assert [(str(w.message), w.category) for w in shown] == [("something else is deprecated", FutureWarning), (
+        "`torch.jit.interface` is deprecated", DeprecationWarning)]
+
+
+def test_outside_an_installed_frem_nothing_is_reported_missing(monkeypatch):
+    from importlib import metadata
+
+    from frem.seg import cli
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(metadata, "requires", not_installed)
+    assert cli.missing_requirements() == []
+    monkeypatch.setattr(metadata, "requires", lambda name: None)  # installed without requirements
+    assert cli.missing_requirements() == []

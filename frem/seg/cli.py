@@ -19,6 +19,9 @@ from frem.seg.search_space import SEARCH_SPACE, TUNABLE
 from frem.seg.variants import VARIANTS
 
 EXTRA = "seg"
+# frem reproduce: seeds per variant and TPE trials for the B-X figure, and under --quick
+REPRODUCE = {"seeds": 3, "tune_trials": 20}
+REPRODUCE_QUICK = {"seeds": 1, "tune_trials": 6}
 
 
 def missing_requirements(extra: str = EXTRA) -> list[str]:
@@ -84,25 +87,35 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     def default(name):
         return f"default {getattr(D, name)}" + (f"; --quick: {QUICK[name]}" if name in QUICK else "")
 
-    p.add_argument("--dataset", choices=("drosophila", "folder"), default=None,
-                   help="the Drosophila stack (default) or your own folder (see README)")
-    p.add_argument("--data", help="data folder (default: $FREM_DATA, else the download cache, "
+    p.add_argument("--dataset", choices=("drosophila", "folder"),
+                   help="drosophila (default): the Drosophila stack; folder: your own images (see README)")
+    p.add_argument("--data",
+                   help="data folder (default: $FREM_DATA, else the download cache, "
                    "filled on first use)")
-    p.add_argument("--encoder", help=f"smp/timm encoder name ({default('encoder')})")
-    p.add_argument("--epochs", type=int, help=f"default {D.epochs}, the paper's; --quick: {QUICK['epochs']}")
-    p.add_argument("--batch-size", type=int, help=f"global batch size ({default('batch_size')})")
-    p.add_argument("--lr", type=float, help=f"Adam learning rate ({default('lr')})")
-    p.add_argument("--seed", type=int, help=default("seed"))
-    p.add_argument("--crop", type=int, help=f"tile size, a multiple of 32 ({default('crop')})")
-    p.add_argument("--tiles-per-section", type=int, help="keep this many tiles per image, spread evenly")
-    p.add_argument("--val-every", type=int, help="validate every k epochs (default 1)")
-    p.add_argument("--normalize", choices=NORMALIZATIONS, default=None,
+    p.add_argument("--encoder",
+                   help=f"smp/timm encoder name ({default('encoder')})")
+    p.add_argument("--epochs", type=int,
+                   help=f"default {D.epochs}, the paper's; --quick: {QUICK['epochs']}")
+    p.add_argument("--batch-size", type=int,
+                   help=f"global batch size ({default('batch_size')})")
+    p.add_argument("--lr", type=float,
+                   help=f"Adam learning rate ({default('lr')})")
+    p.add_argument("--seed", type=int,
+                   help=default("seed"))
+    p.add_argument("--crop", type=int,
+                   help=f"tile size, a multiple of 32 ({default('crop')})")
+    p.add_argument("--tiles-per-section", type=int,
+                   help="keep this many tiles per image, spread evenly")
+    p.add_argument("--val-every", type=int,
+                   help="validate every k epochs (default 1)")
+    p.add_argument("--normalize", choices=NORMALIZATIONS,
                    help="image (default): each image standardised with its own mean and std, whatever its bit "
                         "depth; dataset: the training split's mean and std, for calibrated intensities")
-    p.add_argument("--keep", choices=KEEP, default=None,
+    p.add_argument("--keep", choices=KEEP,
                    help="all (default): keep last.pt (weights and optimiser state, to continue the run) beside "
                         "best.pt; best: delete last.pt when the run finishes")
-    p.add_argument("--device", help="auto (default: cuda if there is one), cpu, cuda, cuda:1 ...")
+    p.add_argument("--device",
+                   help="auto (default: cuda if there is one), cpu, cuda, cuda:1 ...")
     p.add_argument("--quick", action="store_true",
                    help="a tiny protocol for a CPU (a minute or two on 2 cores); explicit options win")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
@@ -117,66 +130,98 @@ def train_kwargs(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="frem", description="FREM (Ando & Hotta, VISAPP 2021) for cell segmentation")
+    parser = Parser(prog="frem",
+                    description="FREM (Ando & Hotta, VISAPP 2021) for cell segmentation")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    train = commands.add_parser("train", help="train one model variant and score it on the test split")
-    train.add_argument("--variant", choices=VARIANTS, default="frem", help="the model to train (default frem)")
-    train.add_argument("--B", type=_number, help="channels to enhance/drop: a count or a fraction "
+    train = commands.add_parser("train",
+                                help="train one model variant and score it on the test split")
+    train.add_argument("--variant", choices=VARIANTS, default="frem",
+                       help="the model to train (default frem)")
+    train.add_argument("--B", type=_number,
+                       help="channels to enhance/drop: a count or a fraction "
                        "(frem: 8, frem-fixed: 10, dropout: 8)")
-    train.add_argument("--X", type=float, help="enhancement factor (frem: 250, frem-fixed: 10000)")
+    train.add_argument("--X", type=float,
+                       help="enhancement factor (frem: 250, frem-fixed: 10000)")
     train.add_argument("--lambda", dest="lambda_", type=float, metavar="LAMBDA",
                        help="supervision loss weight (default 0.5)")
-    train.add_argument("--out", default=None, help="run folder (default runs/<variant>)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--out",
+                       help="run folder (default runs/<variant>)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out")
     add_train_options(train)
 
     tune = commands.add_parser(
-        "tune", help="TPE search (Optuna) over B and X, or lambda",
+        "tune",
+        help="TPE search (Optuna) over B and X, or lambda",
         description="Optuna TPE search maximising validation mIoU; hopeless trials are pruned.",
         epilog="search space: " + SEARCH_SPACE + ". Storage: a SQLite file OUT/study.db by default "
                "(a killed search resumes); journal:PATH for several processes on one machine; "
                "postgresql://... for several machines.")
-    tune.add_argument("--variant", choices=TUNABLE, default="frem", help="the variant to tune (default frem)")
-    tune.add_argument("--trials", type=int, default=50, help="finished trials the study should hold (default 50)")
-    tune.add_argument("--study", default="frem", help="study name (default frem)")
-    tune.add_argument("--storage", help="Optuna storage URL or journal:PATH (default sqlite:///OUT/study.db)")
+    tune.add_argument("--variant", choices=TUNABLE, default="frem",
+                      help="the variant to tune (default frem)")
+    tune.add_argument("--trials", type=int, default=50,
+                      help="finished trials the study should hold (default 50)")
+    tune.add_argument("--study", default="frem",
+                      help="study name (default frem)")
+    tune.add_argument("--storage",
+                      help="Optuna storage URL or journal:PATH (default sqlite:///OUT/study.db)")
     tune.add_argument("--pruner", choices=("hyperband", "median", "none"), default="hyperband",
                       help="stops hopeless trials early (default hyperband)")
-    tune.add_argument("--out", default="runs/tune", help="folder for the study and the trial runs (default runs/tune)")
+    tune.add_argument("--out", default="runs/tune",
+                      help="folder for the study and the trial runs (default runs/tune)")
     add_train_options(tune)
 
     reproduce = commands.add_parser(
-        "reproduce", help="every variant x seeds under one protocol: table and figures in OUT/results")
-    reproduce.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 3; --quick: 1)")
-    reproduce.add_argument("--tune-trials", type=int, default=None,
-                           help="TPE trials for the B-X figure (default 20; --quick: 6; 0 skips)")
+        "reproduce",
+        help="every variant x seeds under one protocol: table and figures in OUT/results")
+    reproduce.add_argument("--seeds", type=int,
+                           help=f"seeds per variant (default {REPRODUCE['seeds']}; "
+                           f"--quick: {REPRODUCE_QUICK['seeds']})")
+    reproduce.add_argument("--tune-trials", type=int,
+                           help=f"TPE trials for the B-X figure (default {REPRODUCE['tune_trials']}; "
+                           f"--quick: {REPRODUCE_QUICK['tune_trials']}; 0 skips)")
     reproduce.add_argument("--paper", choices=("auto", "drosophila", "mouse-liver", "none"), default="auto",
-                           help="the paper's tables to print beside ours (auto: Table 2 for the "
+                           help="the paper's tables to print beside ours (default auto: Table 2 for the "
                            "Drosophila data, Tables 1 and 3 for a folder with the mouse-liver classes)")
     reproduce.add_argument("--out", default="reproduction",
                            help="folder for the runs and the study (default reproduction)")
-    reproduce.add_argument("--results", help="folder for the table and figures (default OUT/results)")
+    reproduce.add_argument("--results",
+                           help="folder for the table and figures (default OUT/results)")
     add_train_options(reproduce)
 
-    evaluate = commands.add_parser("evaluate", help="recompute a run's test metrics from best.pt")
-    evaluate.add_argument("run_dir")
-    evaluate.add_argument("--data", help="data folder (default: the one the run was trained on, remembered "
-                                         "in best.pt; its checksum must match)")
-    evaluate.add_argument("--device", default="cpu", help="default cpu")
+    evaluate = commands.add_parser("evaluate",
+                                   help="recompute a run's test metrics from best.pt")
+    evaluate.add_argument("run_dir",
+                          help="a run folder of frem train (holding best.pt)")
+    evaluate.add_argument("--data",
+                          help="data folder (default: the one the run was trained on, remembered "
+                          "in best.pt; its checksum must match)")
+    evaluate.add_argument("--device", default="cpu",
+                          help="default cpu")
 
-    predict = commands.add_parser("predict", help="segment images: label PNGs and colour overlays")
-    predict.add_argument("--checkpoint", required=True, help="a run's best.pt")
-    predict.add_argument("images", nargs="+")
-    predict.add_argument("--out", required=True, help="folder for <name>_labels.png and <name>_overlay.png")
-    predict.add_argument("--device", default="cpu", help="default cpu")
+    predict = commands.add_parser("predict",
+                                  help="segment images: label PNGs and colour overlays")
+    predict.add_argument("--checkpoint", required=True,
+                         help="a run's best.pt")
+    predict.add_argument("images", nargs="+",
+                         help="images to segment (PNG, TIFF, a TIFF stack ...)")
+    predict.add_argument("--out", required=True,
+                         help="folder for <name>_labels.png and <name>_overlay.png")
+    predict.add_argument("--device", default="cpu",
+                         help="default cpu")
 
-    data = commands.add_parser("data", help="data sets")
+    data = commands.add_parser("data",
+                               help="data sets")
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
-    download = data_commands.add_parser("download", help="download a data set, verified")
-    download.add_argument("name", choices=("drosophila",))
-    download.add_argument("--dest", help="target folder (default ~/.cache/frem/drosophila-vnc)")
-    download.add_argument("--url", help="base URL of a mirror ($FREM_DROSOPHILA_URL)")
+    download = data_commands.add_parser("download",
+                                        help="download a data set, verified")
+    download.add_argument("name", choices=("drosophila",),
+                          help="the data set (drosophila: the ssTEM stack of the paper's Table 2)")
+    download.add_argument("--dest",
+                          help="target folder (default ~/.cache/frem/drosophila-vnc)")
+    download.add_argument("--url",
+                          help="base URL of a mirror ($FREM_DROSOPHILA_URL)")
     return parser
 
 
@@ -213,8 +258,9 @@ def run_reproduce(args) -> int:
     from frem.seg.reproduce import reproduce
     kwargs = {k: v for k, v in train_kwargs(args).items() if k not in ("out", "resume", "variant")}
     base = TrainConfig.build(quick=args.quick, **kwargs)
-    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
-    trials = args.tune_trials if args.tune_trials is not None else (6 if args.quick else 20)
+    protocol = REPRODUCE_QUICK if args.quick else REPRODUCE
+    seeds = args.seeds if args.seeds is not None else protocol["seeds"]
+    trials = args.tune_trials if args.tune_trials is not None else protocol["tune_trials"]
     results = args.results or f"{args.out}/results"  # never the shipped results/ unless asked
     summary = reproduce(base, seeds=list(range(seeds)), out=args.out, results_dir=results,
                         tune_trials=trials, paper_tables=args.paper, progress=args.progress is not False)
