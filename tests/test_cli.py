@@ -197,6 +197,7 @@ def test_without_options_a_run_has_the_protocols_defaults_and_its_variants_folde
 @pytest.mark.parametrize("command", ["tune", "reproduce"])
 def test_tune_and_reproduce_take_the_same_training_options_as_train(command, monkeypatch):
     from frem.seg import reproduce, tune
+    from frem.seg.config import TrainConfig
     calls = recorder(monkeypatch, tune, "tune", {}) if command == "tune" else recorder(
         monkeypatch, reproduce, "reproduce", {"verdict": "V", "beside_paper": ""})
     assert main([command, *EVERY_TRAIN_OPTION]) == 0
@@ -204,6 +205,9 @@ def test_tune_and_reproduce_take_the_same_training_options_as_train(command, mon
     assert settings(base, GIVEN) == GIVEN and kwargs["progress"] is False
     assert main([command]) == 0  # progress bars unless --no-progress
     assert calls[1][1]["progress"] is True
+    assert main([command, "--quick", *(["--trials", "1", "--variant", "supervision"] if command == "tune" else [])]) == 0
+    (base,), _ = calls[2]
+    assert base == TrainConfig.build(quick=True, variant="supervision" if command == "tune" else "frem")
 
 
 def test_every_argument_has_help_and_no_help_misstates_a_default():

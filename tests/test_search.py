@@ -136,13 +136,13 @@ def test_the_search_maximises_validation_never_test(tmp_path, monkeypatch):
 def test_the_printed_train_command_trains_the_best_setting_under_the_searchs_protocol(variant, params, tmp_path):
     import shlex
 
-    from frem.seg.cli import build_parser, train_kwargs
+    from frem.seg.cli import build_parser, train_config
     base = TrainConfig.build(quick=True, variant=variant, epochs=7, val_every=2, crop=128, tiles_per_section=8,
                              lr=3e-4, seed=5, normalize="dataset", data=str(tmp_path), dataset="folder")
     command = shlex.split(tuner.train_command(base, params))
     assert command[:2] == ["frem", "train"]
     args = build_parser().parse_args(command[1:])
-    again = TrainConfig.build(quick=args.quick, **train_kwargs(args))
+    again = train_config(args)
     tuned = base.with_(**{("lambda_" if name == "lambda" else name): value for name, value in params.items()})
     assert again.differences(tuned) == [] and again.out == f"runs/{variant}-tuned"
 

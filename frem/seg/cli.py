@@ -80,53 +80,61 @@ def _number(text: str) -> int | float:
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by train, tune and reproduce (None: the protocol's default)."""
+    """The training protocol's options, shared by train, tune and reproduce (None: TrainConfig's default)."""
     from frem.seg.config import KEEP, QUICK, TrainConfig as D
     from frem.seg.data.images import NORMALIZATIONS
 
     def default(name):
         return f"default {getattr(D, name)}" + (f"; --quick: {QUICK[name]}" if name in QUICK else "")
 
-    p.add_argument("--dataset", choices=("drosophila", "folder"),
-                   help="drosophila (default): the Drosophila stack; folder: your own images (see README)")
-    p.add_argument("--data",
-                   help="data folder (default: $FREM_DATA, else the download cache, "
-                   "filled on first use)")
-    p.add_argument("--encoder",
-                   help=f"smp/timm encoder name ({default('encoder')})")
-    p.add_argument("--epochs", type=int,
-                   help=f"default {D.epochs}, the paper's; --quick: {QUICK['epochs']}")
-    p.add_argument("--batch-size", type=int,
-                   help=f"global batch size ({default('batch_size')})")
-    p.add_argument("--lr", type=float,
-                   help=f"Adam learning rate ({default('lr')})")
-    p.add_argument("--seed", type=int,
-                   help=default("seed"))
-    p.add_argument("--crop", type=int,
-                   help=f"tile size, a multiple of 32 ({default('crop')})")
-    p.add_argument("--tiles-per-section", type=int,
-                   help="keep this many tiles per image, spread evenly")
-    p.add_argument("--val-every", type=int,
-                   help="validate every k epochs (default 1)")
-    p.add_argument("--normalize", choices=NORMALIZATIONS,
-                   help="image (default): each image standardised with its own mean and std, whatever its bit "
-                        "depth; dataset: the training split's mean and std, for calibrated intensities")
-    p.add_argument("--keep", choices=KEEP,
-                   help="all (default): keep last.pt (weights and optimiser state, to continue the run) beside "
-                        "best.pt; best: delete last.pt when the run finishes")
-    p.add_argument("--device",
-                   help="auto (default: cuda if there is one), cpu, cuda, cuda:1 ...")
+    protocol = p.add_argument_group("training protocol")
+    protocol.add_argument("--dataset", choices=("drosophila", "folder"),
+                          help="drosophila (default): the Drosophila stack; folder: your own images (see README)")
+    protocol.add_argument("--data",
+                          help="data folder (default: $FREM_DATA, else the download cache, "
+                          "filled on first use)")
+    protocol.add_argument("--encoder",
+                          help=f"smp/timm encoder name ({default('encoder')})")
+    protocol.add_argument("--epochs", type=int,
+                          help=f"default {D.epochs}, the paper's; --quick: {QUICK['epochs']}")
+    protocol.add_argument("--batch-size", type=int,
+                          help=f"global batch size ({default('batch_size')})")
+    protocol.add_argument("--lr", type=float,
+                          help=f"Adam learning rate ({default('lr')})")
+    protocol.add_argument("--seed", type=int,
+                          help=default("seed"))
+    protocol.add_argument("--crop", type=int,
+                          help=f"tile size, a multiple of 32 ({default('crop')})")
+    protocol.add_argument("--tiles-per-section", type=int,
+                          help="keep this many tiles per image, spread evenly")
+    protocol.add_argument("--val-every", type=int,
+                          help="validate every k epochs (default 1)")
+    protocol.add_argument("--normalize", choices=NORMALIZATIONS,
+                          help="image (default): each image standardised with its own mean and std, whatever its bit "
+                               "depth; dataset: the training split's mean and std, for calibrated intensities")
+    protocol.add_argument("--keep", choices=KEEP,
+                          help="all (default): keep last.pt (weights and optimiser state, to continue the run) beside "
+                               "best.pt; best: delete last.pt when the run finishes")
+    protocol.add_argument("--device",
+                          help="auto (default: cuda if there is one), cpu, cuda, cuda:1 ...")
+    protocol.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                          help="no progress bars (for logs)")
     p.add_argument("--quick", action="store_true",
                    help="a tiny protocol for a CPU (a minute or two on 2 cores); explicit options win")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="no progress bars (for logs)")
+    # what the commands hand to TrainConfig.build as the protocol: these options and no others
+    p.set_defaults(protocol_options=tuple(action.dest for action in protocol._group_actions))
 
 
-def train_kwargs(args) -> dict:
-    names = ("variant", "dataset", "data", "out", "encoder", "B", "X", "lambda_", "epochs",
-             "batch_size", "lr", "seed", "crop", "tiles_per_section", "val_every", "normalize", "keep",
-             "device", "resume", "progress")
-    return {name: getattr(args, name, None) for name in names}
+def protocol_settings(args) -> dict:
+    """The training protocol as given on the command line (None where not given: the protocol's default)."""
+    return {name: getattr(args, name) for name in args.protocol_options}
+
+
+def train_config(args):
+    """The TrainConfig of ``frem train``: the protocol, the variant's settings and the run folder."""
+    from frem.seg.config import TrainConfig
+    return TrainConfig.build(quick=args.quick, variant=args.variant, B=args.B, X=args.X, lambda_=args.lambda_,
+                             out=args.out or f"runs/{args.variant}", resume=args.resume, **protocol_settings(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,11 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args) -> int:
-    from frem.seg.config import TrainConfig
     from frem.seg.train import train
-    kwargs = train_kwargs(args)
-    kwargs["out"] = kwargs["out"] or f"runs/{args.variant}"
-    config = TrainConfig.build(quick=args.quick, **kwargs)
+    config = train_config(args)
     metrics = train(config)
     print(json.dumps({"run": config.out, "test": metrics["test"], "best_epoch": metrics["best_epoch"],
                       "best_val_miou": metrics["best_val_miou"], "device": metrics["device"],
@@ -241,10 +246,9 @@ def run_train(args) -> int:
 def run_tune(args) -> int:
     from frem.seg.config import TrainConfig
     from frem.seg.tune import tune
-    kwargs = {k: v for k, v in train_kwargs(args).items() if k not in ("out", "resume")}
     if args.trials < 1:
         raise ValueError(f"--trials must be at least 1, got {args.trials}")
-    base = TrainConfig.build(quick=args.quick, **kwargs)
+    base = TrainConfig.build(quick=args.quick, variant=args.variant, **protocol_settings(args))
     summary = tune(base, trials=args.trials, study_name=args.study, storage=args.storage, out=args.out,
                    pruner=args.pruner, progress=args.progress is not False)
     print(json.dumps({k: v for k, v in summary.items() if k != "train_command"}, indent=2))
@@ -256,8 +260,7 @@ def run_tune(args) -> int:
 def run_reproduce(args) -> int:
     from frem.seg.config import TrainConfig
     from frem.seg.reproduce import reproduce
-    kwargs = {k: v for k, v in train_kwargs(args).items() if k not in ("out", "resume", "variant")}
-    base = TrainConfig.build(quick=args.quick, **kwargs)
+    base = TrainConfig.build(quick=args.quick, **protocol_settings(args))
     protocol = REPRODUCE_QUICK if args.quick else REPRODUCE
     seeds = args.seeds if args.seeds is not None else protocol["seeds"]
     trials = args.tune_trials if args.tune_trials is not None else protocol["tune_trials"]
