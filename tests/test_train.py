@@ -310,3 +310,19 @@ def test_variants_on_one_seed_see_the_same_tiles_in_the_same_order_and_flips(tin
     assert runs["baseline"] == runs["dropout"]
     tiles, flips = ([step[part] for step in runs["baseline"]] for part in (0, 1))
     assert tiles != [step[0] for step in runs["seed 1"]] and flips != [step[1] for step in runs["seed 1"]]
+
+
+def test_the_recorded_training_loss_is_the_mean_over_the_epochs_steps(tiny_config, monkeypatch):
+    from frem.seg import train as trainer
+    losses = []
+    real = trainer.loss_fn
+
+    def spy(*args):
+        loss = real(*args)
+        losses.append(loss.item())
+        return loss
+    monkeypatch.setattr(trainer, "loss_fn", spy)
+    metrics = train(tiny_config(epochs=2, tiles_per_section=8, batch_size=4))
+    assert len(losses) == 4  # 8 tiles in batches of 4, two epochs
+    assert [r["train_loss"] for r in metrics["history"]] == pytest.approx(
+        [sum(losses[:2]) / 2, sum(losses[2:]) / 2], rel=1e-6)
