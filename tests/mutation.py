@@ -132,13 +132,25 @@ def mutmut_fastest_first(args: list[str]) -> None:
 
 
 def refreshed(group: str) -> Path:
-    """The group's copy with the working tree's code and tests, keeping mutmut's results if it exists."""
+    """The group's copy with the working tree's code and tests, keeping mutmut's results if it exists.
+
+    mutmut maps functions to the tests that call them once, and afterwards only for new tests: a
+    function added since (or a test now calling it) would stay "no tests". So when the code or the
+    tests changed, the map is dropped and mutmut traces every test again (minutes; results are kept).
+    """
     copy = WORK / group
     if not copy.exists():
         return prepare(group)
+    before = sources(copy)
     copy_tree(copy)
     configure(group, copy)
+    if sources(copy) != before:
+        (copy / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     return copy
+
+
+def sources(copy: Path) -> dict:
+    return {path: path.read_bytes() for folder in ("frem", "tests") for path in sorted((copy / folder).rglob("*.py"))}
 
 
 def generate(copy: Path) -> None:
