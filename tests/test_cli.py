@@ -123,15 +123,33 @@ def test_a_mistyped_option_is_the_commands_error_with_the_option_meant(capsys):
     assert exit.value.code == 2
     assert capsys.readouterr().err == ("frem train: error: unrecognized arguments: --quik --seeed 3 "
                                        "(did you mean --quick, --seed?)\n")
+    with pytest.raises(SystemExit):
+        main(["train", "--seeed=12345678"])  # the option is matched, not the option with its value
+    assert capsys.readouterr().err.endswith("(did you mean --seed?)\n")
+
+
+@pytest.mark.parametrize("dataset", ["drosophila", "folder"])
+def test_dataset_takes_the_two_kinds_and_refuses_others(dataset, monkeypatch, capsys):
+    from frem.seg import train
+    calls = recorder(monkeypatch, train, "train", FINISHED)
+    assert main(["train", "--dataset", dataset, "--data", "D"]) == 0
+    assert calls[0][0][0].dataset == dataset
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", dataset + "s"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_missing_extras_are_named_from_the_installed_metadata(monkeypatch):
     from importlib import metadata
 
     from frem.seg import cli
-    monkeypatch.setattr(metadata, "requires", lambda name: [
-        'numpy', 'no-such-dist-frem>=1; extra == "seg"', "tqdm ; extra == 'seg'", 'no-such-other; extra == "lightning"',
-        'no-such-third[x] ; python_version >= "3.9" and extra == "seg"'])
+
+    def requires(name):  # frem's declared requirements, as pip writes them into its metadata
+        if name.lower() != "frem":
+            raise metadata.PackageNotFoundError(name)
+        return ['numpy', 'no-such-dist-frem>=1; extra == "seg"', "tqdm ; extra == 'seg'", 'Pillow>=9; extra == "seg"',
+                'no-such-other; extra == "lightning"', 'no-such-third[x] ; python_version >= "3.9" and extra == "seg"']
+    monkeypatch.setattr(metadata, "requires", requires)
     assert cli.missing_requirements() == ["no-such-dist-frem", "no-such-third"]
     assert cli.missing_requirements("lightning") == ["no-such-other"]
 
@@ -215,7 +233,7 @@ def test_every_argument_has_help_and_no_help_misstates_a_default():
     import argparse
 
     from frem.seg.cli import add_train_options, build_parser
-    from frem.seg.config import TrainConfig
+    from frem.seg.config import QUICK, TrainConfig
     from frem.seg.variants import VARIANT_DEFAULTS
     shared = argparse.ArgumentParser()
     add_train_options(shared)
@@ -244,6 +262,10 @@ def test_every_argument_has_help_and_no_help_misstates_a_default():
             elif default is not None and not isinstance(default, bool):  # 1 == True
                 assert stated and stated[0].split(":")[0] == str(default), (parser.prog, action.dest, text)
             checked += bool(stated)
+            if trains and action.dest in QUICK:  # what --quick changes, the help says
+                assert f"--quick: {QUICK[action.dest]}" in text, (parser.prog, action.dest, text)
+        if trains:
+            assert "training protocol:" in parser.format_help()
     assert checked >= 20
 
 

@@ -106,7 +106,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     protocol.add_argument("--crop", type=int,
                           help=f"tile size, a multiple of 32 ({default('crop')})")
     protocol.add_argument("--tiles-per-section", type=int,
-                          help="keep this many tiles per image, spread evenly")
+                          help=f"keep this many tiles per image, spread evenly (default: all; --quick: {QUICK['tiles_per_section']})")
     protocol.add_argument("--val-every", type=int,
                           help="validate every k epochs (default 1)")
     protocol.add_argument("--normalize", choices=NORMALIZATIONS,
