@@ -10,6 +10,10 @@ import pytest
 from PIL import Image
 
 from frem.seg.cli import main
+from frem.seg.config import KEEP
+from frem.seg.data.images import NORMALIZATIONS
+from frem.seg.search_space import TUNABLE
+from frem.seg.variants import VARIANTS
 
 
 def run_cli(*args):
@@ -128,6 +132,20 @@ def test_a_mistyped_option_is_the_commands_error_with_the_option_meant(capsys):
     assert capsys.readouterr().err.endswith("(did you mean --seed?)\n")
 
 
+@pytest.mark.parametrize("command, option, values", [
+    ("train", "--variant", VARIANTS), ("tune", "--variant", TUNABLE), ("tune", "--pruner", ("hyperband", "median", "none")),
+    ("reproduce", "--paper", ("auto", "drosophila", "mouse-liver", "none")), ("train", "--dataset", ("drosophila", "folder")),
+    ("tune", "--normalize", NORMALIZATIONS), ("reproduce", "--keep", KEEP)])
+def test_an_option_with_choices_takes_each_and_refuses_the_rest(command, option, values, capsys):
+    from frem.seg.cli import build_parser
+    for value in values:
+        assert getattr(build_parser().parse_args([command, option, value]), option[2:]) == value
+    for wrong in ["bogus"] + [v for v in VARIANTS if v not in values and option == "--variant"]:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, option, wrong])
+        assert f"invalid choice: '{wrong}'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("dataset", ["drosophila", "folder"])
 def test_dataset_takes_the_two_kinds_and_refuses_others(dataset, monkeypatch, capsys):
     from frem.seg import train
@@ -222,7 +240,10 @@ def test_tune_and_reproduce_take_the_same_training_options_as_train(command, mon
     (base,), kwargs = calls[0]
     assert settings(base, GIVEN) == GIVEN and kwargs["progress"] is False
     assert main([command]) == 0  # progress bars unless --no-progress
-    assert calls[1][1]["progress"] is True
+    assert calls[1][1] == ({"trials": 50, "study_name": "frem", "storage": None, "out": "runs/tune", "pruner": "hyperband",
+                            "progress": True} if command == "tune" else
+                           {"seeds": [0, 1, 2], "out": "reproduction", "results_dir": "reproduction/results",
+                            "tune_trials": 20, "paper_tables": "auto", "progress": True})
     assert main([command, "--quick", *(["--trials", "1", "--variant", "supervision"] if command == "tune" else [])]) == 0
     (base,), _ = calls[2]
     assert base == TrainConfig.build(quick=True, variant="supervision" if command == "tune" else "frem")

@@ -140,7 +140,7 @@ def train_config(args):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="frem",
                     description="FREM (Ando & Hotta, VISAPP 2021) for cell segmentation")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    commands = parser.add_subparsers(dest="command", required=True)  # of the parser's class: Parser
 
     train = commands.add_parser("train",
                                 help="train one model variant and score it on the test split")
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data",
                                help="data sets")
-    data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    data_commands = data.add_subparsers(dest="data_command", required=True)
     download = data_commands.add_parser("download",
                                         help="download a data set, verified")
     download.add_argument("name", choices=("drosophila",),
