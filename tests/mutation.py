@@ -142,6 +142,8 @@ def refreshed(group: str) -> Path:
     if not copy.exists():
         return prepare(group)
     before = sources(copy)
+    for output in ("runs", "reproduction"):  # what a mutant that ignored --out left in the tests' folder
+        shutil.rmtree(copy / "mutants" / output, ignore_errors=True)
     copy_tree(copy)
     configure(group, copy)
     if sources(copy) != before:

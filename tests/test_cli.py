@@ -29,8 +29,8 @@ def run_cli(*args):
     (["evaluate", "/nonexistent/run"], "no checkpoint at /nonexistent/run/best.pt"),
 ])
 def test_bad_input_ends_with_one_line_and_status_2(args, message, drosophila_root, tmp_path):
-    result = run_cli(*args, *(["--data", str(drosophila_root), "--out", str(tmp_path / "r")]
-                              if args[0] == "train" and "folder" not in args else []))
+    result = run_cli(*args, *(["--out", str(tmp_path / "r")] if args[0] == "train" else []),
+                     *(["--data", str(drosophila_root)] if args[0] == "train" and "folder" not in args else []))
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert message in result.stderr
