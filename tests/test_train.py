@@ -30,6 +30,9 @@ def test_quick_run_writes_metrics_with_all_four_classes(tiny_config, tmp_path):
     for key in ("train_loss", "val_miou", "bottleneck_mean", "skip_mean", "enhanced_mean",
                 "other_mean", "frem_channels", "epoch_time_s"):
         assert key in epoch, key
+    assert set(epoch["val_iou"]) == set(written["test"]["iou"])  # per class, beside the mean
+    measured = [v for v in epoch["val_iou"].values() if v is not None]
+    assert epoch["val_miou"] == pytest.approx(sum(measured) / len(measured))
     assert len(epoch["frem_channels"]) == 8
     assert written["history"][0]["frem_channels"] != epoch["frem_channels"]  # re-drawn per epoch
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "last.pt").is_file()
@@ -160,6 +163,17 @@ def test_the_best_checkpoint_is_the_epoch_of_the_highest_validation_miou(tiny_co
     best = max(range(len(history)), key=lambda e: (history[e], -e))  # the first of equal bests
     assert metrics["best_epoch"] == best and metrics["best_val_miou"] == history[best]
     assert checkpoint.load(tmp_path / "run" / "best.pt")["epoch"] == best
+
+
+def test_on_equal_validation_scores_the_earlier_epoch_stays_best(tiny_config, tmp_path, monkeypatch):
+    from frem.seg import train as trainer
+    real = trainer.evaluate
+
+    def flat(*args, **kwargs):  # the real features, and one score for every epoch
+        return {**real(*args, **kwargs), "miou": 0.5}
+    monkeypatch.setattr(trainer, "evaluate", flat)
+    metrics = train(tiny_config(epochs=3))
+    assert metrics["best_epoch"] == 0 and checkpoint.load(tmp_path / "run" / "best.pt")["epoch"] == 0
 
 
 def test_resume_restores_the_random_state_the_dropout_variant_draws_from(tiny_config, tmp_path):
