@@ -146,6 +146,15 @@ def test_an_option_with_choices_takes_each_and_refuses_the_rest(command, option,
         assert f"invalid choice: '{wrong}'" in capsys.readouterr().err
 
 
+def test_only_a_known_data_set_is_downloaded(capsys):
+    from frem.seg.cli import build_parser
+    assert build_parser().parse_args(["data", "download", "drosophila"]).name == "drosophila"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["data", "download", "isbi2012"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'isbi2012'" in err and "drosophila" in err
+
+
 @pytest.mark.parametrize("dataset", ["drosophila", "folder"])
 def test_dataset_takes_the_two_kinds_and_refuses_others(dataset, monkeypatch, capsys):
     from frem.seg import train
@@ -291,7 +300,8 @@ def test_every_argument_has_help_and_no_help_misstates_a_default():
 
 
 def test_a_command_without_its_arguments_says_what_is_missing(capsys):
-    for args, missing in [([], "command"), (["data"], "data_command"), (["predict", "x.tif"], "--checkpoint")]:
+    for args, missing in [([], "command"), (["data"], "data_command"), (["predict", "x.tif", "--out", "O"], "--checkpoint"),
+                          (["predict", "--checkpoint", "c.pt", "x.tif"], "--out")]:
         with pytest.raises(SystemExit) as exit:
             main(args)
         assert exit.value.code == 2
