@@ -37,6 +37,19 @@ def test_quick_run_writes_metrics_with_all_four_classes(tiny_config, tmp_path):
     assert written["history"][0]["frem_channels"] != epoch["frem_channels"]  # re-drawn per epoch
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "last.pt").is_file()
     assert metrics["test"] == written["test"]
+    times = [h["epoch_time_s"] for h in written["history"]]
+    assert 0 < min(times) and max(times) < written["wall_time_s"]
+    assert written["median_epoch_time_s"] == sorted(times)[1]
+    last, best = checkpoint.load(tmp_path / "run" / "last.pt"), checkpoint.load(tmp_path / "run" / "best.pt")
+    assert last["epoch"] == 1 and last["normalization"] == best["normalization"]  # last.pt is a whole model too
+
+
+def test_a_run_records_the_settings_it_trained_with_when_not_the_defaults(tiny_config, tmp_path):
+    metrics = train(tiny_config(variant="frem", B=4, X=10.0, seed=5))
+    assert metrics["settings"] == {"B": 4, "X": 10.0}
+    assert [(f["B"], f["X"], f["seed"]) for f in metrics["frem"]] == [(4, 10.0, 5)]
+    metrics = train(tiny_config(variant="supervision", lambda_=0.25, out=str(tmp_path / "s")))
+    assert metrics["settings"] == {"lambda_": 0.25}  # the loss reads its lambda from here
 
 
 def test_evaluate_reproduces_the_test_metrics(tiny_config, tmp_path, capsys):
@@ -326,7 +339,8 @@ def test_variants_on_one_seed_see_the_same_tiles_in_the_same_order_and_flips(tin
     assert tiles != [step[0] for step in runs["seed 1"]] and flips != [step[1] for step in runs["seed 1"]]
 
 
-def test_the_recorded_training_loss_is_the_mean_over_the_epochs_steps(tiny_config, monkeypatch):
+@pytest.mark.parametrize("tiles, steps", [(8, 2), (4, 1)])  # batches of 4
+def test_the_recorded_training_loss_is_the_mean_over_the_epochs_steps(tiles, steps, tiny_config, monkeypatch):
     from frem.seg import train as trainer
     losses = []
     real = trainer.loss_fn
@@ -336,7 +350,7 @@ def test_the_recorded_training_loss_is_the_mean_over_the_epochs_steps(tiny_confi
         losses.append(loss.item())
         return loss
     monkeypatch.setattr(trainer, "loss_fn", spy)
-    metrics = train(tiny_config(epochs=2, tiles_per_section=8, batch_size=4))
-    assert len(losses) == 4  # 8 tiles in batches of 4, two epochs
+    metrics = train(tiny_config(epochs=2, tiles_per_section=tiles, batch_size=4))
+    assert len(losses) == 2 * steps
     assert [r["train_loss"] for r in metrics["history"]] == pytest.approx(
-        [sum(losses[:2]) / 2, sum(losses[2:]) / 2], rel=1e-6)
+        [sum(losses[:steps]) / steps, sum(losses[steps:]) / steps], rel=1e-6)
