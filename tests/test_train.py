@@ -138,13 +138,18 @@ def test_augment_applies_one_symmetry_to_image_and_mask_alike():
     assert sorted(out_i.flatten().tolist()) == sorted(images.flatten().tolist())
 
 
-def test_folder_dataset_trains(tmp_path):
+@pytest.mark.parametrize("colour", [False, True])
+def test_folder_dataset_trains(colour, tmp_path):
+    from PIL import Image
     root = make_folder_dataset(tmp_path / "cells", size=64)
+    for path in root.glob("*/images/*.png") if colour else ():  # stained sections: RGB
+        Image.open(path).convert("RGB").save(path)
     from frem.seg.config import TrainConfig
     config = TrainConfig.build(quick=True, dataset="folder", data=str(root), crop=None,
                                out=str(tmp_path / "run"), epochs=1, batch_size=2, progress=False)
     metrics = train(config)
     assert set(metrics["test"]["iou"]) == {"cell", "nucleus", "background"}
+    assert checkpoint.load(tmp_path / "run" / "best.pt")["in_channels"] == (3 if colour else 1)
 
 
 def test_resume_loads_the_checkpoint_on_the_cpu_whatever_the_training_device(tiny_config, monkeypatch):
