@@ -1,4 +1,5 @@
-"""The frem command: predict, and one clear line for every bad input."""
+"""The frem command: every option reaching what it drives (in-process), help that tells the truth, one clear
+line for every bad input, and train-then-predict end to end."""
 
 import json
 import re
@@ -153,17 +154,6 @@ def test_only_a_known_data_set_is_downloaded(capsys):
         build_parser().parse_args(["data", "download", "isbi2012"])
     err = capsys.readouterr().err
     assert "invalid choice: 'isbi2012'" in err and "drosophila" in err
-
-
-@pytest.mark.parametrize("dataset", ["drosophila", "folder"])
-def test_dataset_takes_the_two_kinds_and_refuses_others(dataset, monkeypatch, capsys):
-    from frem.seg import train
-    calls = recorder(monkeypatch, train, "train", FINISHED)
-    assert main(["train", "--dataset", dataset, "--data", "D"]) == 0
-    assert calls[0][0][0].dataset == dataset
-    with pytest.raises(SystemExit):
-        main(["train", "--dataset", dataset + "s"])
-    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_missing_extras_are_named_from_the_installed_metadata(monkeypatch):

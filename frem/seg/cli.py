@@ -106,7 +106,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     protocol.add_argument("--crop", type=int,
                           help=f"tile size, a multiple of 32 ({default('crop')})")
     protocol.add_argument("--tiles-per-section", type=int,
-                          help=f"keep this many tiles per image, spread evenly (default: all; --quick: {QUICK['tiles_per_section']})")
+                          help="keep this many tiles per image, spread evenly "
+                          f"(default: all; --quick: {QUICK['tiles_per_section']})")
     protocol.add_argument("--val-every", type=int,
                           help="validate every k epochs (default 1)")
     protocol.add_argument("--normalize", choices=NORMALIZATIONS,
@@ -121,7 +122,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                           help="no progress bars (for logs)")
     p.add_argument("--quick", action="store_true",
                    help="a tiny protocol for a CPU (a minute or two on 2 cores); explicit options win")
-    # what the commands hand to TrainConfig.build as the protocol: these options and no others
+    # What the commands hand to TrainConfig.build as the protocol: these options and no others.
+    # (_group_actions: argparse has no public list of a group's options; unchanged since Python 2.7.)
     p.set_defaults(protocol_options=tuple(action.dest for action in protocol._group_actions))
 
 
