@@ -127,16 +127,18 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(protocol_options=tuple(action.dest for action in protocol._group_actions))
 
 
-def protocol_settings(args) -> dict:
-    """The training protocol as given on the command line (None where not given: the protocol's default)."""
-    return {name: getattr(args, name) for name in args.protocol_options}
+def protocol_config(args, **settings):
+    """A TrainConfig of the training protocol as given on the command line (None where an option was not
+    given: the protocol's default, or --quick's) and the command's own ``settings``."""
+    from frem.seg.config import TrainConfig
+    given = {name: getattr(args, name) for name in args.protocol_options}
+    return TrainConfig.build(quick=args.quick, **settings, **given)
 
 
 def train_config(args):
     """The TrainConfig of ``frem train``: the protocol, the variant's settings and the run folder."""
-    from frem.seg.config import TrainConfig
-    return TrainConfig.build(quick=args.quick, variant=args.variant, B=args.B, X=args.X, lambda_=args.lambda_,
-                             out=args.out or f"runs/{args.variant}", resume=args.resume, **protocol_settings(args))
+    return protocol_config(args, variant=args.variant, B=args.B, X=args.X, lambda_=args.lambda_,
+                           out=args.out or f"runs/{args.variant}", resume=args.resume)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,13 +248,12 @@ def run_train(args) -> int:
 
 
 def run_tune(args) -> int:
-    from frem.seg.config import TrainConfig
     from frem.seg.tune import tune
     if args.trials < 1:
         raise ValueError(f"--trials must be at least 1, got {args.trials}")
-    base = TrainConfig.build(quick=args.quick, variant=args.variant, **protocol_settings(args))
+    base = protocol_config(args, variant=args.variant)
     summary = tune(base, trials=args.trials, study_name=args.study, storage=args.storage, out=args.out,
-                   pruner=args.pruner, progress=args.progress is not False)
+                   pruner=args.pruner, progress=base.progress)
     print(json.dumps({k: v for k, v in summary.items() if k != "train_command"}, indent=2))
     if "train_command" in summary:
         print("\nTrain the best setting in full with:\n  " + summary["train_command"])
@@ -260,15 +261,14 @@ def run_tune(args) -> int:
 
 
 def run_reproduce(args) -> int:
-    from frem.seg.config import TrainConfig
     from frem.seg.reproduce import reproduce
-    base = TrainConfig.build(quick=args.quick, **protocol_settings(args))
+    base = protocol_config(args)
     protocol = REPRODUCE_QUICK if args.quick else REPRODUCE
     seeds = args.seeds if args.seeds is not None else protocol["seeds"]
     trials = args.tune_trials if args.tune_trials is not None else protocol["tune_trials"]
     results = args.results or f"{args.out}/results"  # never the shipped results/ unless asked
     summary = reproduce(base, seeds=list(range(seeds)), out=args.out, results_dir=results,
-                        tune_trials=trials, paper_tables=args.paper, progress=args.progress is not False)
+                        tune_trials=trials, paper_tables=args.paper, progress=base.progress)
     print(f"{results}/README.md\n{summary['verdict']}")
     if summary["beside_paper"]:
         print("\n" + summary["beside_paper"])
