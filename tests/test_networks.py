@@ -116,7 +116,14 @@ def test_attach_is_right_or_refuses_and_says_where(name):
         assert all(torch.equal(a, b) for a, b in zip(outputs(model.eval(), x), bare))
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if frem.bottleneck.known_bottleneck(CASES[n].build()) is not None])
+def _known_by_name(name) -> bool:
+    try:
+        return frem.bottleneck.known_bottleneck(CASES[name].build()) is not None
+    except pytest.skip.Exception:  # its extra is missing: kept, so that the test itself reports the skip
+        return True
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if _known_by_name(n)])
 def test_the_measured_rule_alone_is_right_or_refuses(name):
     """Without the name rules, the survey alone lands on a right map or says it cannot tell."""
     case, model, x = build(name)
