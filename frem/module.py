@@ -95,6 +95,31 @@ class FREM(LazyModuleMixin, nn.Module):
         self._finish_lazy_binding()
         return self
 
+    def reset_parameters(self) -> None:
+        """Define every piece of state again from the settings: the draw for the current epoch, zero counters.
+
+        FREM has no parameters; frameworks that build on the meta device call this on every
+        module after ``to_empty`` (FSDP's default ``param_init_fn``, torchtitan-style inits).
+        """
+        if self.num_channels is not None:
+            self.bind(self.num_channels, device=self.scale.device)
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half(), to_empty(): the scale and the channels are a function of the
+        # settings, so they are drawn again rather than converted (the scale stays float32:
+        # .half() would round X), and counters whose memory to_empty() left undefined (a model
+        # built on the meta device) are zeroed: garbage there reads as billions of capped values.
+        undefined = self.capped.is_meta or getattr(fn, "__qualname__", "").startswith("Module.to_empty")
+        super()._apply(fn, recurse)
+        if self.scale.dtype != torch.float32:
+            self.scale = self.scale.float()
+        if self.num_channels is not None and not self.scale.is_meta:
+            self._draw()
+        if undefined:
+            self.capped.zero_()
+            self.overflowed.zero_()
+        return self
+
     def resample(self, epoch: int) -> "FREM":
         """Draw the channels for ``epoch`` (``mode="fixed"`` keeps its first draw)."""
         if isinstance(epoch, bool) or not isinstance(epoch, Integral) or epoch < 0:
@@ -129,6 +154,8 @@ class FREM(LazyModuleMixin, nn.Module):
                              f"{self.num_channels}")
         if torch.compiler.is_compiling():
             return self._enhance(x)
+        if self.scale.device != x.device:  # still on the meta device (load_state_dict(assign=True)), or moved
+            self.bind(self.num_channels, device=x.device)
         self._check_not_enhanced_twice(x, where)
         self._count_step()
         y = self._enhance(x)

@@ -1,6 +1,7 @@
 """The FREM module: selection, training/eval behaviour, buffers, errors."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -70,7 +71,7 @@ def test_buffers_follow_to_and_stay_out_of_state_dict():
     module = FREM(2, 10).bind(4)
     assert module.state_dict() == {}
     module.to(torch.float64)
-    assert module.scale.dtype == torch.float64 and module.channels.dtype == torch.long
+    assert module.scale.dtype == torch.float32 and module.channels.dtype == torch.long  # X is held in fp32
     x = torch.randn(1, 4, 2, 2)
     assert module.train()(x).dtype == torch.float32  # the op casts the scale, not x
     module.to("meta")
@@ -208,3 +209,79 @@ def test_binding_again_to_another_width():
     module = FREM(2, 5.0, num_channels=4)
     module.bind(6)
     assert module.num_channels == 6 and module.scale.numel() == 6 and module.channels.numel() == 2
+
+
+def _built_on_meta(**attach):
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                                    torch.nn.Conv2d(8, 2, 1))
+    return model, frem.attach(model, layer="1", B=3, X=10.0, seed=4, **attach)
+
+
+def _enhances_exactly(model, handle):
+    """A float32 training step multiplies exactly B channels by X and counts nothing capped."""
+    x = torch.randn(2, 1, 8, 8)
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen[name] = output.detach().clone()
+        return hook
+    handles = [model[1].register_forward_hook(record("bare"), prepend=True),
+               model[1].register_forward_hook(record("enhanced"))]
+    model.train()(x)
+    for h in handles:
+        h.remove()
+    expected = torch.ones(8)
+    expected[frem.select_channels(8, 3, 4, handle.epoch)] = 10.0
+    assert torch.equal(handle.scale, expected)
+    assert torch.equal(seen["enhanced"], seen["bare"] * expected.view(1, -1, 1, 1))
+    assert int(handle.capped) == int(handle.overflowed) == 0
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_model_built_on_the_meta_device_gets_defined_state_from_to_empty(lazy):
+    """Large-model code builds on the meta device and calls to_empty: FREM's buffers must not keep the
+    uninitialised memory to_empty hands out (a float32 run warned of 10^14 capped values)."""
+    model, handle = _built_on_meta()
+    if lazy:
+        handle.remove()
+        handle = frem.attach(model, layer="2", at="input", B=3, X=10.0, seed=4)
+        assert handle.num_channels is None
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        torch.nn.init.normal_(p)
+    if lazy:
+        model.train()(torch.randn(2, 1, 8, 8))  # binds; then the output hook below sees the bound FREM
+        handle.remove()
+        handle = frem.attach(model, layer="1", B=3, X=10.0, seed=4)
+    assert handle.scale.device.type == "cpu"
+    _enhances_exactly(model, handle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frem.resample(model, 1)  # no warning of capped values
+
+
+def test_state_stays_defined_after_reset_parameters_and_load_state_dict():
+    model, handle = _built_on_meta()
+    bare = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                               torch.nn.Conv2d(8, 2, 1))
+    model.load_state_dict(bare.state_dict(), assign=True)  # the parameters are real, FREM's buffers still meta
+    assert handle.scale.is_meta
+    _enhances_exactly(model, handle)  # the first training call defines them on the input's device
+    handle.resample(2)
+    handle.capped.fill_(5)
+    handle.scale.fill_(0.0)
+    handle.reset_parameters()  # what FSDP's default param_init_fn calls on every module
+    assert int(handle.capped) == 0 and handle.epoch == 2
+    _enhances_exactly(model, handle)
+
+
+def test_half_keeps_X_exact():
+    """X=2.9 in float16 is 2.9004: a scale converted by .half() would enhance by another X."""
+    module = FREM(2, 2.9).bind(4).half()
+    assert module.scale.dtype == torch.float32
+    assert module.scale[module.channels].eq(torch.tensor(2.9, dtype=torch.float32)).all()
+    module.capped.fill_(3)
+    module.to(torch.float64)
+    assert int(module.capped) == 3  # a plain move keeps what the counters hold
