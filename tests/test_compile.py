@@ -54,6 +54,16 @@ SCENARIOS = {
         frem.detach(model)
         assert same(run, bare), "FREM still acts after detach"
     """,
+    # attach, detach, attach again on one compiled model: every change of hooks reaches the graph
+    "attach_detach_and_attach_again": """
+        model = PlainUNet().train(); bare = PlainUNet().train(); bare.load_state_dict(model.state_dict())
+        run = compiled(model)
+        for round in range(2):
+            handle = frem.attach(model, "bottleneck", B=8, X=100.0, example_input=x)
+            assert acts(model, run, bare), f"FREM attached again (round {round}) did not act"
+            frem.detach(model)
+            assert same(run, bare), f"FREM still acts after detach (round {round})"
+    """,
     # attached through the compiled wrapper itself
     "attach_on_the_compiled_model": """
         model = PlainUNet().train(); bare = PlainUNet().train(); bare.load_state_dict(model.state_dict())
