@@ -69,6 +69,56 @@ def test_a_full_disk_is_named_as_such(tmp_path):
         atomic_write(tmp_path / "last.pt", full)
 
 
+FILL = """
+import resource, signal, sys, torch
+from frem.seg import checkpoint
+if sys.argv[2] == "limit":  # the OS refuses to let this process's files pass 64 KiB
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+checkpoint.save({"small": torch.zeros(4)}, sys.argv[1] + "/best.pt")
+try:
+    checkpoint.save({"model": torch.randn(1 << 22)}, sys.argv[1] + "/last.pt")  # 16 MiB
+except checkpoint.WriteError as error:
+    print(error)
+"""
+
+
+def _fill(folder, how):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", FILL, str(folder), how], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+def test_a_file_size_limit_is_named_and_the_earlier_files_stay(tmp_path):
+    """A real refusal by the OS (EFBIG under RLIMIT_FSIZE) in the middle of torch.save, which reports it as
+    'unexpected pos ...': the message names the cause, the earlier checkpoint stays, nothing is left behind."""
+    message = _fill(tmp_path, "limit")
+    assert message.startswith(f"could not write {tmp_path / 'last.pt'}: the file is larger than this file system "
+                              "or process allows. The files written before it are intact"), message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
+    assert torch.equal(torch.load(tmp_path / "best.pt", weights_only=True)["small"], torch.zeros(4))
+
+
+def test_a_really_full_disk_is_named_as_such(tmp_path):
+    """An 8 MiB tmpfs filled by a 16 MiB checkpoint (needs mount, so root; skipped where it is refused). Once the
+    partial file is gone the disk has room again, so only the failed write's own errno can say it was full."""
+    import subprocess
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        message = _fill(disk, "full")
+        assert sorted(p.name for p in disk.iterdir()) == ["best.pt"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert message.startswith(f"could not write {disk / 'last.pt'}: the disk is full. The files written before "
+                              "it are intact"), message
+
+
 def test_stale_temporaries_are_what_a_killed_write_leaves_and_nothing_else(tmp_path, monkeypatch):
     def killed(f):
         raise SystemExit

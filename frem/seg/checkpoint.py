@@ -56,29 +56,60 @@ def _user_mode() -> int:
     return 0o666 & ~umask
 
 
+class _Recorded:
+    """The file a writer writes to, keeping the OSError of a failed write: torch.save reports a full disk
+    as "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos ...", the errno lost."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        return self.file.flush()
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    recorded = None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recorded = _Recorded(f)
+            write(recorded)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _user_mode())  # mkstemp makes it 0600
         os.replace(tmp, path)
         _sync_folder(path.parent)
     except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, (OSError, RuntimeError)):
-            raise WriteError(_write_failure(path, error)) from None
+        cause = recorded.error if recorded is not None and recorded.error is not None else error
+        message = _write_failure(path, cause) if isinstance(error, (OSError, RuntimeError)) else None
+        Path(tmp).unlink(missing_ok=True)  # after looking at the free space: this frees it again
+        if message is not None:
+            raise WriteError(message) from None
         raise
 
 
+# What a failed write's errno means to a user; anything else is named as the OS named it.
+FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "your disk quota is used up",
+        errno.EFBIG: "the file is larger than this file system or process allows"}
+
+
 def _write_failure(path: Path, error: BaseException) -> str:
-    full = getattr(error, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < 2**20
-    reason = "the disk is full" if full else f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    code = getattr(error, "errno", None)
+    reason = FULL.get(code)
+    if reason is None and code is None and shutil.disk_usage(path.parent).free < 2**20:
+        reason = FULL[errno.ENOSPC]  # an error that lost its errno on a disk with under a mebibyte left
+    if reason is None:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0]}" if str(error) else type(error).__name__
     return (f"could not write {path}: {reason}. The files written before it are intact: free some "
             "space and run the same command with --resume to continue")
 
