@@ -1,8 +1,9 @@
 """FREM on a hand-written encoder-decoder: ``frem.candidates`` shows where it goes and why.
 
-No names are known here, so one forward pass surveys every feature map: the
-bottleneck is the lowest-resolution map with the most channels, the last one
-before the decoder.
+No names are known here, so one forward pass surveys every feature map and
+the structure decides: of the maps at the lowest resolution on the path every
+input takes to the output, the last one a module hands over, where the
+decoder takes over (the rule in frem/bottleneck.py).
 
     python examples/custom_encoder_decoder.py
 """
@@ -41,7 +42,7 @@ class TinyUNet(nn.Module):
 
 model = TinyUNet()
 example = torch.randn(1, 1, 64, 64)
-print(frem.candidates(model, example, limit=6))  # down2: lowest resolution, most channels
+print(frem.candidates(model, example, limit=6))  # the pick: the encoder's last map at the lowest resolution
 handle = frem.attach(model, "bottleneck", B=8, X=250, example_input=example)
 print(handle)
 compiled = torch.compile(model, fullgraph=True)  # the hook and the op trace without a graph break

@@ -1,18 +1,25 @@
 """FREM on a MONAI 3-D UNet trained with a MONAI loss, re-drawn each epoch.
 
-MONAI's UNet nests its bottom unit inside SkipConnections; frem finds it
-from the graph (lowest resolution, most channels). Synthetic volumes stand in
-for your data loader.
+MONAI's UNet nests its bottom unit inside SkipConnections; frem knows the
+class and names that unit (``frem.candidates`` shows it beside the maps it
+measured). Synthetic volumes stand in for your data loader.
 
-    pip install monai
+    pip install -e ".[monai]"
     python examples/monai_unet.py
 """
 
+import sys
+
 import torch
-from monai.losses import DiceCELoss
-from monai.networks.nets import UNet
 
 import frem
+from frem.extras import install_command
+
+try:
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+except ImportError:
+    sys.exit(f"examples/monai_unet.py needs MONAI: {install_command('monai')}")
 
 torch.manual_seed(0)
 model = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(8, 16, 32, 64), strides=(2, 2, 2))

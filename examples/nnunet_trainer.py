@@ -83,7 +83,13 @@ if nnUNetTrainer is not None and frem is not None:
 
 
 if __name__ == "__main__":
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    import sys
+
+    from frem.extras import install_command
+    try:
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    except ImportError:
+        sys.exit(f"examples/nnunet_trainer.py needs nnU-Net: {install_command('nnunet')}")
 
     for dims, conv, norm in ((2, nn.Conv2d, nn.InstanceNorm2d), (3, nn.Conv3d, nn.InstanceNorm3d)):
         network = PlainConvUNet(1, 4, (8, 16, 32, 64), conv, 3, (1, 2, 2, 2), (2, 2, 2, 2), 3, (2, 2, 2), True,

@@ -11,24 +11,45 @@ The library needs torch (and triton for the CUDA kernel) and nothing else;
 the cell-segmentation application lives in ``frem.seg``.
 """
 
-from frem.bottleneck import Site, candidates, find_bottleneck, locate_bottleneck
-from frem.hooks import attach, attached, detach, resample
-from frem.kernels.scale_channels import scale_channels
-from frem.module import FREM
-from frem.selection import select_channels
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["FREM", "Site", "attach", "attached", "candidates", "detach", "find_bottleneck",
-           "locate_bottleneck", "resample", "scale_channels", "select_channels"]
-
-# The framework glue imports its framework, so it loads when first named:
+# Each public name and the module that defines it. They load when first used (PEP 562), so
+# `import frem` costs nothing and the `frem` command answers --help and --version without
+# waiting for torch; `frem.attach` imports torch and the library as before.
+_NAMES = {
+    "FREM": "frem.module", "select_channels": "frem.selection", "scale_channels": "frem.kernels.scale_channels",
+    "attach": "frem.hooks", "attached": "frem.hooks", "detach": "frem.hooks", "resample": "frem.hooks",
+    "Site": "frem.bottleneck", "candidates": "frem.bottleneck", "find_bottleneck": "frem.bottleneck",
+    "locate_bottleneck": "frem.bottleneck",
+}
+# The framework glue imports its framework, so it loads when first named too:
 # frem.lightning.FREMResample() and frem.monai.FREMResample() work after `import frem`.
 FRAMEWORKS = ("lightning", "monai")
 
+__all__ = sorted(_NAMES)
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from frem.bottleneck import Site, candidates, find_bottleneck, locate_bottleneck
+    from frem.hooks import attach, attached, detach, resample
+    from frem.kernels.scale_channels import scale_channels
+    from frem.module import FREM
+    from frem.selection import select_channels
+
 
 def __getattr__(name):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+        globals()[name] = value  # once: later lookups are plain attribute reads
+        return value
     if name in FRAMEWORKS:
-        import importlib
         return importlib.import_module(f"frem.{name}")
     raise AttributeError(f"module 'frem' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_NAMES) | set(FRAMEWORKS))

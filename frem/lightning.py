@@ -12,14 +12,16 @@ rank enhance the same channels without communicating.
 
 from __future__ import annotations
 
+from frem.extras import install_command
+
 try:
     from lightning.pytorch import Callback
 except ImportError:
     try:  # the older package name
         from pytorch_lightning import Callback
     except ImportError:
-        raise ModuleNotFoundError('frem.lightning needs Lightning: pip install "frem[lightning]" '
-                                  "(or lightning / pytorch_lightning)") from None
+        raise ModuleNotFoundError(f"frem.lightning needs Lightning: {install_command('lightning')} "
+                                  "(or pip install lightning)") from None
 
 import frem
 

@@ -1,6 +1,7 @@
 """FREM in MONAI's training engines: re-draw the channels at the start of every epoch.
 
     import frem
+from frem.extras import install_command
 
     frem.attach(network, "bottleneck", B=8, X=250, example_input=batch)
     trainer = monai.engines.SupervisedTrainer(..., network=network,
@@ -28,8 +29,8 @@ class FREMResample:
         try:
             from ignite.engine import Events
         except ImportError:
-            raise ModuleNotFoundError('frem.monai needs MONAI\'s engines and pytorch-ignite: '
-                                      'pip install "frem[monai]"') from None
+            raise ModuleNotFoundError("frem.monai needs MONAI's engines and pytorch-ignite: "
+                                      + install_command("monai")) from None
         engine.add_event_handler(Events.EPOCH_STARTED, self)
 
     def __call__(self, engine) -> None:

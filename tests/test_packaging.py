@@ -67,7 +67,7 @@ def test_the_command_without_the_extra_says_what_to_install(monkeypatch, capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err == ("frem: the command line needs the 'seg' extra (missing: segmentation-models-pytorch, "
-                   "optuna): pip install \"frem[seg]\"\n")
+                   f"optuna): pip install -e \"{ROOT}[seg]\"\n")
 
 
 def test_the_library_declares_only_torch_triton_and_numpy():

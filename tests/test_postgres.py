@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from frem.extras import ROOT
+
 pytestmark = pytest.mark.slow
 
 
@@ -89,7 +91,7 @@ def test_without_the_driver_one_line_names_the_extra(tmp_path):
             "except ValueError as e:\n    print(e)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.stdout.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
-    assert done.stdout.startswith("--storage postgresql://... needs ") and 'pip install "frem[postgres]"' in done.stdout
+    assert done.stdout.startswith("--storage postgresql://... needs ") and f'pip install -e "{ROOT}[postgres]"' in done.stdout
 
 
 def test_three_workers_on_a_new_database_one_killed_mid_trial_lose_nothing(postgres_url, drosophila_root, tmp_path):

@@ -15,6 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from frem.extras import install_command
 from frem.seg import tune as tuner
 from frem.seg.config import TrainConfig
 from frem.seg.models import bottleneck_channels, build_model
@@ -258,7 +259,7 @@ def test_a_missing_database_driver_is_named_with_its_install_line(monkeypatch):
     with pytest.raises(ValueError) as postgres:
         tuner.open_storage("postgresql://frem@127.0.0.1:1/x", None)
     assert str(postgres.value).startswith("--storage postgresql://... needs its database driver (psycopg")
-    assert str(postgres.value).endswith(': pip install "frem[postgres]"')
+    assert str(postgres.value).endswith(f': {install_command("postgres")}') and "[postgres]" in str(postgres.value)
     monkeypatch.setitem(sys.modules, "MySQLdb", None)
     with pytest.raises(ValueError) as mysql:
         tuner.open_storage("mysql://frem@127.0.0.1:1/x", None)

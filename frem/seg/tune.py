@@ -27,6 +27,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from frem.extras import install_command
 from frem.seg import checkpoint
 from frem.seg.config import TrainConfig
 from frem.seg.models import bottleneck_channels, build_model
@@ -71,7 +72,7 @@ def _missing_driver(url: str, error: ImportError) -> ValueError:
     the user needs that name and the install line."""
     scheme = url.split("://", 1)[0]
     driver = error.name or getattr(error.__cause__, "name", None) or error
-    remedy = 'pip install "frem[postgres]"' if url.startswith("postgres") else "install the driver named"
+    remedy = install_command("postgres") if url.startswith("postgres") else "install the driver named"
     return ValueError(f"--storage {scheme}://... needs its database driver ({driver}): {remedy}")
 
 
