@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from frem.extras import ROOT
 from frem.seg.cli import main
 from frem.seg.config import KEEP
 from frem.seg.data.images import NORMALIZATIONS
@@ -105,7 +106,13 @@ def test_predict_evaluate_and_download_pass_what_they_were_given(monkeypatch, ca
     assert predicted == [(("c.pt", ["x.tif", "y.png"], "O"), {"device": "cuda:1"})]
     evaluated = recorder(monkeypatch, evaluate, "evaluate_run", {"miou": 0.25})
     assert main(["evaluate", "R", "--data", "D"]) == 0
-    assert evaluated == [(("R",), {"device": "cpu", "data_root": "D"})]
+    assert evaluated == [(("R",), {"device": "auto", "data_root": "D", "split": "test"})]  # every command: auto
+    capsys.readouterr()
+    assert main(["evaluate", "R", "--split", "val", "--device", "cpu"]) == 0
+    assert evaluated[-1] == (("R",), {"device": "cpu", "data_root": None, "split": "val"})
+    assert json.loads(capsys.readouterr().out)["split"] == "val"
+    assert main(["predict", "--checkpoint", "c.pt", "x.tif", "--out", "O"]) == 0
+    assert predicted[-1] == (("c.pt", ["x.tif"], "O"), {"device": "auto"})
     downloaded = recorder(monkeypatch, drosophila, "download", tmp_path)
     assert main(["data", "download", "drosophila", "--dest", "D", "--url", "U"]) == 0
     assert downloaded == [(("D", "U"), {})]
@@ -176,18 +183,18 @@ def test_without_the_seg_extra_the_command_names_it_in_one_line(monkeypatch, cap
     monkeypatch.setattr(cli, "missing_requirements", lambda: ["segmentation-models-pytorch", "optuna"])
     assert main(["train", "--quick"]) == 2
     assert capsys.readouterr().err == ("frem: the command line needs the 'seg' extra (missing: "
-                                       "segmentation-models-pytorch, optuna): pip install \"frem[seg]\"\n")
+                                       f"segmentation-models-pytorch, optuna): pip install -e \"{ROOT}[seg]\"\n")
 
 
 FINISHED = {"test": {"miou": 0.5}, "best_epoch": 2, "best_val_miou": 0.25, "device": "cpu", "wall_time_s": 1.26,
             "history": []}
 EVERY_TRAIN_OPTION = ["--dataset", "folder", "--data", "D", "--encoder", "resnet18", "--epochs", "3",
                       "--batch-size", "5", "--lr", "0.002", "--seed", "7", "--crop", "96", "--tiles-per-section", "6",
-                      "--val-every", "2", "--normalize", "dataset", "--keep", "best", "--device", "cuda:1",
-                      "--no-progress"]
+                      "--val-every", "2", "--val-fraction", "0.25", "--split-seed", "3", "--normalize", "dataset",
+                      "--keep", "best", "--device", "cuda:1", "--no-progress"]
 GIVEN = {"dataset": "folder", "data": "D", "encoder": "resnet18", "epochs": 3, "batch_size": 5, "lr": 0.002, "seed": 7,
-         "crop": 96, "tiles_per_section": 6, "val_every": 2, "normalize": "dataset", "keep": "best",
-         "device": "cuda:1", "progress": False}
+         "crop": 96, "tiles_per_section": 6, "val_every": 2, "val_fraction": 0.25, "split_seed": 3,
+         "normalize": "dataset", "keep": "best", "device": "cuda:1", "progress": False}
 
 
 def settings(config, names):
@@ -268,7 +275,7 @@ def test_every_argument_has_help_and_no_help_misstates_a_default():
     for parser in parsers(build_parser()):
         trains = protocol <= {action.dest for action in parser._actions}  # train, tune, reproduce
         for action in parser._actions:
-            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction, argparse._VersionAction)):
                 continue
             text = action.help
             assert text and len(text) > 8, f"{parser.prog} {action.dest} has no help"

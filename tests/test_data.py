@@ -556,17 +556,23 @@ def test_a_16_bit_pgm_keeps_its_values(tmp_path):
     assert page.shape == (64, 64, 1) and np.array_equal(page[..., 0], values)
 
 
-def test_transparency_and_print_colours_are_dropped_and_grey_stays_grey(tmp_path):
-    """RGBA and CMYK become RGB; greyscale with alpha (LA) stays one channel, as the
-    greyscale model it is meant for expects."""
+def test_an_opaque_alpha_and_print_colours_are_dropped_and_grey_stays_grey(tmp_path):
+    """RGBA with an opaque alpha and CMYK become RGB, and say what they were stored as; greyscale with
+    alpha (LA) stays one channel, as the greyscale model it is meant for expects."""
+    import tifffile
+
     from frem.seg.data.images import read_pages
     rgba = np.random.default_rng(5).integers(0, 256, (6, 5, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
-    (page,) = read_pages(tmp_path / "rgba.png")
-    assert np.array_equal(page, rgba[..., :3])
-    Image.fromarray(rgba[..., :2], mode="LA").save(tmp_path / "la.png")
-    (page,) = read_pages(tmp_path / "la.png")
-    assert np.array_equal(page, rgba[..., :1])
+    pages = read_pages(tmp_path / "rgba.png")
+    assert np.array_equal(pages[0], rgba[..., :3]) and pages.stored == "RGBA, its alpha opaque"
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=[2])
+    pages = read_pages(tmp_path / "rgba.tif")
+    assert np.array_equal(pages[0], rgba[..., :3]) and pages.stored == "RGBA, its alpha opaque"
+    Image.fromarray(rgba[..., 2:], mode="LA").save(tmp_path / "la.png")
+    pages = read_pages(tmp_path / "la.png")
+    assert np.array_equal(pages[0], rgba[..., 2:3]) and pages.stored == "greyscale with alpha, its alpha opaque"
     Image.fromarray(rgba, mode="CMYK").save(tmp_path / "cmyk.jpg")
     (page,) = read_pages(tmp_path / "cmyk.jpg")
     assert page.shape == (6, 5, 3) and page.dtype == np.uint8
@@ -587,3 +593,131 @@ def test_a_float_mask_is_refused_and_a_full_16_bit_integer_image_fits(tmp_path):
         tifffile.imwrite(tmp_path / "float.tif", np.array([[0.25, 3.5]], dtype))
         (page,) = read_pages(tmp_path / "float.tif")
         assert page.dtype == np.float32 and page[..., 0].tolist() == [[0.25, 3.5]]
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_a_transparent_alpha_is_refused_not_dropped(tmp_path, suffix):
+    """Dropping an alpha that is not opaque changes what the image shows: one clear line instead."""
+    import tifffile
+
+    from frem.seg.data.images import read_pages
+    rgba = np.full((10, 10, 4), 255, np.uint8)
+    rgba[:1, :, 3] = 0  # one row in ten transparent
+    path = tmp_path / f"cells{suffix}"
+    if suffix == ".png":
+        Image.fromarray(rgba, mode="RGBA").save(path)
+    else:
+        tifffile.imwrite(path, rgba, photometric="rgb", extrasamples=[2])
+    with pytest.raises(DataError, match=rf"cells\{suffix} is RGBA and 10.0% of its pixels are not opaque: .*"
+                                         "Save it without alpha"):
+        read_pages(path)
+
+
+def test_one_rgba_image_among_greyscale_ones_is_named_as_stored(tmp_path):
+    root = make_folder_dataset(tmp_path / "d")
+    grey = np.asarray(Image.open(root / "train" / "images" / "img1.png"))
+    rgba = np.stack([grey, grey, grey, np.full_like(grey, 255)], -1)
+    Image.fromarray(rgba, mode="RGBA").save(root / "train" / "images" / "img1.png")
+    with pytest.raises(DataError, match=r"train/img1.png is 8-bit RGB \(stored as RGBA, its alpha opaque\) but "
+                                        r"train/img0.png is 8-bit greyscale"):
+        load_dataset("folder", root, crop=32)
+
+
+@pytest.mark.parametrize("save", [
+    lambda mask, path: Image.fromarray(mask).save(path.with_suffix(".jpg"), quality=95),
+    lambda mask, path: Image.fromarray(mask).save(path.with_suffix(".webp")),
+    lambda mask, path: __import__("tifffile").imwrite(path.with_suffix(".tif"), mask, compression="jpeg"),
+], ids=["jpeg", "webp", "tiff-jpeg"])
+def test_a_mask_in_a_lossy_format_is_refused_by_file(tmp_path, save):
+    """A JPEG'd mask trained with exit 0: compression had rewritten pixels into classes never drawn."""
+    root = make_folder_dataset(tmp_path / "d")
+    path = root / "train" / "masks" / "img0.png"
+    mask = np.asarray(Image.open(path))
+    path.unlink()
+    save(mask, path)
+    with pytest.raises(DataError, match=r"train/masks/img0\.\w+ is a .*, a lossy format: masks are class labels.*"
+                                        "Save the masks as PNG, TIFF"):
+        load_dataset("folder", root, crop=32)
+
+
+def test_a_lossless_compressed_tiff_mask_is_read():
+    import tempfile
+
+    import tifffile
+
+    from frem.seg.data.images import read_pages
+    mask = np.arange(16, dtype=np.uint8).reshape(4, 4) % 3
+    with tempfile.TemporaryDirectory() as folder:
+        for compression in ("zlib", "lzw", None):
+            path = Path(folder) / f"m-{compression}.tif"
+            tifffile.imwrite(path, mask, compression=compression)
+            assert np.array_equal(read_pages(path, mask=True)[0], mask)
+
+
+@pytest.mark.parametrize("values, hint", [
+    ((0, 255), r"looks like a 0/255 binary mask: store class indices 0 and 1 instead \(numpy: mask // 255\)"),
+    ((0, 128, 255), r"Its values \(0, 128, 255\) look like one grey level a class"),
+])
+def test_a_mask_drawn_for_display_is_named_with_the_fix(tmp_path, values, hint):
+    root = make_folder_dataset(tmp_path / "d", classes=("cell", "nucleus", "background")[:len(values)])
+    mask = np.resize(np.array(values, np.uint8), (64, 64))
+    Image.fromarray(mask).save(root / "train" / "masks" / "img0.png")
+    with pytest.raises(DataError, match=r"img0.png holds class index 255, but classes.txt names "
+                                        rf"{len(values)} classes .*{hint}"):
+        load_dataset("folder", root)
+
+
+def test_a_crop_larger_than_an_image_names_the_image_and_the_largest_crop(tmp_path):
+    root = make_folder_dataset(tmp_path / "d", size=80)  # 80 px: the largest multiple of 32 is 64
+    with pytest.raises(DataError, match=r"--crop 96 is larger than train/img0.png \(80x80\): pass --crop 64 or less"):
+        load_dataset("folder", root, crop=96)
+
+
+def _without_val(root, count):
+    shutil.rmtree(root / "val")
+    for i in range(2, count):  # more training images, each its own content
+        for kind in ("images", "masks"):
+            shutil.copy(root / "train" / kind / "img0.png", root / "train" / kind / f"img{i}.png")
+    return root
+
+
+def test_a_folder_without_val_holds_out_whole_training_images_seeded_and_recorded(tmp_path, capsys):
+    root = _without_val(make_folder_dataset(tmp_path / "d"), count=10)
+    data = load_dataset("folder", root, crop=32)
+    val_images = {name.split("@")[0] for name in data.val.names}
+    train_images = {name.split("@")[0] for name in data.train.names}
+    assert len(val_images) == 2 and len(train_images) == 8 and not val_images & train_images  # by image
+    assert len(data.val) == 2 * 4 and len(data.test) == 2 * 4  # every crop of a held-out image validates
+    assert data.identity()["split"] == {"val": "held out from train/ by image (fraction 0.2, seed 0)",
+                                        "val_images": sorted(n.removeprefix("train/") for n in val_images)}
+    assert "has no val/: validating on 2 of its 10 training images" in capsys.readouterr().err
+    again = load_dataset("folder", root, crop=32)
+    assert again.val.names == data.val.names and again.split == data.split  # reproducible
+    assert capsys.readouterr().err == ""  # said once a process
+    other = load_dataset("folder", root, crop=32, split_seed=1, val_fraction=0.3)
+    assert len(other.split["val_images"]) == 3 and other.split != data.split
+    assert other.differs_from(data.identity()) and not again.differs_from(data.identity())
+
+
+def test_a_held_out_split_refuses_what_it_cannot_do(tmp_path):
+    root = make_folder_dataset(tmp_path / "d")
+    with pytest.raises(DataError, match=r"--val-fraction holds out training images only for a folder without val/"):
+        load_dataset("folder", root, val_fraction=0.2)
+    shutil.rmtree(root / "val")
+    (root / "train" / "images" / "img1.png").unlink()
+    with pytest.raises(DataError, match=r"holds 1 training image\(s\), too few to hold 1 out .*add a val/ folder"):
+        load_dataset("folder", root)
+    with pytest.raises(DataError, match=r"--val-fraction must lie between 0 and 1, got 1.5"):
+        load_dataset("folder", root, val_fraction=1.5)
+    with pytest.raises(DataError, match=r"--val-fraction is for a folder of your own"):
+        load_dataset("drosophila", root, val_fraction=0.2)
+
+
+def test_a_folder_data_set_is_recognised_without_dataset_folder(tmp_path):
+    from frem.seg.config import TrainConfig
+    root = make_folder_dataset(tmp_path / "d")
+    assert TrainConfig.build(quick=True, data=str(root)).dataset == "folder"
+    assert TrainConfig.build(quick=True).dataset == "drosophila"
+    with pytest.raises(DataError, match=r"holds a folder data set of your own \(classes.txt, train/\), not the "
+                                        "Drosophila stack: pass --dataset folder"):
+        load_dataset("drosophila", root)

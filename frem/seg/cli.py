@@ -1,8 +1,9 @@
 """The ``frem`` command line: train, tune, reproduce, evaluate, predict, data download.
 
 Imports nothing beyond the standard library and frem's own fact modules at
-the top, so that without the ``seg`` extra the command can still say, in one
-line, what to install.
+the top (no torch: ``import frem`` is lazy), so that without the ``seg``
+extra the command can still say, in one line, what to install, and
+``--help``, ``--version`` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 import warnings
 from importlib import metadata
 
+from frem import __version__
+from frem.extras import install_command
 from frem.seg.search_space import SEARCH_SPACE, TUNABLE
 from frem.seg.variants import VARIANTS
 
@@ -82,14 +85,16 @@ def _number(text: str) -> int | float:
 def add_train_options(p: argparse.ArgumentParser) -> None:
     """The training protocol's options, shared by train, tune and reproduce (None: TrainConfig's default)."""
     from frem.seg.config import KEEP, QUICK, TrainConfig as D
+    from frem.seg.data import DATASETS
     from frem.seg.data.images import NORMALIZATIONS
 
     def default(name):
         return f"default {getattr(D, name)}" + (f"; --quick: {QUICK[name]}" if name in QUICK else "")
 
     protocol = p.add_argument_group("training protocol")
-    protocol.add_argument("--dataset", choices=("drosophila", "folder"),
-                          help="drosophila (default): the Drosophila stack; folder: your own images (see README)")
+    protocol.add_argument("--dataset", choices=DATASETS,
+                          help="drosophila: the Drosophila stack; folder: your own images (see README) "
+                               "(default drosophila, or folder where --data holds classes.txt and train/)")
     protocol.add_argument("--data",
                           help="data folder (default: $FREM_DATA, else the download cache, "
                           "filled on first use)")
@@ -110,6 +115,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                           f"(default: all; --quick: {QUICK['tiles_per_section']})")
     protocol.add_argument("--val-every", type=int,
                           help="validate every k epochs (default 1)")
+    protocol.add_argument("--val-fraction", type=float,
+                          help="a folder without val/: the share of training images held out for validation, "
+                               "by image (default 0.2)")
+    protocol.add_argument("--split-seed", type=int,
+                          help="seeds which training images --val-fraction holds out (default 0)")
     protocol.add_argument("--normalize", choices=NORMALIZATIONS,
                           help="image (default): each image standardised with its own mean and std, whatever its bit "
                                "depth; dataset: the training split's mean and std, for calibrated intensities")
@@ -144,6 +154,8 @@ def train_config(args):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="frem",
                     description="FREM (Ando & Hotta, VISAPP 2021) for cell segmentation")
+    parser.add_argument("--version", action="version", version=f"frem {__version__}",
+                        help="print frem's version and exit")
     commands = parser.add_subparsers(dest="command", required=True)  # of the parser's class: Parser
 
     train = commands.add_parser("train",
@@ -209,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data",
                           help="data folder (default: the one the run was trained on, remembered "
                           "in best.pt; its checksum must match)")
-    evaluate.add_argument("--device", default="cpu",
-                          help="default cpu")
+    evaluate.add_argument("--split", choices=("test", "val"), default="test",
+                          help="the split to score (default test)")
+    evaluate.add_argument("--device", default="auto",
+                          help="auto (default: cuda if there is one), cpu, cuda, cuda:1 ...")
 
     predict = commands.add_parser("predict",
                                   help="segment images: label PNGs and colour overlays")
@@ -220,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="images to segment (PNG, TIFF, a TIFF stack ...)")
     predict.add_argument("--out", required=True,
                          help="folder for <name>_labels.png and <name>_overlay.png")
-    predict.add_argument("--device", default="cpu",
-                         help="default cpu")
+    predict.add_argument("--device", default="auto",
+                         help="auto (default: cuda if there is one), cpu, cuda, cuda:1 ...")
 
     data = commands.add_parser("data",
                                help="data sets")
@@ -277,8 +291,8 @@ def run_reproduce(args) -> int:
 
 def run_evaluate(args) -> int:
     from frem.seg.evaluate import evaluate_run
-    metrics = evaluate_run(args.run_dir, device=args.device, data_root=args.data)
-    print(json.dumps({"run": args.run_dir, "checkpoint": "best.pt", "split": "test", **metrics}, indent=2))
+    metrics = evaluate_run(args.run_dir, device=args.device, data_root=args.data, split=args.split)
+    print(json.dumps({"run": args.run_dir, "checkpoint": "best.pt", "split": args.split, **metrics}, indent=2))
     return 0
 
 
@@ -303,7 +317,7 @@ def main(argv=None) -> int:
     missing = missing_requirements()
     if missing:
         print(f"frem: the command line needs the '{EXTRA}' extra (missing: {', '.join(missing)}): "
-              f"pip install \"frem[{EXTRA}]\"", file=sys.stderr)
+              f"{install_command(EXTRA)}", file=sys.stderr)
         return 2
     # timm's import on torch >= 2.14 warns about its own use of torch.jit.interface:
     # nothing a user can act on, and it would bury our one-line messages.

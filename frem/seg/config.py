@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from frem.seg.data import SegmentationData, load_dataset
+from frem.seg.data import SegmentationData, detect_dataset, load_dataset
 from frem.seg.data.drosophila import SPLIT
 from frem.seg.data.images import NORMALIZATIONS
 from frem.seg.variants import DEFAULT_ENCODER, VARIANT_DEFAULTS, variant_settings
@@ -51,6 +51,8 @@ class TrainConfig:
     tiles_per_section: int | None = None
     sections: dict | None = None
     val_every: int = 1
+    val_fraction: float | None = None  # a folder without val/: the share of training images held out
+    split_seed: int = 0
     normalize: str = "image"
     keep: str = "all"
     device: str = "auto"
@@ -65,6 +67,8 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
         settings = {**(QUICK if quick else {}), **{k: v for k, v in given.items() if v is not None}}
+        if "dataset" not in settings:  # --data at a folder of one's own needs no --dataset folder
+            settings["dataset"] = detect_dataset(settings.get("data"))
         config = cls(quick=quick, **settings)
         config._resolve_variant()
         config.validate()
@@ -124,7 +128,8 @@ class TrainConfig:
         """The data this run trains on: its data set, tiled and split as the run says (``root``
         in place of ``data`` where the folder moved)."""
         return load_dataset(self.dataset, root or self.data, crop=self.crop,
-                            tiles_per_section=self.tiles_per_section, sections=self.sections)
+                            tiles_per_section=self.tiles_per_section, sections=self.sections,
+                            val_fraction=self.val_fraction, split_seed=self.split_seed)
 
 
 def _normal(value):

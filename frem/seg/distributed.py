@@ -28,13 +28,23 @@ class Context:
         return self.world_size > 1
 
 
+def resolve_device(name) -> torch.device:
+    """``--device``: ``auto`` (every command's default) is cuda where there is one, else the CPU."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+
+
 def setup(device_name: str) -> tuple[Context, torch.device]:
     """Read torchrun's environment, start the process group, pick the device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     context = Context(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+    device = resolve_device(device_name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", context.local_rank if context.active else torch.cuda.current_device())
     if device.type == "cuda":

@@ -13,6 +13,7 @@ import frem
 from frem.seg import checkpoint
 from frem.seg.data.base import DataError, Split
 from frem.seg.data.images import normalize
+from frem.seg.distributed import resolve_device
 from frem.seg.metrics import ConfusionCounter
 from frem.seg.models import build_model
 
@@ -99,14 +100,19 @@ def model_from_checkpoint(state: dict, device="cpu") -> nn.Module:
     return model.to(device).eval()
 
 
-def evaluate_run(run_dir, data=None, device="cpu", data_root=None) -> dict:
-    """Test metrics of a run's best checkpoint: what ``frem evaluate`` prints.
+SPLITS = ("test", "val")
+
+
+def evaluate_run(run_dir, data=None, device="auto", data_root=None, split: str = "test") -> dict:
+    """Metrics of a run's best checkpoint on ``split`` (``test`` or ``val``): what ``frem evaluate`` prints.
 
     The data is read from the folder the run was trained on (``data_root`` if
     it moved) and must be the same data: its checksum is compared with the one
     the checkpoint holds.
     """
     from frem.seg.config import TrainConfig
+    if split not in SPLITS:
+        raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     state = checkpoint.load(Path(run_dir) / checkpoint.BEST, hint=f"train the run again (frem train --out {run_dir})")
     config = TrainConfig.from_dict(state["config"])
     if data is None:
@@ -117,6 +123,6 @@ def evaluate_run(run_dir, data=None, device="cpu", data_root=None) -> dict:
     if data.differs_from(state.get("data")):
         raise DataError(f"the data at {data.root} is not the data {run_dir} was trained on (trained on "
                         f"{state['data'].get('source')}; found {data.source}): pass --data DIR with that data")
-    model = model_from_checkpoint(state, device)
-    return evaluate(model, data.test, state["classes"], state["normalization"],
+    model = model_from_checkpoint(state, resolve_device(device))
+    return evaluate(model, data.splits()[split], state["classes"], state["normalization"],
                     batch_size=2 * config.batch_size)

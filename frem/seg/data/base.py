@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 class DataError(ValueError):
@@ -35,6 +38,7 @@ class SegmentationData:
     source: str           # the data set by name and checksum, never by a machine's path
     root: str = ""        # the folder it was read from (a run remembers it)
     checksum: str = ""    # what identifies the content wherever it lies
+    split: dict | None = None  # how the splits were made where the data does not say (a held-out val)
 
     @property
     def in_channels(self) -> int:
@@ -45,13 +49,25 @@ class SegmentationData:
 
     def identity(self) -> dict:
         """What a run records about its data (checkpoints and metrics.json)."""
-        return {"source": self.source, "root": self.root, "checksum": self.checksum}
+        identity = {"source": self.source, "root": self.root, "checksum": self.checksum}
+        return {**identity, "split": self.split} if self.split else identity
 
     def differs_from(self, recorded: dict | None) -> bool:
         """Whether the data a run recorded (its checkpoint's ``data``) is other content than this;
         a side without a checksum (older runs, unknown data) proves nothing."""
         checksum = (recorded or {}).get("checksum")
-        return bool(checksum and self.checksum and checksum != self.checksum)
+        if checksum and self.checksum and checksum != self.checksum:
+            return True
+        return bool(checksum) and (recorded or {}).get("split") != self.split  # the same files, split otherwise
+
+
+class Sample(NamedTuple):
+    """One image of a split: its name, pixels (H, W, C), class indices (H, W), and what the file stored
+    where frem reads it as something else (``Pages.stored``)."""
+    name: str
+    image: np.ndarray
+    mask: np.ndarray
+    stored: str = ""
 
 
 def tile_grid(height: int, width: int, crop: int | None, limit: int | None = None
@@ -77,9 +93,15 @@ def colour_name(channels: int) -> str:
     return "RGB" if channels == 3 else "greyscale"
 
 
-def describe(image: np.ndarray) -> str:
+def describe(image: np.ndarray, stored: str = "") -> str:
     depth = {np.dtype(np.uint8): "8-bit", np.dtype(np.uint16): "16-bit", np.dtype(np.float32): "32-bit float"}
-    return f"{depth.get(image.dtype, str(image.dtype))} {colour_name(image.shape[-1])}"
+    kind = f"{depth.get(image.dtype, str(image.dtype))} {colour_name(image.shape[-1])}"
+    return f"{kind} (stored as {stored})" if stored else kind
+
+
+def largest_crop(height: int, width: int, multiple: int = 32) -> int:
+    """The largest tile a ``height`` x ``width`` image holds whose side is a multiple of ``multiple``."""
+    return min(height, width) // multiple * multiple
 
 
 def image_stats(image: np.ndarray) -> np.ndarray:
@@ -89,13 +111,32 @@ def image_stats(image: np.ndarray) -> np.ndarray:
     z-score for non-CT images; Cellpose and StarDist normalise per image too),
     so the same scene stored at another bit depth gives the same input.
     """
-    values = image.reshape(-1, image.shape[-1]).astype(np.float64)
-    std = values.std(axis=0)
-    return np.stack([values.mean(axis=0), np.where(std > 0, std, 1.0)], axis=-1).astype(np.float32)
+    # In blocks of rows, each block's mean and sum of squared deviations in float64 merged as they
+    # come (Chan et al.): a 20k x 20k section never gets a float64 copy (8 bytes a pixel).
+    channels = image.shape[-1]
+    count, mean, m2 = 0, np.zeros(channels), np.zeros(channels)
+    for _, rows in row_blocks(image):
+        block = rows.reshape(-1, channels).astype(np.float64)
+        n, block_mean = block.shape[0], block.mean(axis=0)
+        block_m2 = ((block - block_mean) ** 2).sum(axis=0)
+        delta, total = block_mean - mean, count + n
+        mean, m2, count = mean + delta * n / total, m2 + block_m2 + delta ** 2 * count * n / total, total
+    std = np.sqrt(m2 / count)
+    return np.stack([mean, np.where(std > 0, std, 1.0)], axis=-1).astype(np.float32)
 
 
-def make_split(pairs, crop, limit, label) -> Split:
-    """Tile (name, image HxWxC, mask HxW of class indices) triples into a Split.
+BLOCK_PIXELS = 1 << 20  # what a block of rows holds at most, so work in float stays bounded
+
+
+def row_blocks(image: np.ndarray, pixels: int = BLOCK_PIXELS):
+    """(first row, view) for ``image`` (H, W, ...) in blocks of whole rows, about ``pixels`` pixels each."""
+    step = max(1, pixels // max(image.shape[1], 1))
+    for top in range(0, image.shape[0], step):
+        yield top, image[top:top + step]
+
+
+def make_split(samples, crop, limit, label) -> Split:
+    """Tile ``Sample``s (or (name, image HxWxC, mask HxW of class indices) triples) into a Split.
 
     8-bit images stay uint8 (the whole data set lives on the device); 16-bit
     and float images become float32, their values unchanged. Every tile keeps
@@ -103,12 +144,17 @@ def make_split(pairs, crop, limit, label) -> Split:
     """
     images, masks, names, stats = [], [], [], []
     first = None
-    for name, image, mask in pairs:
+    for name, image, mask, stored in (Sample(*sample) for sample in samples):
         if first is None:
-            first = (name, image)
+            first = (name, image, stored)
         elif describe(image) != describe(first[1]):
-            raise DataError(f"the {label} split mixes images: {name} is {describe(image)} but {first[0]} is "
-                            f"{describe(first[1])}; convert them to one kind")
+            raise DataError(f"the {label} split mixes images: {name} is {describe(image, stored)} but {first[0]} is "
+                            f"{describe(first[1], first[2])}; convert them to one kind")
+        if crop is not None and crop > min(mask.shape):
+            largest = largest_crop(*mask.shape)
+            fix = (f"pass --crop {largest} or less (a multiple of 32)" if largest else
+                   "the U-Net needs at least 32x32 pixels: leave the image out or enlarge it")
+            raise DataError(f"--crop {crop} is larger than {name} ({mask.shape[1]}x{mask.shape[0]}): {fix}")
         whole = image_stats(image)
         for r, c in tile_grid(*mask.shape, crop, limit):
             size = crop or mask.shape[0], crop or mask.shape[1]
@@ -121,6 +167,7 @@ def make_split(pairs, crop, limit, label) -> Split:
     shapes = {m.shape for m in masks}
     if len(shapes) > 1:
         raise DataError(f"the {label} split mixes image sizes {sorted(shapes)}: pass a crop size")
+    import torch  # here, not at the top: the command line reads this package's facts without torch
     stacked = np.stack(images)
     if stacked.dtype != np.uint8:
         stacked = stacked.astype(np.float32)

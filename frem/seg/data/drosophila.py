@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from frem.seg.data.base import DataError, SegmentationData, make_split
+from frem.seg.data.folder import looks_like_folder
 from frem.seg.data.images import read_pages
 
 CLASSES = ("membrane", "mitochondria", "synapse", "background")
@@ -66,6 +67,9 @@ def resolve_root(root=None, fetch_missing: bool = True) -> Path:
         named = Path(named).expanduser()
         if not named.is_dir():
             raise DataError(f"no Drosophila data at {named}: {HOW_TO_GET}")
+        if looks_like_folder(named) and not (named / "stack1").exists():
+            raise DataError(f"{named} holds a folder data set of your own (classes.txt, train/), not the "
+                            "Drosophila stack: pass --dataset folder")
         return named
     root = default_root()
     if fetch_missing and not all((root / relative).is_file() for relative in checksums()):

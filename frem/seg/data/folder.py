@@ -4,14 +4,23 @@ Masks share the image's file name (TIFF, PNG, ...), hold class indices
 0..K-1, and ``classes.txt`` beside the splits names the K classes, one a
 line. Images are 8-bit, 16-bit or float, greyscale or RGB, all of one kind; a
 multi-page TIFF stack (with a stack of masks) gives one image per page.
+
+Without ``val/``, a seeded share of the training images is held out for
+validation, by file (a stack's pages stay together), never by crop: the
+field's tools split the same way (nnU-Net's folds are by case), and crops
+of one image on both sides would score the model on what it trained on.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
+import sys
 from pathlib import Path
 
-from frem.seg.data.base import DataError, SegmentationData, make_split
+import numpy as np
+
+from frem.seg.data.base import DataError, Sample, SegmentationData, make_split
 from frem.seg.data.images import IMAGE_SUFFIXES, read_pages
 
 
@@ -25,11 +34,27 @@ def read_classes(root: Path) -> tuple[str, ...]:
     return classes
 
 
-def _pairs(root: Path, split: str, num_classes: int):
-    images_dir, masks_dir = root / split / "images", root / split / "masks"
+DEFAULT_VAL_FRACTION = 0.2  # without val/: one in five training images, as one fold of nnU-Net's five
+_announced: set = set()
+
+
+def looks_like_folder(root) -> bool:
+    """Whether ``root`` is laid out as a folder data set (``classes.txt`` and ``train/``)."""
+    root = Path(root).expanduser()
+    return (root / "classes.txt").is_file() and (root / "train").is_dir()
+
+
+def _image_files(root: Path, split: str) -> list[Path]:
+    images_dir = root / split / "images"
     images = sorted(p for p in images_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)  # none if no folder
     if not images:
         raise DataError(f"no images in {images_dir} (expected {split}/images/*.png etc.)")
+    return images
+
+
+def _pairs(root: Path, split: str, num_classes: int, images: list[Path] | None = None):
+    masks_dir = root / split / "masks"
+    images = _image_files(root, split) if images is None else images
     masks = {p.stem: p for p in masks_dir.glob("*")}
     for image_path in images:
         mask_path = masks.get(image_path.stem)
@@ -44,29 +69,84 @@ def _pairs(root: Path, split: str, num_classes: int):
                 raise DataError(f"{mask_path}{page} is {mask.shape[1]}x{mask.shape[0]} but "
                                 f"{image_path}{page} is {image.shape[1]}x{image.shape[0]}")
             if mask.min() < 0 or mask.max() >= num_classes:
-                bad = int(mask.max()) if mask.max() >= num_classes else int(mask.min())
-                raise DataError(f"{mask_path}{page} holds class index {bad}, but classes.txt "
-                                f"names {num_classes} classes (0..{num_classes - 1})")
-            yield f"{split}/{image_path.name}{page}", image, mask
+                raise DataError(_bad_mask(f"{mask_path}{page}", mask, num_classes))
+            yield Sample(f"{split}/{image_path.name}{page}", image, mask, pages.stored)
 
 
-def load_folder(root, *, crop: int | None = None, tiles_per_section=None,
-                sections=None) -> SegmentationData:
-    """Load a folder data set; ``crop`` tiles every image into non-overlapping crops."""
+def _bad_mask(where: str, mask, num_classes: int) -> str:
+    bad = int(mask.max()) if mask.max() >= num_classes else int(mask.min())
+    message = f"{where} holds class index {bad}, but classes.txt names {num_classes} classes (0..{num_classes - 1})"
+    values = np.unique(mask)
+    if len(values) <= num_classes and values.max() == 255 and values.min() >= 0:
+        # A mask drawn for display (0/255 foreground, or grey levels a class each), not indices.
+        shown = ", ".join(map(str, values.tolist()))
+        if set(values.tolist()) <= {0, 255}:
+            return (f"{message}. It looks like a 0/255 binary mask: store class indices 0 and 1 instead "
+                    "(numpy: mask // 255), with classes.txt naming the class of 0 first")
+        return (f"{message}. Its values ({shown}) look like one grey level a class: store each as its class's "
+                "index 0..K-1 (in the order of classes.txt)")
+    return message
+
+
+def held_out(files: list[Path], fraction: float, seed: int) -> list[Path]:
+    """The training files validated on instead: ``round(fraction * n)`` of them (at least one), drawn by a
+    generator seeded with ``seed`` alone from the sorted names, so the same folder splits the same way."""
+    if not 0 < fraction < 1:
+        raise DataError(f"--val-fraction must lie between 0 and 1, got {fraction}")
+    count = max(1, round(fraction * len(files)))
+    if count >= len(files):
+        raise DataError(f"{files[0].parent} holds {len(files)} training image(s), too few to hold "
+                        f"{count} out for validation and train on the rest (by image, never by crop): add a "
+                        "val/ folder (val/images, val/masks) or more training images")
+    return sorted(random.Random(f"frem-val:{seed}").sample(sorted(files), count))
+
+
+def load_folder(root, *, crop: int | None = None, tiles_per_section=None, sections=None,
+                val_fraction: float | None = None, split_seed: int = 0) -> SegmentationData:
+    """Load a folder data set; ``crop`` tiles every image into non-overlapping crops.
+
+    Without ``val/``, ``val_fraction`` of the training files (default 0.2) validate instead,
+    drawn with ``split_seed``; the data's identity records which.
+    """
     del sections  # a folder's split is its sub-folders
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist")
     classes = read_classes(root)
-    splits = {name: make_split(list(_pairs(root, name, len(classes))), crop, tiles_per_section, name)
+    files = {name: _image_files(root, name) for name in ("train", "test")}
+    split = None
+    if (root / "val").exists():
+        if val_fraction is not None:
+            raise DataError(f"--val-fraction holds out training images only for a folder without val/, and "
+                            f"{root / 'val'} exists: leave out --val-fraction, or remove val/")
+        files["val"] = _image_files(root, "val")
+    else:
+        fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+        chosen = held_out(files["train"], fraction, split_seed)
+        files["train"] = [p for p in files["train"] if p not in chosen]
+        files["val"] = chosen
+        split = {"val": f"held out from train/ by image (fraction {fraction:g}, seed {split_seed})",
+                 "val_images": [p.name for p in chosen]}
+        _announce(root, split, len(chosen) + len(files["train"]))
+    splits = {name: make_split(list(_pairs(root, "train" if split and name == "val" else name, len(classes),
+                                           files[name])), crop, tiles_per_section, name)
               for name in ("train", "val", "test")}
     kinds = {(split.images.shape[1], split.images.dtype) for split in splits.values()}
     if len(kinds) > 1:
         raise DataError(f"{root} mixes kinds of images across its splits (greyscale/colour, 8-bit/"
                         "16-bit/float); convert them to one kind")
-    files, digest = content_checksum(root)
-    return SegmentationData(classes, source=f"folder '{root.name}' ({files} files, SHA-256 of contents {digest})",
-                            root=str(root.resolve()), checksum=digest, **splits)
+    count, digest = content_checksum(root)
+    return SegmentationData(classes, source=f"folder '{root.name}' ({count} files, SHA-256 of contents {digest})",
+                            root=str(root.resolve()), checksum=digest, split=split, **splits)
+
+
+def _announce(root: Path, split: dict, total: int) -> None:
+    """Say once a process which training images validate (a search loads the data for every trial)."""
+    key = (str(root.resolve()), split["val"])
+    if key not in _announced:
+        _announced.add(key)
+        print(f"frem: {root} has no val/: validating on {len(split['val_images'])} of its {total} training images, "
+              f"{split['val']}: {', '.join(split['val_images'])}", file=sys.stderr)
 
 
 def content_checksum(root: Path) -> tuple[int, str]:

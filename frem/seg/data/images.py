@@ -11,40 +11,67 @@ the choice stored in each checkpoint and reused by ``frem predict``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tifffile
-import torch
 from PIL import Image
 
-from frem.seg.data.base import DataError
+from frem.seg.data.base import DataError, row_blocks
+
+if TYPE_CHECKING:
+    import torch
 
 TIFF_SUFFIXES = {".tif", ".tiff"}
+# Images may be JPEG (lossy compression blurs intensities a little); masks may not (below).
 IMAGE_SUFFIXES = TIFF_SUFFIXES | {".png", ".jpg", ".jpeg", ".bmp"}
+MASK_FORMATS = "PNG, TIFF (uncompressed or lossless: LZW, deflate, zstd ...) or BMP"
+# Pillow formats and TIFF compressions that may be lossy. A mask holds labels: lossy compression
+# rewrites pixels near every edge, many into classes never drawn (4.4% of one JPEG'd mask).
+LOSSY_FORMATS = {"JPEG", "MPO", "JPEG2000", "WEBP", "JXL", "AVIF", "HEIF"}
+LOSSY_TIFF_COMPRESSIONS = ("JPEG", "WEBP", "JXL", "LERC")  # in the names of tifffile's COMPRESSION values
 INTENSITY_DTYPES = (np.uint8, np.uint16, np.float32)
 
 
-def read_pages(path, *, mask: bool = False) -> list[np.ndarray]:
+class Pages(list):
+    """The pages of one file; ``stored`` names what the file held where frem read it as something else
+    (``"RGBA, its alpha opaque"``)."""
+    stored = ""
+
+
+def read_pages(path, *, mask: bool = False) -> Pages:
     """The pages of an image file, each (H, W, C) for images or (H, W) for masks.
 
     A 2-D image is one page; a TIFF stack (several pages, or Z/T/Q/I axes) is
     one page per plane. Images keep 8-bit or 16-bit integers, or become
-    float32; masks must hold integer class indices.
+    float32; masks must hold integer class indices, in a lossless format.
+    An alpha channel is dropped only where it is opaque everywhere (it then
+    holds nothing); a transparent one is refused, since dropping it changes
+    what the image shows.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no image at {path}")
+    stored = ""
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
+                first = series.keyframe  # a TiffPage: its tags stand for every page of the series
+                compression = getattr(first.compression, "name", str(first.compression))
+                if mask and any(kind in compression for kind in LOSSY_TIFF_COMPRESSIONS):
+                    raise _lossy_mask(path, f"a TIFF with {compression} compression")
                 array, axes = series.asarray(), series.axes
+                extra = first.extrasamples
         else:
             with Image.open(path) as image:
-                if not mask and image.mode not in ("L", "RGB", "I;16", "I;16B", "I", "F"):
-                    image = image.convert("RGB" if image.mode in ("RGBA", "P", "CMYK") else "L")  # LA: grey
-                array = np.array(image)
-            axes = "YXS" if array.ndim == 3 else "YX"
+                if mask and image.format in LOSSY_FORMATS:
+                    raise _lossy_mask(path, f"a {image.format} file")
+                if mask or image.mode in ("L", "RGB", "I;16", "I;16B", "I", "F"):
+                    array = np.array(image)
+                else:
+                    array, stored = _as_grey_or_rgb(image, path)
+            axes, extra = ("YXS" if array.ndim == 3 else "YX"), ()
     except DataError:
         raise
     except Exception as error:  # truncated, not an image, an unknown TIFF layout...
@@ -64,9 +91,39 @@ def read_pages(path, *, mask: bool = False) -> list[np.ndarray]:
         if not np.issubdtype(pages.dtype, np.integer) and pages.dtype != np.bool_:
             raise DataError(f"{path} holds {pages.dtype} values; a mask holds integer class indices")
         return [page[..., 0].astype(np.int64) for page in pages]
+    if pages.shape[-1] in (2, 4) and len(extra) == 1:  # a TIFF with an alpha sample (RGBA, grey + alpha)
+        pages, stored = _drop_opaque_alpha(pages, path, "RGBA" if pages.shape[-1] == 4 else "greyscale with alpha")
     if pages.shape[-1] not in (1, 3):
         raise DataError(f"{path} has {pages.shape[-1]} channels per pixel; frem reads greyscale or RGB")
-    return [_intensity(page, path) for page in pages]
+    result = Pages(_intensity(page, path) for page in pages)
+    result.stored = stored
+    return result
+
+
+def _lossy_mask(path: Path, kind: str) -> DataError:
+    return DataError(f"{path} is {kind}, a lossy format: masks are class labels, and lossy compression "
+                     f"rewrites pixels near every edge, some into classes never drawn. Save the masks as {MASK_FORMATS}")
+
+
+def _as_grey_or_rgb(image: Image.Image, path: Path):
+    """A Pillow image of another mode as an L or RGB array, and what it was stored as (or "")."""
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        mode, kind = ("LA", "greyscale with alpha") if image.mode in ("LA", "La") else ("RGBA", "RGBA")
+        pages, stored = _drop_opaque_alpha(np.array(image.convert(mode))[None], path, kind)
+        return pages[0], stored
+    return np.array(image.convert("RGB" if image.mode in ("P", "CMYK", "YCbCr", "HSV", "LAB") else "L")), ""
+
+
+def _drop_opaque_alpha(pages: np.ndarray, path: Path, kind: str):
+    """``pages`` (..., C) without their last (alpha) channel, which must be opaque everywhere."""
+    alpha = pages[..., -1]
+    opaque = np.iinfo(alpha.dtype).max if np.issubdtype(alpha.dtype, np.integer) else 1.0
+    if not (alpha == opaque).all():
+        share = float((alpha != opaque).mean())
+        raise DataError(f"{path} is {kind} and {share:.1%} of its pixels are not opaque: dropping the alpha channel "
+                        "would change what the image shows. Save it without alpha (flattened onto the background "
+                        "you mean) as greyscale or RGB")
+    return pages[..., :-1], f"{kind}, its alpha opaque"
 
 
 def _intensity(page: np.ndarray, path: Path) -> np.ndarray:
@@ -121,10 +178,45 @@ def normalize(images: torch.Tensor, normalization: dict, stats: torch.Tensor | N
     return (x - normalization["mean"]) / normalization["std"]
 
 
-def display_range(image: np.ndarray) -> np.ndarray:
-    """8-bit for overlays: the 1st-99.8th percentile range stretched over 0-255."""
+DISPLAY_PERCENTILES = (1.0, 99.8)
+
+
+def display_window(image: np.ndarray) -> tuple[float, float] | None:
+    """The intensities shown as 0 and 255 in overlays: the 1st and 99.8th percentiles (as
+    ``np.percentile``'s linear method gives them), ``None`` for 8-bit images, which are shown as they are.
+
+    16-bit images are counted in a histogram (exact, no copy); float images are partitioned in a
+    copy of their own type, never widened to float64.
+    """
     if image.dtype == np.uint8:
+        return None
+    n = image.size
+    ranks = [q / 100 * (n - 1) for q in DISPLAY_PERCENTILES]
+    needed = sorted({k for r in ranks for k in (int(np.floor(r)), int(np.ceil(r)))})
+    if image.dtype == np.uint16:
+        counts = np.zeros(1 << 16, np.int64)
+        for _, rows in row_blocks(image):
+            counts += np.bincount(rows.ravel(), minlength=1 << 16)
+        at = dict(zip(needed, np.searchsorted(np.cumsum(counts), np.array(needed) + 1).astype(np.float64)))
+    else:
+        flat = image.flatten()  # a copy in the image's own dtype: 4 bytes a pixel for float32
+        flat.partition(needed)
+        at = {k: float(flat[k]) for k in needed}
+        del flat
+    low, high = (at[int(np.floor(r))] + (r - np.floor(r)) * (at[int(np.ceil(r))] - at[int(np.floor(r))])
+                 for r in ranks)
+    return low, high
+
+
+def display_range(image: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
+    """8-bit for overlays: ``window`` (by default ``display_window(image)``) stretched over 0-255,
+    block by block (a tile of a larger image takes the whole image's window)."""
+    window = display_window(image) if window is None else window
+    if window is None:
         return image
-    low, high = np.percentile(image, (1.0, 99.8))
-    scaled = (image.astype(np.float64) - low) / max(high - low, 1e-12)
-    return (scaled.clip(0, 1) * 255).round().astype(np.uint8)
+    low, high = window
+    shown = np.empty(image.shape, np.uint8)
+    for top, rows in row_blocks(image):
+        scaled = (rows.astype(np.float64) - low) / max(high - low, 1e-12)
+        shown[top:top + rows.shape[0]] = (scaled.clip(0, 1) * 255).round()
+    return shown
