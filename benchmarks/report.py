@@ -106,6 +106,15 @@ def overhead_tables(info) -> list[str]:
                       "|---|---|---|---|---|",
                       f"| {i['ms']['bare']:.1f} | {i['ms']['attached']:.1f} | {i['ratio']:.3f} | "
                       f"{i['noise_ratio']:.3f} | {memory} |", ""]
+        elif "bytes_per_pixel" in i:
+            sizes = sorted(i["predict_peak_bytes"], key=int)
+            lines += ["## Memory: `frem predict` on one large image", "",
+                      f"{i['model']}, {i['image']}, on the CPU; the peak resident set above what the process "
+                      "held before the call (a fresh process per size). The slope is what each further pixel costs.", "",
+                      "| " + " | ".join(f"{s}x{s} peak" for s in sizes) + " | bytes per pixel (slope) |",
+                      "|" + "---|" * (len(sizes) + 1),
+                      "| " + " | ".join(f"{i['predict_peak_bytes'][s] / 2**20:.0f} MiB" for s in sizes)
+                      + f" | {i['bytes_per_pixel']:.1f} |", ""]
         elif "trainer_images_per_s" in i:
             lines += ["## End to end: `frem train` vs the model's own step", "",
                       f"{i['protocol']}.", "",

@@ -1,10 +1,13 @@
 """Segmenting new images with a trained run: label images and colour overlays.
 
-Any size: an image is cut into overlapping tiles (``TILE`` px, each read
-with a ``MARGIN`` of context that is then discarded), so memory stays bounded
-on a 4096x4096 section, and an image smaller than the network's stride is
-padded. A TIFF stack gives a stack of labels. Intensities are normalised as
-the run's training split was.
+Any size, in bounded memory: an image is cut into overlapping tiles (``TILE``
+px, each read with a ``MARGIN`` of context that is then discarded), each tile
+is standardised with the whole image's statistics (computed block by block,
+as in training) and labelled, and the overlay is drawn block by block, so
+nothing image-sized is ever held in float: beside the image itself, its
+uint8 labels and its uint8 RGB overlay (benchmarks/test_memory.py measures
+the peak). An image smaller than the network's stride is padded. A TIFF stack
+gives a stack of labels, written page by page.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from PIL import Image
 from torch.nn import functional as F
 
 from frem.seg import checkpoint
-from frem.seg.data.base import DataError, colour_name, image_stats
-from frem.seg.data.images import display_range, normalize, read_pages
+from frem.seg.data.base import DataError, colour_name, image_stats, row_blocks
+from frem.seg.data.images import display_range, display_window, normalize, read_pages
+from frem.seg.distributed import resolve_device
 from frem.seg.evaluate import autocast, model_from_checkpoint
 
 # One colour a class, in class order; classes named "background" stay uncoloured in overlays.
@@ -44,16 +48,17 @@ def _pad_to_multiple(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict_image(model, image: np.ndarray, normalization: dict, device, tile: int = TILE,
                   margin: int = MARGIN) -> np.ndarray:
-    """Class index per pixel for one (H, W, C) image, tile by tile (normalised as a whole first)."""
+    """Class index per pixel for one (H, W, C) image, tile by tile (standardised with the whole image's
+    statistics, as the training tiles were)."""
     stats = torch.from_numpy(image_stats(image))[None]
-    x = normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None], normalization, stats)
-    h, w = x.shape[-2:]
+    h, w = image.shape[:2]
     labels = np.empty((h, w), dtype=np.uint8)
     for top in range(0, h, tile):
         for left in range(0, w, tile):
             r0, c0 = max(top - margin, 0), max(left - margin, 0)
             r1, c1 = min(top + tile + margin, h), min(left + tile + margin, w)
-            window = _pad_to_multiple(x[..., r0:r1, c0:c1]).to(device)
+            raw = torch.from_numpy(np.ascontiguousarray(image[r0:r1, c0:c1])).permute(2, 0, 1)[None]
+            window = _pad_to_multiple(normalize(raw, normalization, stats)).to(device)
             with autocast(torch.device(device)):
                 logits = model(window)
             keep = logits[0, :, top - r0:top - r0 + min(tile, h - top), left - c0:left - c0 + min(tile, w - left)]
@@ -70,15 +75,20 @@ def palette_image(labels: np.ndarray, classes) -> Image.Image:
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, classes, alpha: float = 0.45) -> np.ndarray:
-    image = display_range(image)
-    base = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
-    out = base.astype(np.float32)
-    for index, name in enumerate(classes):
-        if name == "background":
-            continue
-        where = labels == index
-        out[where] = (1 - alpha) * out[where] + alpha * np.array(PALETTE[index % len(PALETTE)])
-    return out.round().clip(0, 255).astype(np.uint8)
+    """The image (stretched to 8 bits by ``display_window``) with every class but background blended
+    in its colour: (H, W, 3) uint8, drawn in blocks of rows."""
+    window = display_window(image)
+    colours = np.array([PALETTE[i % len(PALETTE)] for i in range(len(classes))], np.float32)
+    coloured = np.array([name != "background" for name in classes] + [False] * (256 - len(classes)))
+    out = np.empty(image.shape[:2] + (3,), np.uint8)
+    for top, rows in row_blocks(image):
+        shown = display_range(rows, window).astype(np.float32)
+        shown = np.repeat(shown, 3, axis=2) if shown.shape[2] == 1 else shown
+        block = labels[top:top + rows.shape[0]]
+        where = coloured[block]
+        shown[where] = (1 - alpha) * shown[where] + alpha * colours[block[where]]
+        out[top:top + rows.shape[0]] = shown.round().clip(0, 255)
+    return out
 
 
 def output_names(paths: list[Path]) -> list[str]:
@@ -92,9 +102,10 @@ def output_names(paths: list[Path]) -> list[str]:
     return unique
 
 
-def predict(checkpoint_path, images, out_dir, device="cpu", tile: int = TILE) -> list[Path]:
+def predict(checkpoint_path, images, out_dir, device="auto", tile: int = TILE) -> list[Path]:
     """Write ``<name>_labels`` (class indices) and ``<name>_overlay`` per image: a palette PNG
     (indices, shown in the class colours) for an image, multi-page greyscale TIFF for a stack."""
+    device = resolve_device(device)
     state = checkpoint.load(checkpoint_path, hint="point --checkpoint at a run's best.pt")
     model = model_from_checkpoint(state, device)
     paths = [Path(p) for p in images]
@@ -102,19 +113,21 @@ def predict(checkpoint_path, images, out_dir, device="cpu", tile: int = TILE) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path, name in zip(paths, output_names(paths)):
-        pages = read_pages(path)  # one file at a time: memory stays bounded
+        pages = read_pages(path)  # one file at a time
         if pages[0].shape[-1] != state["in_channels"]:
             raise DataError(f"{path} is {colour_name(pages[0].shape[-1])}, but the model was trained on "
                             f"{colour_name(state['in_channels'])} images")
-        labels = [predict_image(model, page, state["normalization"], device, tile) for page in pages]
-        overlays = [overlay(page, label, state["classes"]) for page, label in zip(pages, labels)]
         if len(pages) == 1:
             targets = [out_dir / f"{name}_labels.png", out_dir / f"{name}_overlay.png"]
-            palette_image(labels[0], state["classes"]).save(targets[0])
-            Image.fromarray(overlays[0]).save(targets[1])
-        else:
+            labels = predict_image(model, pages[0], state["normalization"], device, tile)
+            palette_image(labels, state["classes"]).save(targets[0])
+            Image.fromarray(overlay(pages[0], labels, state["classes"])).save(targets[1])
+        else:  # page by page: a stack's labels and overlays are never all in memory
             targets = [out_dir / f"{name}_labels.tif", out_dir / f"{name}_overlay.tif"]
-            tifffile.imwrite(targets[0], np.stack(labels), photometric="minisblack")  # 3 pages are not RGB
-            tifffile.imwrite(targets[1], np.stack(overlays), photometric="rgb")
+            with tifffile.TiffWriter(targets[0]) as label_file, tifffile.TiffWriter(targets[1]) as overlay_file:
+                for page in pages:
+                    labels = predict_image(model, page, state["normalization"], device, tile)
+                    label_file.write(labels, photometric="minisblack", contiguous=True)  # pages, not one RGB image
+                    overlay_file.write(overlay(page, labels, state["classes"]), photometric="rgb", contiguous=True)
         written += targets
     return written
