@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -163,18 +164,35 @@ def test_a_second_process_on_one_run_folder_is_refused(tiny_config, drosophila_r
     assert main(["train", "--data", str(drosophila_root), "--out", str(out), *TINY]) == 0
 
 
+STARTING_TOGETHER = """
+import sys, time
+from pathlib import Path
+from frem.seg.tune import open_study  # everything imported before the start line
+out, me = Path(sys.argv[1]), sys.argv[2]
+(out.parent / f"ready-{out.name}-{me}").touch()
+while not (out.parent / f"go-{out.name}").exists():
+    time.sleep(0.001)
+study = open_study(None, out, "frem", None, seed=0)
+print(study.study_name, study.user_attrs["train_seed"])
+"""
+
+
 @pytest.mark.slow
 def test_concurrent_starts_on_a_new_sqlite_study(tmp_path):
-    code = ("import sys; from pathlib import Path; from frem.seg.tune import open_study\n"
-            "study = open_study(None, Path(sys.argv[1]), 'frem', None, seed=0); print(study.study_name)")
-    for attempt in range(3):
+    """Workers released at one instant (imports done first) race to create the study's tables: the file
+    lock must let one in at a time (taken shared, the unsynchronised version of this test still passed)."""
+    for attempt in range(2):
         out = tmp_path / f"t{attempt}"
-        workers = [subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        workers = [subprocess.Popen([sys.executable, "-c", STARTING_TOGETHER, str(out), str(i)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob(f"ready-{out.name}-*"))) < len(workers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (tmp_path / f"go-{out.name}").touch()
         for w in workers:
             stdout, stderr = w.communicate(timeout=120)
             assert w.returncode == 0, stderr[-2000:]
-            assert stdout.strip() == "frem"
+            assert stdout.strip() == "frem 0"
 
 
 # ---------------------------------------------------------------- images

@@ -139,13 +139,38 @@ def test_the_printed_train_command_trains_the_best_setting_under_the_searchs_pro
 
     from frem.seg.cli import build_parser, train_config
     base = TrainConfig.build(quick=True, variant=variant, epochs=7, val_every=2, crop=128, tiles_per_section=8,
-                             lr=3e-4, seed=5, normalize="dataset", data=str(tmp_path), dataset="folder")
+                             lr=3e-4, seed=5, normalize="dataset", data=str(tmp_path), dataset="folder",
+                             val_fraction=0.3, split_seed=2)
     command = shlex.split(tuner.train_command(base, params))
     assert command[:2] == ["frem", "train"]
     args = build_parser().parse_args(command[1:])
     again = train_config(args)
     tuned = base.with_(**{("lambda_" if name == "lambda" else name): value for name, value in params.items()})
     assert again.differences(tuned) == [] and again.out == f"runs/{variant}-tuned"
+
+
+def test_the_printed_train_command_names_the_drosophila_data_by_name_not_by_this_machines_path(tmp_path):
+    """A reproduction's summary ships it: the data is found again by FREM_DATA or the cache, checksum-verified."""
+    command = tuner.train_command(TrainConfig.build(quick=True, data=str(tmp_path / "drosophila-vnc")), {"B": 3})
+    assert str(tmp_path) not in command and "--data" not in command and "--dataset" not in command
+
+
+def test_a_damaged_study_store_is_one_line_naming_it(tmp_path, capsys, drosophila_root):
+    from frem.seg.cli import main
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "study.db").write_text("not a database\n")
+    (tmp_path / "journal.log").write_bytes(b"\xff\xfe\x00 not a journal")
+    for storage, name in [(None, tmp_path / "t" / "study.db"), (f"journal:{tmp_path / 'journal.log'}",
+                                                                   tmp_path / "journal.log")]:
+        with pytest.raises(tuner.StudyError, match=rf"^the study store {name} is damaged \(.*\): move it aside"):
+            tuner.open_study(storage, tmp_path / "t", "frem", None, seed=0)
+    assert (tmp_path / "t" / "study.db").read_text() == "not a database\n"  # nothing was overwritten
+    with pytest.raises(tuner.StudyError, match=r"^cannot use the study store postgresql://frem:\*\*\*@127.0.0.1:1/x "
+                                                r"\(.*refused.*\): check that the database server is up"):
+        tuner.open_study("postgresql://frem:secret@127.0.0.1:1/x", tmp_path / "p", "frem", None, seed=0)
+    assert main(["tune", "--quick", "--trials", "1", "--out", str(tmp_path / "t"), "--data", str(drosophila_root)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is damaged (file is not a database)" in err
 
 
 def test_a_finished_search_run_again_trains_nothing_more(tmp_path, monkeypatch):

@@ -12,7 +12,9 @@ wait for each other (a file lock) instead of racing to create its tables.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import re
 import shlex
 import socket
 import sys
@@ -116,13 +118,47 @@ def open_study(storage: str | None, out: Path, study_name: str, pruner, *, seed:
     """
     out.mkdir(parents=True, exist_ok=True)
     url = storage or ""
-    with open(out / ".study.lock", "a") as lock, _schema_lock(url):
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        study = optuna.create_study(study_name=study_name, storage=open_storage(storage, out),
-                                    direction="maximize", load_if_exists=True, pruner=pruner)
-        if "train_seed" not in study.user_attrs:
-            study.set_user_attr("train_seed", seed)
-        return study
+    try:
+        with open(out / ".study.lock", "a") as lock, _schema_lock(url):
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+            study = optuna.create_study(study_name=study_name, storage=open_storage(storage, out),
+                                        direction="maximize", load_if_exists=True, pruner=pruner)
+            if "train_seed" not in study.user_attrs:
+                study.set_user_attr("train_seed", seed)
+            return study
+    except (sqlalchemy_errors(), UnicodeDecodeError, json.JSONDecodeError) as error:
+        # a file that is not a database or a journal (the journal's lines are JSON), a server that refuses
+        raise StudyError(_unusable_store(storage, out, error)) from None
+
+
+class StudyError(ValueError):
+    """A study store that cannot be opened; the message names it and what to do."""
+
+
+def sqlalchemy_errors() -> type:
+    """SQLAlchemy's base error (Optuna's RDB storage raises it for a damaged or unreachable database)."""
+    import sqlalchemy.exc
+    return sqlalchemy.exc.SQLAlchemyError
+
+
+def _store_file(storage: str | None, out: Path) -> Path | None:
+    """The file a study lives in (the default SQLite file, sqlite:///PATH, journal:PATH), else None."""
+    if storage is None:
+        return out / "study.db"
+    for prefix in ("journal:", "sqlite:///"):
+        if storage.startswith(prefix):
+            return Path(storage.removeprefix(prefix))
+    return None
+
+
+def _unusable_store(storage: str | None, out: Path, error: BaseException) -> str:
+    reason = (str(getattr(error, "orig", None) or error).splitlines() or [type(error).__name__])[0]
+    where = _store_file(storage, out)
+    if where is not None:
+        return (f"the study store {where} is damaged ({reason}): move it aside to start a new search there "
+                "(the trials' runs in --out are kept), or restore it from a copy")
+    shown = re.sub(r"//([^:@/]+):[^@/]*@", r"//\1:***@", storage)  # never print a password
+    return f"cannot use the study store {shown} ({reason}): check that the database server is up and the URL right"
 
 
 def _alive(pid: int) -> bool:
@@ -192,10 +228,12 @@ def train_command(base: TrainConfig, params: dict) -> str:
         args += ["--crop", str(base.crop)]
     if base.tiles_per_section is not None:
         args += ["--tiles-per-section", str(base.tiles_per_section)]
-    if base.data:
-        args += ["--data", base.data]
-    if base.dataset != "drosophila":
-        args += ["--dataset", base.dataset]
+    if base.val_fraction is not None:
+        args += ["--val-fraction", str(base.val_fraction)]
+    if base.split_seed:
+        args += ["--split-seed", str(base.split_seed)]
+    if base.dataset != "drosophila":  # a folder of one's own is named by its path; the Drosophila data by
+        args += ["--dataset", base.dataset, "--data", base.data]  # name: FREM_DATA or the cache finds it
     if base.quick:
         args += ["--quick"]
     return shlex.join(args + ["--out", f"runs/{base.variant}-tuned"])
