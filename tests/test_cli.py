@@ -55,8 +55,8 @@ def test_train_then_predict_on_an_unlabelled_section(tiny_config, drosophila_roo
                  "--out", str(tmp_path / "pred")]) == 0
     labels = np.array(Image.open(tmp_path / "pred" / "00_labels.png"))
     overlay = Image.open(tmp_path / "pred" / "00_overlay.png")
-    assert labels.shape == (1024, 1024) and labels.max() <= 3
-    assert overlay.size == (1024, 1024) and overlay.mode == "RGB"
+    assert labels.shape == (256, 256) and labels.max() <= 3  # the excerpt's size
+    assert overlay.size == (256, 256) and overlay.mode == "RGB"
 
 
 def recorder(monkeypatch, module, name, result):

@@ -94,7 +94,7 @@ def test_lambda_is_a_weight_in_zero_to_one_and_the_given_one_wins(lambda_, accep
 
 
 def test_a_run_loads_its_data_set_tiled_and_split_as_its_settings_say(drosophila_root, tmp_path):
-    sections = {"train": [0, 1], "val": [2], "test": [3]}
+    sections = {"train": [0, 1], "val": [2], "test": [12]}
     config = TrainConfig.build(quick=True, data=str(drosophila_root), crop=32, tiles_per_section=3, sections=sections)
     data = config.load_data()
     assert Path(data.root) == Path(drosophila_root).resolve()  # (the data's own path, links resolved)

@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import json
 import http.server
 import shutil
 import threading
@@ -22,7 +23,8 @@ def test_split_is_by_section_twelve_three_five():
     assert [len(dro.SPLIT[n]) for n in ("train", "val", "test")] == [12, 3, 5]
 
 
-def test_sixteen_tiles_of_256_per_section_with_all_four_classes(drosophila_root):
+def test_sixteen_tiles_of_256_per_section_with_all_four_classes(full_drosophila_root):
+    drosophila_root = full_drosophila_root
     data = dro.load_drosophila(drosophila_root, sections={"train": (0,), "val": (12,), "test": (15, 16)})
     assert data.classes == ("membrane", "mitochondria", "synapse", "background")
     assert tuple(data.train.images.shape) == (16, 1, 256, 256)
@@ -33,6 +35,42 @@ def test_sixteen_tiles_of_256_per_section_with_all_four_classes(drosophila_root)
     assert (data.source, data.checksum, data.root) == (dro.source_name(), dro.checksum(), str(drosophila_root.resolve()))
     with pytest.raises(DataError, match="^the train split has no images"):
         dro.load_drosophila(drosophila_root, sections={"train": (), "val": (12,), "test": (15,)})
+
+
+def test_the_excerpt_loads_like_the_data_set_and_names_itself_an_excerpt(drosophila_root):
+    data = dro.load_drosophila(drosophila_root, crop=64, sections={"train": (0,), "val": (12,), "test": (15, 16)})
+    assert tuple(data.train.images.shape) == (16, 1, 64, 64) and len(data.test) == 32
+    assert set(data.train.masks.unique().tolist()) == {0, 1, 2, 3}  # the window was chosen for synapses
+    assert data.checksum == dro.checksum(drosophila_root) != dro.checksum()  # never the data set's identity
+    assert data.source == (f"an excerpt of the Drosophila VNC ssTEM data set (unidesigner/groundtruth-drosophila-vnc"
+                           f"@4a5f051, SHA256SUMS {dro.checksum()}): sections [0, 1, 2, 12, 13, 15, 16] cropped to "
+                           f"256x256 at (576, 768); files verified against its own SHA256SUMS {data.checksum}")
+    with pytest.raises(DataError, match=r"is an excerpt of the Drosophila data without stack1/raw/03.tif \(it holds "
+                                        r"sections \[0, 1, 2, 12, 13, 15, 16\]\): choose among those"):
+        dro.load_drosophila(drosophila_root, sections={"train": (3,), "val": (12,), "test": (15,)})
+    (drosophila_root / "README.md").read_text().index("CC BY-NC-SA 3.0")  # its license and citation beside it
+
+
+def test_the_excerpt_is_what_cut_excerpt_makes_of_the_whole_data_set(full_drosophila_root, drosophila_root, tmp_path):
+    from frem.seg.data.images import read_pages
+    cut = json.loads((drosophila_root / dro.EXCERPT).read_text())
+    fresh = dro.cut_excerpt(full_drosophila_root, tmp_path / "e", cut["sections"], cut["box"],
+                            cut["unlabelled_stack2_sections"])
+    for name in (dro.EXCERPT, "README.md"):
+        assert (fresh / name).read_text() == (drosophila_root / name).read_text()
+    assert set(dro.checksums(fresh)) == set(dro.checksums(drosophila_root))
+    for relative in dro.checksums(fresh):  # the pixels (a TIFF's bytes may differ with tifffile's version)
+        mask = "labels" in relative
+        assert np.array_equal(read_pages(fresh / relative, mask=mask)[0],
+                              read_pages(drosophila_root / relative, mask=mask)[0]), relative
+
+
+@pytest.fixture
+def as_data_set(drosophila_root, monkeypatch):
+    """The excerpt as if it were the whole data set (its checksum list in place of the shipped one), for the
+    download tests: a mirror of the excerpt's files, downloaded and verified as the data set's would be."""
+    monkeypatch.setattr(dro, "_CHECKSUMS", drosophila_root / "SHA256SUMS")
+    return drosophila_root
 
 
 def test_label_values_map_to_the_four_classes():
@@ -49,7 +87,8 @@ def _copy_sections(root, dest, sections):
             shutil.copy(root / rel, dest / rel)
 
 
-def test_missing_and_corrupt_files_are_named_with_how_to_get_them(drosophila_root, tmp_path):
+def test_missing_and_corrupt_files_are_named_with_how_to_get_them(as_data_set, tmp_path):
+    drosophila_root = as_data_set
     _copy_sections(drosophila_root, tmp_path, (0, 12))
     sections = {"train": (0,), "val": (12,), "test": (15,)}
     with pytest.raises(DataError, match=r"missing file .*stack1/raw/15.tif.*frem data download drosophila"):
@@ -68,22 +107,23 @@ def test_data_root_comes_from_the_environment(drosophila_root, tmp_path, monkeyp
         dro.resolve_root()
 
 
-def test_download_verifies_and_resumes(drosophila_root, tmp_path):
+def test_download_verifies_and_resumes(as_data_set, tmp_path):
     """The real download code, pointed at the local copy through a file:// URL."""
+    drosophila_root = as_data_set
     dest = tmp_path / "cache"
     fetched = dro.download(dest, base_url=drosophila_root.as_uri(), progress=False)
     assert sorted(fetched) == sorted(dro.checksums())
     assert all(dro.sha256(dest / rel) == digest for rel, digest in dro.checksums().items())
-    (dest / dro.raw_path(3)).unlink()
+    (dest / dro.raw_path(2)).unlink()
     fetched = dro.download(dest, base_url=drosophila_root.as_uri(), progress=False)
-    assert fetched == ["stack1/raw/03.tif"]  # only the missing file comes again
+    assert fetched == ["stack1/raw/02.tif"]  # only the missing file comes again
     bad_mirror = tmp_path / "mirror"
     shutil.copytree(drosophila_root, bad_mirror)
-    (bad_mirror / dro.raw_path(3)).write_bytes(b"tampered")
-    (dest / dro.raw_path(3)).unlink()
-    with pytest.raises(DataError, match="03.tif does not match its SHA-256"):
+    (bad_mirror / dro.raw_path(2)).write_bytes(b"tampered")
+    (dest / dro.raw_path(2)).unlink()
+    with pytest.raises(DataError, match="02.tif does not match its SHA-256"):
         dro.download(dest, base_url=bad_mirror.as_uri(), progress=False)
-    assert not (dest / dro.raw_path(3)).exists()  # nothing half-written is left behind
+    assert not (dest / dro.raw_path(2)).exists()  # nothing half-written is left behind
     assert not list(dest.rglob("*.part"))
 
 
@@ -118,27 +158,29 @@ def serving(handler_class, drosophila_root):
 
 
 def resume_a_killed_download(handler_class, drosophila_root, dest) -> bytes:
-    """Download into ``dest`` (a copy of the data) whose 03.tif a killed download left as 1000 bytes
+    """Download into ``dest`` (a copy of the data) whose 02.tif a killed download left as 1000 bytes
     of ``.part``, from a local HTTP server with ``handler_class``; return the file's true bytes."""
     shutil.copytree(drosophila_root, dest)
-    whole = (dest / dro.raw_path(3)).read_bytes()
-    (dest / dro.raw_path(3)).unlink()
-    (dest / (dro.raw_path(3) + ".part")).write_bytes(whole[:1000])
+    whole = (dest / dro.raw_path(2)).read_bytes()
+    (dest / dro.raw_path(2)).unlink()
+    (dest / (dro.raw_path(2) + ".part")).write_bytes(whole[:1000])
     with serving(handler_class, drosophila_root) as url:
         fetched = dro.download(dest, base_url=url, progress=False)
-    assert fetched == ["stack1/raw/03.tif"]
+    assert fetched == ["stack1/raw/02.tif"]
     return whole
 
 
-def test_a_partial_file_continues_with_a_range_request(drosophila_root, tmp_path):
+def test_a_partial_file_continues_with_a_range_request(as_data_set, tmp_path):
+    drosophila_root = as_data_set
     RangeHandler.served.clear()
     whole = resume_a_killed_download(RangeHandler, drosophila_root, tmp_path / "cache")
-    assert RangeHandler.served == [("03.tif", 1000)]  # only the rest crossed the network
-    assert (tmp_path / "cache" / dro.raw_path(3)).read_bytes() == whole
+    assert RangeHandler.served == [("02.tif", 1000)]  # only the rest crossed the network
+    assert (tmp_path / "cache" / dro.raw_path(2)).read_bytes() == whole
 
 
-def test_train_without_a_data_flag_fills_the_cache_first(drosophila_root, tmp_path, monkeypatch):
+def test_train_without_a_data_flag_fills_the_cache_first(as_data_set, tmp_path, monkeypatch):
     """A user's first run: no --data, no FREM_DATA, an empty cache."""
+    drosophila_root = as_data_set
     monkeypatch.delenv("FREM_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("FREM_DROSOPHILA_URL", drosophila_root.as_uri())
@@ -223,15 +265,16 @@ def test_image_and_mask_tiles_stay_aligned(tmp_path):
 
 def test_drosophila_tiles_are_cut_from_the_sections_where_their_names_say(drosophila_root):
     from frem.seg.data.images import read_pages
-    data = load_dataset("drosophila", drosophila_root, crop=256, sections={"train": (2,), "val": (12,),
-                                                                           "test": (15,)})
+    data = load_dataset("drosophila", drosophila_root, crop=64, sections={"train": (2,), "val": (12,),
+                                                                          "test": (15,)})
     (section,) = read_pages(drosophila_root / dro.raw_path(2))
     (labels,) = read_pages(drosophila_root / dro.label_path(2), mask=True)
     classes = dro.labels_to_classes(labels.astype(np.uint8), "labels")
     for tile, tile_mask, name in zip(data.train.images, data.train.masks, data.train.names):
         r, c = (int(v) for v in name.split("@")[1].split(","))
-        assert torch.equal(tile[0], torch.from_numpy(section[r:r + 256, c:c + 256, 0]))
-        assert torch.equal(tile_mask, torch.from_numpy(classes[r:r + 256, c:c + 256]))
+        assert torch.equal(tile[0], torch.from_numpy(section[r:r + 64, c:c + 64, 0]))
+        assert torch.equal(tile_mask, torch.from_numpy(classes[r:r + 64, c:c + 64]))
+    assert len(data.train) == 16
 
 
 class IgnoresRange(http.server.SimpleHTTPRequestHandler):
@@ -241,9 +284,10 @@ class IgnoresRange(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def test_a_server_that_ignores_range_restarts_the_file_instead_of_appending(drosophila_root, tmp_path):
+def test_a_server_that_ignores_range_restarts_the_file_instead_of_appending(as_data_set, tmp_path):
+    drosophila_root = as_data_set
     whole = resume_a_killed_download(IgnoresRange, drosophila_root, tmp_path / "cache")
-    assert (tmp_path / "cache" / dro.raw_path(3)).read_bytes() == whole
+    assert (tmp_path / "cache" / dro.raw_path(2)).read_bytes() == whole
 
 
 def test_a_split_moves_whole_and_the_data_names_its_parts(tmp_path):
@@ -364,9 +408,10 @@ def serve(drosophila_root, status=None):
 
 
 def test_a_fresh_download_into_the_default_cache_is_whole_quiet_when_asked_and_shows_progress(
-        drosophila_root, tmp_path, monkeypatch, capsys):
+        as_data_set, tmp_path, monkeypatch, capsys):
     """No --dest and no XDG_CACHE_HOME: ~/.cache. A missing file is asked for whole (no Range),
     at a URL without '//' (object stores refuse it) even when the mirror ends in '/'."""
+    drosophila_root = as_data_set
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     dest = tmp_path / "home" / ".cache" / "frem" / "drosophila-vnc"
@@ -374,40 +419,42 @@ def test_a_fresh_download_into_the_default_cache_is_whole_quiet_when_asked_and_s
     shutil.copytree(drosophila_root, dest)
     for name in ("SHA256SUMS", "CITATION.txt", "README.md"):
         (dest / name).unlink(missing_ok=True)
-    (dest / dro.raw_path(3)).unlink()
+    (dest / dro.raw_path(2)).unlink()
     with serve(drosophila_root) as base:
         url = base + "/"
-        assert dro.download(base_url=url, progress=False) == [dro.raw_path(3)]
+        assert dro.download(base_url=url, progress=False) == [dro.raw_path(2)]
         assert capsys.readouterr().err == ""  # progress=False: nothing on the terminal
-        assert RecordingRangeHandler.requests == [("/" + dro.raw_path(3), None)]
-        (dest / dro.raw_path(4)).unlink()
-        assert dro.download(base_url=url) == [dro.raw_path(4)]
+        assert RecordingRangeHandler.requests == [("/" + dro.raw_path(2), None)]
+        (dest / dro.raw_path(1)).unlink()
+        assert dro.download(base_url=url) == [dro.raw_path(1)]
     shown = capsys.readouterr().err
-    assert "Drosophila VNC" in shown and "file/s" in shown and dro.raw_path(4) in shown
-    assert (dest / dro.raw_path(3)).read_bytes() == (drosophila_root / dro.raw_path(3)).read_bytes()
+    assert "Drosophila VNC" in shown and "file/s" in shown and dro.raw_path(1) in shown
+    assert (dest / dro.raw_path(2)).read_bytes() == (drosophila_root / dro.raw_path(2)).read_bytes()
     assert (dest / "SHA256SUMS").read_text() == dro._CHECKSUMS.read_text()  # what load_dataset verifies against
     assert (dest / "CITATION.txt").read_text() == dro.CITATION + "\n"
 
 
-def test_a_part_already_whole_is_kept_when_the_server_answers_416(drosophila_root, tmp_path):
+def test_a_part_already_whole_is_kept_when_the_server_answers_416(as_data_set, tmp_path):
+    drosophila_root = as_data_set
     dest = tmp_path / "cache"
     shutil.copytree(drosophila_root, dest)
-    target = dest / dro.raw_path(3)
+    target = dest / dro.raw_path(2)
     target.rename(target.with_name(target.name + ".part"))  # killed after the last byte, before the rename
     with serve(drosophila_root, status=416) as url:
-        assert dro.download(dest, base_url=url, progress=False) == [dro.raw_path(3)]
-    assert target.read_bytes() == (drosophila_root / dro.raw_path(3)).read_bytes()
+        assert dro.download(dest, base_url=url, progress=False) == [dro.raw_path(2)]
+    assert target.read_bytes() == (drosophila_root / dro.raw_path(2)).read_bytes()
 
 
-def test_a_server_error_on_a_resumed_file_says_so_and_keeps_the_part(drosophila_root, tmp_path):
+def test_a_server_error_on_a_resumed_file_says_so_and_keeps_the_part(as_data_set, tmp_path):
+    drosophila_root = as_data_set
     dest = tmp_path / "cache"
     shutil.copytree(drosophila_root, dest)
-    target = dest / dro.raw_path(3)
+    target = dest / dro.raw_path(2)
     part = target.with_name(target.name + ".part")
     part.write_bytes(target.read_bytes()[:1000])
     target.unlink()
     with serve(drosophila_root, status=503) as url, \
-            pytest.raises(DataError, match=r"could not download .*03.tif: HTTP Error 503"):
+            pytest.raises(DataError, match=r"could not download .*02.tif: HTTP Error 503"):
         dro.download(dest, base_url=url, progress=False)
     assert part.stat().st_size == 1000  # the next try continues from there
 
@@ -481,8 +528,9 @@ def test_a_negative_class_index_in_a_mask_is_named(tmp_path):
         load_dataset("folder", root, crop=32)
 
 
-def test_a_complete_cache_is_used_as_it_is(drosophila_root, tmp_path, monkeypatch, capsys):
+def test_a_complete_cache_is_used_as_it_is(as_data_set, tmp_path, monkeypatch, capsys):
     """No 'downloading it once' note and no re-hashing of every file on each run."""
+    drosophila_root = as_data_set
     monkeypatch.delenv("FREM_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     cache = dro.default_root()

@@ -3,11 +3,19 @@
 Every fact about it lives here: the four classes and how the merged label
 values map to them, the split by section, where it is downloaded from, and
 the checksums (``drosophila_sha256sums.txt``, from the source's SHA256SUMS).
+
+An *excerpt* (``cut_excerpt``) is a few sections cropped to one window, in
+the same layout, with its own SHA256SUMS and an ``excerpt.json`` saying what
+it was cut from: frem's tests ship one (``tests/data/drosophila-excerpt``) so
+that they run on real data on any machine. It loads like the whole data set
+and always names itself an excerpt, with a checksum of its own, so nothing
+measured on it passes for the data set's.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -43,11 +51,19 @@ CITATION = ("Gerhard, Funke, Martel, Cardona, Fetter. Segmented anisotropic ssTE
 _CHECKSUMS = Path(__file__).with_name("drosophila_sha256sums.txt")
 HOW_TO_GET = ("get it with `frem data download drosophila`, or point --data / FREM_DATA "
               "at a copy")
+EXCERPT = "excerpt.json"  # beside an excerpt's own SHA256SUMS
 
 
-def checksums() -> dict[str, str]:
-    """Relative path -> SHA-256 for every file of the data set."""
-    lines = _CHECKSUMS.read_text().splitlines()
+def _checksum_file(root=None) -> Path:
+    """The checksum list a folder is verified against: an excerpt's own, else the data set's."""
+    if root is not None and (Path(root) / EXCERPT).is_file():
+        return Path(root) / "SHA256SUMS"
+    return _CHECKSUMS
+
+
+def checksums(root=None) -> dict[str, str]:
+    """Relative path -> SHA-256 for every file of the data set (of the excerpt at ``root``)."""
+    lines = _checksum_file(root).read_text().splitlines()
     return {path: digest for digest, path in (line.split(maxsplit=1) for line in lines if line)}
 
 
@@ -81,15 +97,21 @@ def resolve_root(root=None, fetch_missing: bool = True) -> Path:
     return root
 
 
-def checksum() -> str:
+def checksum(root=None) -> str:
     """The data set's identity: the SHA-256 of its checksum list (every file is verified against it)."""
-    return hashlib.sha256(_CHECKSUMS.read_bytes()).hexdigest()[:12]
+    return hashlib.sha256(_checksum_file(root).read_bytes()).hexdigest()[:12]
 
 
-def source_name() -> str:
+def source_name(root=None) -> str:
     """The data set by name and checksum list, never by a machine's path."""
-    return (f"Drosophila VNC ssTEM ({SOURCE_REPOSITORY}@{SOURCE_COMMIT}; files verified against SHA256SUMS "
-            f"{checksum()})")
+    if _checksum_file(root) == _CHECKSUMS:
+        return (f"Drosophila VNC ssTEM ({SOURCE_REPOSITORY}@{SOURCE_COMMIT}; files verified against SHA256SUMS "
+                f"{checksum()})")
+    cut = json.loads((Path(root) / EXCERPT).read_text())
+    r, c, h, w = cut["box"]
+    return (f"an excerpt of the Drosophila VNC ssTEM data set ({SOURCE_REPOSITORY}@{SOURCE_COMMIT}, SHA256SUMS "
+            f"{checksum()}): sections {cut['sections']} cropped to {h}x{w} at ({r}, {c}); files verified "
+            f"against its own SHA256SUMS {checksum(root)}")
 
 
 def sha256(path: Path) -> str:
@@ -110,6 +132,10 @@ def label_path(section: int) -> str:
 
 def _verified(root: Path, relative: str, sums: dict[str, str]) -> Path:
     path = root / relative
+    if relative not in sums:  # an excerpt: a section it was not cut from
+        raise DataError(f"{root} is an excerpt of the Drosophila data without {relative} "
+                        f"(it holds sections {json.loads((root / EXCERPT).read_text())['sections']}): choose "
+                        "among those, or point --data / FREM_DATA at the whole data set")
     if not path.is_file():
         raise DataError(f"missing file {path}: {HOW_TO_GET}")
     if sha256(path) != sums[relative]:
@@ -144,12 +170,55 @@ def load_drosophila(root=None, *, crop: int | None = DEFAULT_CROP, tiles_per_sec
     ``tiles_per_section`` keeps that many tiles spread over each section.
     """
     root = resolve_root(root)
-    sums = checksums()
+    sums = checksums(root)
     sections = sections or SPLIT
     splits = {name: make_split([load_section(root, s, sums) for s in sections[name]],
                                crop, tiles_per_section, name)
               for name in ("train", "val", "test")}
-    return SegmentationData(CLASSES, source=source_name(), root=str(root.resolve()), checksum=checksum(), **splits)
+    return SegmentationData(CLASSES, source=source_name(root), root=str(root.resolve()), checksum=checksum(root),
+                            **splits)
+
+
+def cut_excerpt(root, dest, sections, box, unlabelled=(0,)) -> Path:
+    """Crop ``sections`` of the whole data set at ``root`` (verified) and ``unlabelled`` sections of its
+    second stack to ``box`` = (row, column, height, width), in the data set's layout, into ``dest``, with
+    its own SHA256SUMS, ``excerpt.json`` and a README carrying the license and the citation."""
+    import tifffile
+    from PIL import Image
+
+    root, dest = Path(root), Path(dest)
+    sums = checksums()
+    r, c, h, w = box
+    written = []
+    for section in sections:
+        (image,) = read_pages(_verified(root, raw_path(section), sums))
+        (labels,) = read_pages(_verified(root, label_path(section), sums), mask=True)
+        written += [_write(dest, raw_path(section), lambda p: tifffile.imwrite(p, image[r:r + h, c:c + w, 0])),
+                    _write(dest, label_path(section),
+                           lambda p: Image.fromarray(labels[r:r + h, c:c + w].astype(np.uint8)).save(p))]
+    for section in unlabelled:
+        (image,) = read_pages(_verified(root, raw_path(section, stack=2), sums))
+        written.append(_write(dest, raw_path(section, stack=2),
+                              lambda p: tifffile.imwrite(p, image[r:r + h, c:c + w, 0])))
+    (dest / "SHA256SUMS").write_text("".join(f"{sha256(dest / rel)}  {rel}\n" for rel in sorted(written)))
+    (dest / EXCERPT).write_text(json.dumps({"of": source_name(), "sections": list(sections),
+                                            "unlabelled_stack2_sections": list(unlabelled), "box": list(box)},
+                                           indent=2) + "\n")
+    (dest / "README.md").write_text(
+        f"# An excerpt of the Drosophila VNC ssTEM data set\n\nSections {list(sections)} of stack 1 (with their "
+        f"labels) and {list(unlabelled)} of stack 2, cropped to {h}x{w} pixels at row {r}, column {c}, in the data "
+        f"set's own layout; cut by `frem.seg.data.drosophila.cut_excerpt` (see `excerpt.json`).\n\n"
+        f"Source: {CITATION}.\nPublic copy: {SOURCE_REPOSITORY} (commit {SOURCE_COMMIT}).\n\nLicense: "
+        "Creative Commons Attribution-NonCommercial-ShareAlike 3.0 Unported (CC BY-NC-SA 3.0). Free to use for "
+        "generating or testing non-commercial image segmentation software; publications using it must cite the "
+        "reference above. This excerpt is shared under the same license.\n")
+    return dest
+
+
+def _write(dest: Path, relative: str, write) -> str:
+    (dest / relative).parent.mkdir(parents=True, exist_ok=True)
+    write(dest / relative)
+    return relative
 
 
 def download(dest=None, base_url: str | None = None, progress: bool = True) -> list[str]:
