@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import frem
 from frem.seg import checkpoint
 from frem.seg.cli import main
 from frem.seg.evaluate import FeatureProbe, evaluate_run, model_from_checkpoint
@@ -28,7 +29,8 @@ def test_the_probe_measures_the_bottleneck_and_the_skip_that_meets_it(trained_ru
     stats = probe.summary()
     assert stats["bottleneck_mean"] == pytest.approx(float(features[-1].mean()), rel=1e-5)
     assert stats["skip_mean"] == pytest.approx(float(features[-2].mean()), rel=1e-5)
-    channels = state["frem"][0]["channels"]
+    channels = state["frem"][0]["channels"]  # the best epoch's draw, which the rebuilt model holds too
+    assert frem.attached(model)[0].channels.tolist() == channels and frem.attached(model)[0].epoch == state["epoch"]
     chosen = torch.zeros(features[-1].shape[1], dtype=torch.bool)
     chosen[channels] = True
     per_channel = features[-1].mean((0, 2, 3))

@@ -91,12 +91,15 @@ def evaluate(model: nn.Module, split: Split, classes, normalization: dict, *,
 
 
 def model_from_checkpoint(state: dict, device="cpu") -> nn.Module:
-    """Rebuild the run's model and load its weights."""
+    """Rebuild the run's model and load its weights; FREM holds the channels of the checkpoint's epoch
+    (what the probe splits the bottleneck by), not a fresh model's epoch-0 draw."""
     config = state["config"]
     model = build_model(config["variant"], encoder=config["encoder"], in_channels=state["in_channels"],
                         classes=len(state["classes"]), B=config["B"], X=config["X"],
                         lambda_=config["lambda_"], seed=config["seed"])
     model.load_state_dict(state["model"])
+    if frem.attached(model) and isinstance(state.get("epoch"), int):
+        frem.resample(model, state["epoch"])
     return model.to(device).eval()
 
 
