@@ -152,3 +152,42 @@ def test_frem_enhances_every_training_step_with_the_epochs_channels_and_nothing_
     recorded = train(config.with_(out=config.out + "-record"))["frem"]  # what metrics.json says ran
     assert [(f["epoch"], f["channels"], f["B"], f["X"]) for f in recorded] == [(1, history[-1]["frem_channels"],
                                                                                  config.B, config.X)]
+
+
+def test_a_training_tile_reaches_the_model_standardised_by_its_whole_images_statistics(tmp_path, monkeypatch):
+    """What `frem predict` does (the whole image standardised, then tiled) is what training does: a tile
+    standardised by its own statistics would train on other inputs than those it is later asked about.
+    One image, dark left half and bright right half, cut into those two tiles."""
+    import numpy as np
+    from PIL import Image
+
+    from frem.seg.data.base import image_stats
+    root = tmp_path / "d"
+    (root / "classes.txt").parent.mkdir()
+    (root / "classes.txt").write_text("cell\nbackground\n")
+    rng = np.random.default_rng(0)
+    image = np.concatenate([rng.integers(10, 40, (64, 64)), rng.integers(180, 250, (64, 64))], axis=1).astype(np.uint8)
+    for split in ("train", "val", "test"):
+        for kind, array in (("images", image), ("masks", (image > 100).astype(np.uint8))):
+            (root / split / kind).mkdir(parents=True)
+            Image.fromarray(array).save(root / split / kind / "a.png")
+    config = TrainConfig.build(quick=True, dataset="folder", data=str(root), crop=64, out=str(tmp_path / "run"),
+                               epochs=1, batch_size=1, progress=False)
+    data = config.load_data()
+    whole = torch.from_numpy(image_stats(image[..., None]))
+    assert all(torch.equal(stats, whole) for stats in data.train.stats)  # each tile carries its image's statistics
+    seen = []
+    real_build = trainer.build_model
+
+    def build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone())
+                                        if module.training else None)
+        return model
+    monkeypatch.setattr(trainer, "build_model", build)
+    train(config, data)
+    mean, std = float(whole[0, 0]), float(whole[0, 1])
+    expected = sorted(float((image[:, half].astype(np.float64).mean() - mean) / std)
+                      for half in (slice(0, 64), slice(64, 128)))
+    assert len(seen) == 2 and sorted(float(x.mean()) for x in seen) == pytest.approx(expected, abs=1e-5)
+    assert expected[0] < -0.9 and expected[1] > 0.9  # standardised by itself, each tile would have mean 0

@@ -67,3 +67,41 @@ def test_a_mouse_liver_copy_gets_tables_1_and_3_and_others_none():
     text = "\n".join(paper_markdown(3, rows))
     assert "| model (as printed) | menbrane | nuclear | background | mIoU |" in text
     assert "| frem-fixed | 60.49 | +0.99 | 61.00 ± 2.00 | +1.00 ± 0.50 |" in text
+
+
+def _runs(mious: dict) -> dict:
+    """Finished runs' metrics as run_all returns them: (variant, seed) -> metrics, one class IoU = mIoU."""
+    return {(variant, seed): {"test": {"miou": value, "iou": {"cell": value}}}
+            for variant, values in mious.items() for seed, value in enumerate(values)}
+
+
+def test_the_multi_seed_summary_pairs_each_seed_with_its_own_baseline():
+    from frem.seg.reproduce import summarize
+    import statistics
+    baseline, frem = [0.50, 0.60, 0.70], [0.52, 0.63, 0.69]
+    rows = {r["variant"]: r for r in summarize(_runs({"baseline": baseline, "frem": frem}), ("cell",), [0, 1, 2],
+                                               ("baseline", "frem"))}
+    paired = [f - b for f, b in zip(frem, baseline)]  # +0.02, +0.03, -0.01: seed by seed
+    assert rows["frem"]["delta_miou"] == pytest.approx((statistics.fmean(paired), statistics.stdev(paired)))
+    assert rows["frem"]["delta_miou"][1] == pytest.approx(0.020817, abs=1e-6)  # unpaired it would be ~0.1
+    assert rows["frem"]["miou"] == pytest.approx((statistics.fmean(frem), statistics.stdev(frem)))
+    assert rows["baseline"]["delta_miou"] == (0.0, 0.0) and rows["frem"]["seeds"] == 3
+    assert rows["frem"]["cell"] == rows["frem"]["miou"]
+
+
+@pytest.mark.parametrize("baseline, frem, outcome, larger", [
+    ([0.50, 0.60, 0.70], [0.52, 0.63, 0.69], "beat", "not larger"),    # +0.013 against the baseline's 0.1 spread
+    ([0.50, 0.51, 0.52], [0.55, 0.565, 0.575], "beat", "larger"),     # +0.053 against at most 0.01
+    ([0.50, 0.51, 0.52], [0.45, 0.455, 0.47], "did not beat", "larger"),
+    ([0.50, 0.60, 0.70], [0.49, 0.58, 0.71], "did not beat", "not larger"),
+])
+def test_the_verdict_says_whether_frem_beat_the_baseline_by_more_than_the_seed_spread(baseline, frem, outcome, larger):
+    from frem.seg.reproduce import summarize, verdict
+    rows = summarize(_runs({"baseline": baseline, "frem": frem}), ("cell",), [0, 1, 2], ("baseline", "frem"))
+    delta = sum(f - b for f, b in zip(frem, baseline)) / 3
+    text = verdict(rows)
+    assert text.startswith(f"On these runs FREM {outcome} the baseline: mIoU difference {delta:+.4f} "
+                           "(paired over 3 seeds).")
+    assert f"That difference is {larger} than the seed-to-seed spread" in text
+    one = verdict(summarize(_runs({"baseline": baseline[:1], "frem": frem[:1]}), ("cell",), [0], ("baseline", "frem")))
+    assert one.endswith("(paired over 1 seed). With one seed there is no seed-to-seed spread to compare it with.")
