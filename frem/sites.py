@@ -6,6 +6,7 @@ of keys and indices to one tensor inside it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,5 +72,11 @@ def deepest_entry(value) -> tuple | None:
     if not maps:
         entries = list(tensor_entries(value))
         return entries[-1][0] if entries else None
-    order = {path: i for i, (path, _) in enumerate(maps)}
-    return min(maps, key=lambda pt: (pt[1].shape[2:].numel(), -pt[1].shape[1], -order[pt[0]]))[0]
+    # A plain loop, not min(key=...): this runs inside torch.compile at the first training call, and
+    # Dynamo in torch 2.13 cannot trace min with a key ("invalid call to builtin op handler").
+    best, best_rank = None, None
+    for index, (path, t) in enumerate(maps):
+        rank = (math.prod(t.shape[2:]), -t.shape[1], -index)
+        if best_rank is None or rank < best_rank:
+            best, best_rank = path, rank
+    return best

@@ -101,3 +101,33 @@ def test_frem_acts_under_torch_compile(scenario):
     script = PRELUDE.format(tests=str(TESTS)) + textwrap.dedent(SCENARIOS[scenario]) + "\nprint('ok')\n"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_the_deepest_entry_of_a_list_output_is_chosen_inside_a_fullgraph_trace():
+    """attach(entry=None) on a layer returning a list picks the deepest map at the first training call, which
+    under torch.compile is inside the trace: with torch 2.13, min(..., key=...) there broke the graph."""
+    import torch
+    from torch import nn
+
+    import frem
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.Conv2d(8, 16, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return [y, self.b(y)]
+
+    torch.manual_seed(0)
+    model, x = Encoder(), torch.randn(2, 1, 16, 16)
+    handle = frem.attach(model, "", B=4, X=10.0)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    shallow, deep = compiled(x)
+    with torch.no_grad():
+        bare = [model.a(x), model.b(model.a(x))]
+    assert handle.num_channels == 16 and torch.equal(shallow, bare[0])  # the 16-channel 4x4 map, not the first
+    scale = torch.ones(16)
+    scale[handle.channels] = 10.0
+    assert torch.allclose(deep, bare[1] * scale.view(1, -1, 1, 1))
