@@ -1,4 +1,4 @@
-"""The README's benchmark commands run as written (a seconds-long subset; no timing asserted)."""
+"""The benchmark commands of docs/kernel.md run as written (a seconds-long subset; no timing asserted)."""
 
 import pytest
 import json
@@ -15,8 +15,8 @@ SUBSET = "copy_bandwidth or (16x512x8x8 and fp32 and nchw and forward-)"
 
 
 def readme_command(program: str) -> list[str]:
-    """The first line of the README's Benchmarks section that runs ``program``."""
-    section = (ROOT / "README.md").read_text().split("## Benchmarks", 1)[1]
+    """The first line of docs/kernel.md's Benchmarks section that runs ``program``."""
+    section = (ROOT / "docs" / "kernel.md").read_text().split("## Benchmarks", 1)[1]
     line = next(line for line in section.splitlines() if line.startswith(program + " "))
     return shlex.split(line.split("#")[0])
 
