@@ -59,7 +59,7 @@ def _nnunet(dims=2, residual=False):
     # nnU-Net's architectures come with the nnunet extra, which is not in `test` (it pins timm): without
     # it these cases skip, except under CI, which installs it and must run them.
     if not os.environ.get("CI"):
-        pytest.importorskip("dynamic_network_architectures", reason='needs the nnunet extra: pip install ".[nnunet]"')
+        pytest.importorskip("dynamic_network_architectures", reason='needs the nnunet extra: pip install -e ".[nnunet]"')
     from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
     conv, norm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
     stages = 4 if dims == 2 else 3

@@ -17,7 +17,7 @@ NEEDS = {"nnunet_trainer.py": ("dynamic_network_architectures", "nnunet")}  # sc
 def test_example_runs(script):
     if script.name in NEEDS and not os.environ.get("CI"):  # CI installs every extra and runs them all
         module, extra = NEEDS[script.name]
-        pytest.importorskip(module, reason=f'needs the {extra} extra: pip install ".[{extra}]"')
+        pytest.importorskip(module, reason=f'needs the {extra} extra: pip install -e ".[{extra}]"')
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FREM(B=" in result.stdout

@@ -90,8 +90,9 @@ def test_a_float16_gradscaler_run_with_the_papers_x_stays_finite_and_learns():
 
 def test_nnunet_network_and_loss_under_float16_with_the_papers_setting():
     """nnU-Net's own network and Dice+CE loss, its train_step's float16 autocast and GradScaler."""
-    unet = pytest.importorskip("dynamic_network_architectures.architectures.unet")
-    loss_module = pytest.importorskip("nnunetv2.training.loss.compound_losses")
+    reason = 'needs the nnunet extra: pip install -e ".[nnunet]"'
+    unet = pytest.importorskip("dynamic_network_architectures.architectures.unet", reason=reason)
+    loss_module = pytest.importorskip("nnunetv2.training.loss.compound_losses", reason=reason)
     torch.manual_seed(0)
     network = unet.PlainConvUNet(1, 4, (8, 16, 32, 64), nn.Conv2d, 3, (1, 2, 2, 2), (2,) * 4, 2, (2,) * 3, True,
                                  nn.InstanceNorm2d, {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU,

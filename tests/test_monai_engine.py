@@ -10,7 +10,7 @@ import frem
 if os.environ.get("CI"):
     import ignite  # noqa: F401  (CI installs the monai extra: run, never skip)
 else:
-    pytest.importorskip("ignite", reason='needs the monai extra: pip install ".[monai]"')
+    pytest.importorskip("ignite", reason='needs the monai extra: pip install -e ".[monai]"')
 monai = pytest.importorskip("monai")
 from ignite.engine import Events  # noqa: E402
 from monai.engines import SupervisedTrainer  # noqa: E402

@@ -4,7 +4,7 @@ A tiny 2-D data set in nnU-Net's raw format is cut from the Drosophila
 sections; the trainer is examples/nnunet_trainer.py, installed the way its
 docstring says (a folder of its own under ``nnUNet_extTrainer``), with a
 subclass that trains 2 epochs of 3 iterations and records what FREM did.
-Needs the ``nnunet`` extra (``pip install ".[nnunet]"``); CI installs it, and
+Needs the ``nnunet`` extra (``pip install -e ".[nnunet]"``); CI installs it, and
 fails rather than skips without it. Run against nnunetv2 2.8.1 (CI) and, by
 hand, 2.7.0 (an nnU-Net without nnUNet_extTrainer: the trainer then goes into
 nnU-Net's own variants folder, as the example's docstring says, and is removed
@@ -28,7 +28,7 @@ import frem
 if os.environ.get("CI"):
     import nnunetv2  # noqa: F401  (CI must run this test, not skip it)
 else:
-    pytest.importorskip("nnunetv2", reason='needs the nnunet extra: pip install ".[nnunet]"')
+    pytest.importorskip("nnunetv2", reason='needs the nnunet extra: pip install -e ".[nnunet]"')
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -47,7 +47,7 @@ def postgres_url():
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        _require(False, 'no PostgreSQL driver: pip install ".[postgres]"')
+        _require(False, 'no PostgreSQL driver: pip install -e ".[postgres]"')
     as_postgres = []
     folder = Path(tempfile.mkdtemp(prefix="frem-postgres-"))
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root
