@@ -1,7 +1,9 @@
 """FREM, the Feature Random Enhancement Module (Ando & Hotta, VISAPP 2021).
 
 In training it multiplies B chosen channels by X; in eval it returns its input
-object unchanged. ``mode="random"`` re-draws the channels on every
+object unchanged. The channels are dim 1 of (N, C, *spatial) maps by default;
+``dim=-1`` serves channels-last maps (N, *spatial, C) and a transformer's
+tokens (N, L, C). ``mode="random"`` re-draws the channels on every
 ``resample(epoch)``; ``mode="fixed"`` keeps the epoch-0 draw (paper Table 3).
 Its buffers are non-persistent, so it never changes a model's state_dict.
 
@@ -35,7 +37,7 @@ STALE_DRAW_STEPS = 1000
 
 
 class FREM(LazyModuleMixin, nn.Module):
-    """Multiply B channels of dim 1 by X while training; identity in eval.
+    """Multiply B channels (of dim ``dim``) by X while training; identity in eval.
 
     Args:
         B: channels to enhance, an int count or a float fraction in (0, 1].
@@ -44,12 +46,17 @@ class FREM(LazyModuleMixin, nn.Module):
         seed: the draw is a pure function of (seed, epoch).
         layer: name of the hooked layer, used in error messages.
         num_channels: the width, if known; otherwise learnt at the first training call.
+        dim: where the channels are: 1 for (N, C, *spatial), -1 for (N, *spatial, C) and (N, L, C).
     """
 
     def __init__(self, B: int | float, X: float, mode: str = "random", seed: int = 0,
-                 layer: str | None = None, num_channels: int | None = None):
+                 layer: str | None = None, num_channels: int | None = None, dim: int = 1):
         super().__init__()
         self._B_spec = validate_count_spec(B)
+        if isinstance(dim, bool) or not isinstance(dim, Integral) or dim == 0:
+            raise ValueError(f"dim is the channel dim: 1 for (N, C, *spatial), -1 for channels-last maps and "
+                             f"(N, L, C) tokens (0 is the batch), got dim={dim!r}")
+        self.dim = int(dim)
         if isinstance(X, bool) or not isinstance(X, Real) or not math.isfinite(X) or not 0 < X <= X_MAX:
             raise ValueError(f"X must be a finite number in (0, {X_MAX:.4g}] (the scale is float32), "
                              f"got X={X!r}")
@@ -145,13 +152,14 @@ class FREM(LazyModuleMixin, nn.Module):
         if not self.training or (self.applied_by_hook and not _hooked):
             return x
         where = f"layer {self.layer!r}" if self.layer is not None else "FREM's input"
-        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        if not isinstance(x, torch.Tensor) or not self._has_channel_dim(x):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{where} has no channel dimension (output {shape}); "
-                             "FREM needs (N, C, *spatial) feature maps")
-        if x.shape[1] != self.num_channels:  # bound by _infer_parameters before this call
-            raise ValueError(f"{where} has {x.shape[1]} channels, but this FREM was bound to "
-                             f"{self.num_channels}")
+            raise ValueError(f"{where} has no channel dimension {self.dim} (output {shape}); "
+                             "FREM needs (N, C, *spatial) feature maps, or dim=-1 for (N, *spatial, C) and (N, L, C)")
+        if x.shape[self.dim] != self.num_channels:  # bound by _infer_parameters before this call
+            raise ValueError(f"{where} has {x.shape[self.dim]} channels in dim {self.dim}, but this FREM was "
+                             f"bound to {self.num_channels}: the layer's layout changed, or dim= is wrong "
+                             "(1: (N, C, *spatial); -1: channels last)")
         if torch.compiler.is_compiling():
             return self._enhance(x)
         if self.scale.device != x.device:  # still on the meta device (load_state_dict(assign=True)), or moved
@@ -162,9 +170,12 @@ class FREM(LazyModuleMixin, nn.Module):
         y._frem_layer = self.layer or "FREM"
         return y
 
+    def _has_channel_dim(self, x: torch.Tensor) -> bool:
+        return x.dim() >= 2 and -x.dim() < self.dim < x.dim() and self.dim % x.dim() != 0
+
     def _enhance(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float16:
-            return scale_channels(x, self.scale)
+            return scale_channels(x, self.scale, self.dim)
         # float16 (the autocast nnU-Net and most GPU scripts train with): the paper's networks'
         # bottleneck features stay within a few units (README, "Mixed precision"), so X=632 fits
         # float16's maximum of 65504 with room; a larger X or feature would round to inf. The
@@ -172,7 +183,7 @@ class FREM(LazyModuleMixin, nn.Module):
         # as for any clamp). What is capped here, and steps whose gradient comes back inf/NaN
         # (an overflow downstream: GradScaler then skips the step), are counted on the device
         # and reported once an epoch by resample().
-        y = scale_channels(x.float(), self.scale).clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16)
+        y = scale_channels(x.float(), self.scale, self.dim).clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16)
         self.capped += (y.abs() == FLOAT16_MAX).sum()
         if y.requires_grad and not torch.compiler.is_compiling():
             self._float16_steps += 1
@@ -230,8 +241,8 @@ class FREM(LazyModuleMixin, nn.Module):
         # The forward pre-hook of a lazy module (and what torch.compile calls before tracing):
         # the first training call with a feature map fixes the width.
         x = args[0]
-        if self.num_channels is None and self.training and isinstance(x, torch.Tensor) and x.dim() >= 2:
-            self.bind(x.shape[1], device=x.device)
+        if self.num_channels is None and self.training and isinstance(x, torch.Tensor) and self._has_channel_dim(x):
+            self.bind(x.shape[self.dim], device=x.device)
 
     def _finish_lazy_binding(self) -> None:
         if self.num_channels is not None and "_initialize_hook" in self.__dict__:
@@ -287,6 +298,7 @@ class FREM(LazyModuleMixin, nn.Module):
         for name in ("_holder_ref", "_target_ref"):
             state[name] = weakref.ref(state[name]) if state[name] is not None else None
         state.setdefault("_float16_steps", 0)  # a FREM pickled before the float16 counters
+        state.setdefault("dim", 1)  # ... or before channel dims other than 1
         super().__setstate__(state)
         for name in ("capped", "overflowed"):
             if name not in self._buffers:
@@ -297,5 +309,7 @@ class FREM(LazyModuleMixin, nn.Module):
         if self.layer is not None:
             parts.append(f"layer={self.layer!r}")
         parts.append(f"channels={self.num_channels if self.num_channels is not None else '?'}")
+        if self.dim != 1:
+            parts.append(f"dim={self.dim}")
         parts.append(f"epoch={self.epoch}")
         return ", ".join(parts)

@@ -1,6 +1,11 @@
 """``y = x * scale[c]``: per-channel scaling, the one op FREM needs.
 
 Layout: ``x`` is (N, C, *spatial) with 0 to 3 spatial dims; ``scale`` is (C,).
+Channels elsewhere (``dim``: channels-last maps (N, *spatial, C), a
+transformer's tokens (N, L, C)) are a permuted view of that: ``x.movedim(dim,
+1)`` is (N, C, ...) with the channels innermost in memory, which the dense
+kernel's column path serves with one read and one write, and the result is
+moved back. No copy is made either way.
 
 The backward of a channel scaling is the same channel scaling of the incoming
 gradient (``dx = dy * scale``), so one pair of kernels serves both passes:
@@ -278,10 +283,11 @@ def scale_channels_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def scale_channels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Return ``x * scale`` broadcast over dim 1, differentiable in ``x``.
+def scale_channels(x: torch.Tensor, scale: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Return ``x * scale`` broadcast over ``dim`` (the channels), differentiable in ``x``.
 
-    ``x``: (N, C, *spatial) with 0-3 spatial dims, floating point, any strides.
+    ``x``: (N, C, *spatial) with 0-3 spatial dims for ``dim=1``; (N, *spatial, C)
+    or tokens (N, L, C) for ``dim=-1``; floating point, any strides.
     ``scale``: (C,); cast to fp32 (fp64 for fp64 ``x``) on ``x``'s device. It
     gets no gradient. The result has ``x``'s dtype; for dense inputs also its
     memory format. Every path computes the fp32 product and rounds once.
@@ -290,6 +296,12 @@ def scale_channels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"scale_channels expects x of shape (N, C, *spatial) with 2 to {MAX_RANK} dims, "
             f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not (-x.dim() < dim < x.dim()) or dim % x.dim() == 0:
+        raise ValueError(f"dim must name a channel dim of x (1 to {x.dim() - 1}, or -1 to {1 - x.dim()}; "
+                         f"0 is the batch), got dim={dim!r} for x of shape {tuple(x.shape)}")
+    dim %= x.dim()
+    if dim != 1:  # a permuted view, scaled as (N, C, ...) and moved back: no copy
+        return scale_channels(x.movedim(dim, 1), scale).movedim(1, dim)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"scale_channels supports {[str(d) for d in SUPPORTED_DTYPES]}, got {x.dtype}")
     if scale.dim() != 1 or scale.shape[0] != x.shape[1]:

@@ -1,4 +1,5 @@
-"""Hypothesis strategies for (N, C, *spatial) tensors in every memory layout."""
+"""Hypothesis strategies for feature maps in every memory layout: (N, C, *spatial), and with the
+channels in another dim (channels-last maps (N, *spatial, C), tokens (N, L, C))."""
 
 import torch
 from hypothesis import strategies as st
@@ -65,9 +66,26 @@ def scales(draw, channels):
     return torch.tensor([X if m else 1.0 for m in mask], dtype=torch.float32)
 
 
-def reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float64 ``x * scale`` over dim 1."""
-    return x.double() * scale.double().view((1, -1) + (1,) * (x.dim() - 2))
+@st.composite
+def maps_with_channel_dim(draw, dtypes=FLOAT_DTYPES, max_side=6, max_channels=9):
+    """(x, dim): a tensor of rank 2-5 whose channels are in ``dim`` (-1 most often: channels last and
+    tokens; sometimes a middle dim, or 1), in any memory layout."""
+    rank = draw(st.integers(2, 5))
+    dim = draw(st.sampled_from([-1, -1, 1] + list(range(2, rank))))
+    shape = [draw(st.integers(1, 3))] + [draw(st.integers(1, max_side)) for _ in range(rank - 1)]
+    shape[dim] = draw(st.integers(1, max_channels))
+    dtype = draw(st.sampled_from(dtypes))
+    layout = draw(st.sampled_from(LAYOUTS))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    base = (torch.randn(shape, generator=g, dtype=torch.float64) * 10).to(dtype)
+    return make_layout(base, layout, draw), dim
+
+
+def reference(x: torch.Tensor, scale: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """float64 ``x * scale`` over ``dim``."""
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    return x.double() * scale.double().view(shape)
 
 
 def assert_close_to_reference(actual: torch.Tensor, ref64: torch.Tensor, dtype) -> None:

@@ -178,9 +178,9 @@ def test_binding_removes_the_lazy_hook():
 
 
 def test_messages_for_an_unnamed_frem():
-    with pytest.raises(ValueError, match=r"^FREM's input has no channel dimension \(output \(5,\)\)"):
+    with pytest.raises(ValueError, match=r"^FREM's input has no channel dimension 1 \(output \(5,\)\)"):
         FREM(1, 2.0).train()(torch.randn(5))
-    with pytest.raises(ValueError, match=r"^FREM's input has no channel dimension \(output list\)"):
+    with pytest.raises(ValueError, match=r"^FREM's input has no channel dimension 1 \(output list\)"):
         FREM(1, 2.0).train()([1.0, 2.0])
     with pytest.raises(ValueError, match=r"B=10 is larger than the 4 channels of the layer$"):
         FREM(10, 2.0).bind(4)
@@ -285,3 +285,51 @@ def test_half_keeps_X_exact():
     module.capped.fill_(3)
     module.to(torch.float64)
     assert int(module.capped) == 3  # a plain move keeps what the counters hold
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_channels_last_maps_and_tokens_get_exactly_B_channels_times_X(data):
+    """dim=-1: (N, H, W, C) maps and (N, L, C) tokens. Training multiplies exactly the B drawn channels of the
+    last dim by X (gradients too, against float64), eval returns the input object."""
+    from strategies import maps_with_channel_dim, reference
+    x, dim = data.draw(maps_with_channel_dim(dtypes=(torch.float64,)))
+    C = x.shape[dim]
+    B = data.draw(st.integers(1, C))
+    module = FREM(B, 250.0, seed=data.draw(st.integers(0, 99)), dim=dim).train()
+    x.requires_grad_(True)
+    y = module(x)
+    assert module.num_channels == C and module.channels.numel() == B
+    scale = torch.ones(C, dtype=torch.float64)
+    scale[module.channels] = 250.0
+    assert torch.equal(y, reference(x.detach(), scale, dim))
+    grad = torch.randn(x.shape, dtype=torch.float64)
+    y.backward(grad)
+    assert torch.equal(x.grad, reference(grad, scale, dim))
+    assert module.eval()(x) is x
+
+
+def test_a_channel_dim_of_zero_or_past_the_tensor_is_named():
+    with pytest.raises(ValueError, match=r"dim is the channel dim: 1 for \(N, C, \*spatial\), -1 for"):
+        FREM(1, 2.0, dim=0)
+    with pytest.raises(ValueError, match=r"has no channel dimension 3 \(output \(2, 4, 5\)\)"):
+        FREM(1, 2.0, dim=3).train()(torch.randn(2, 4, 5))
+    module = FREM(2, 2.0, dim=-1).train()
+    module(torch.randn(1, 3, 3, 8))
+    with pytest.raises(ValueError, match=r"has 3 channels in dim -1, but this FREM was bound to 8: the layer's layout"):
+        module(torch.randn(1, 8, 3, 3))  # the same map channels first: refused, not scaled along the width
+    assert "dim=-1" in repr(module) and "dim=" not in repr(FREM(1, 2.0))
+
+
+def test_fullgraph_compile_of_a_frem_on_tokens():
+    import torch._dynamo
+    torch._dynamo.reset()
+    module = FREM(3, 10.0, dim=-1, num_channels=8).train()
+    x = torch.randn(2, 49, 8, requires_grad=True)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    scale = torch.ones(8)
+    scale[module.channels] = 10.0
+    assert torch.equal(y, x * scale)
+    y.sum().backward()
+    assert torch.equal(x.grad, scale.expand(2, 49, 8))

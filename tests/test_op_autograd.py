@@ -66,6 +66,20 @@ def test_the_ops_backward_scales_the_gradient_by_the_channel_scale(registered, g
     assert torch.equal(x.grad, grad * scale.view(1, -1, 1, 1))
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 6, 4), (2, 49, 4), (1, 2, 3, 4, 4)])
+def test_channels_last_maps_and_tokens_reach_the_kernels_as_a_permuted_view(registered, shape):
+    """What scale_channels(x, scale, dim=-1) hands the op: (N, C, ...) with the channels innermost in
+    memory, which the dense kernel serves (its column orientation), forward and backward, no copy."""
+    x = torch.randn(shape, requires_grad=True)
+    scale = torch.tensor([1.0, 632.0, 2.0, 250.0])
+    moved = x.movedim(-1, 1)
+    assert moved.stride(1) == 1 and not k.tile_plan(moved, torch.empty_like(moved))["ROW_CHANNEL"]
+    y = registered(moved, scale).movedim(1, -1)
+    assert y.is_contiguous() and torch.equal(y, x * scale)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, scale.expand(shape))
+
+
 def test_float64_keeps_a_float64_scale_exactly(registered):
     x = torch.randn(2, 3, 4, dtype=torch.float64)
     scale = torch.tensor([1.0 / 3.0, 632.0 + 1e-9, 0.1], dtype=torch.float64)  # not representable in float32

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import assert_close_to_reference, feature_maps, reference, scales
+from strategies import assert_close_to_reference, feature_maps, maps_with_channel_dim, reference, scales
 
 import frem
 import frem.kernels.scale_channels as k
@@ -28,6 +28,39 @@ def test_forward_and_backward_match_float64_reference(data):
     grad = torch.randn(x.shape, dtype=torch.float64).to(x.dtype)
     y.backward(grad)
     assert_close_to_reference(x.grad, reference(grad, scale).to(x.dtype).double(), x.dtype)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_channels_in_another_dim_match_float64_reference_forward_and_backward(data):
+    """Channels last (N, *spatial, C), tokens (N, L, C) and any other dim: the op on a permuted view."""
+    x, dim = data.draw(maps_with_channel_dim())
+    x.requires_grad_(True)
+    scale = data.draw(scales(x.shape[dim]))
+    y = frem.scale_channels(x, scale, dim=dim)
+    assert_close_to_reference(y, reference(x.detach(), scale, dim).to(x.dtype).double(), x.dtype)
+    if x.is_contiguous():  # an (N, H, W, C) or (N, L, C) tensor stays contiguous: no copy, no reorder
+        assert y.is_contiguous()
+    grad = torch.randn(x.shape, dtype=torch.float64).to(x.dtype)
+    y.backward(grad)
+    assert_close_to_reference(x.grad, reference(grad, scale, dim).to(x.dtype).double(), x.dtype)
+
+
+def test_a_channel_dim_that_is_not_one_is_refused_by_name():
+    x = torch.randn(2, 5, 3)
+    for bad in (0, 3, -3, True, 1.0):
+        with pytest.raises(ValueError, match=r"dim must name a channel dim of x \(1 to 2, or -1 to -2; 0 is the batch\)"):
+            frem.scale_channels(x, torch.ones(3), dim=bad)
+    with pytest.raises(ValueError, match=r"scale must have shape \(C,\) = \(3,\)"):
+        frem.scale_channels(x, torch.ones(5), dim=-1)
+
+
+def test_gradcheck_with_the_channels_last():
+    scale = torch.tensor([1.0, 632.0, 0.5], dtype=torch.float64)
+    for shape in [(2, 5, 3), (1, 4, 2, 3), (2, 2, 2, 2, 3)]:
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: frem.scale_channels(t, scale, dim=-1), (x,))
+        assert torch.autograd.gradgradcheck(lambda t: frem.scale_channels(t, scale, dim=-1), (x,))
 
 
 @SETTINGS
@@ -75,6 +108,27 @@ def test_compile_fullgraph_forward_and_backward():
     f(expected).backward()
     assert torch.allclose(loss, f(x.detach()))
     assert torch.allclose(x.grad, expected.grad)
+
+
+def test_compile_fullgraph_with_the_channels_last_traces_one_graph():
+    """Channels last and tokens under torch.compile(fullgraph=True): the moved view traces, no graph break."""
+    import torch._dynamo
+    scale = torch.tensor([1.0, 250.0, 1.0])
+    for shape in [(2, 5, 5, 3), (2, 49, 3)]:
+        torch._dynamo.reset()
+        counts = torch._dynamo.utils.counters
+        counts.clear()
+
+        def f(x):
+            return (frem.scale_channels(torch.relu(x), scale, dim=-1) * 2).sum()
+
+        x = torch.randn(shape, requires_grad=True)
+        loss = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+        loss.backward()
+        expected = x.detach().clone().requires_grad_(True)
+        f(expected).backward()
+        assert torch.allclose(loss, f(x.detach())) and torch.allclose(x.grad, expected.grad)
+        assert counts["stats"]["unique_graphs"] == 1
 
 
 def test_fake_and_meta_keep_memory_format():
