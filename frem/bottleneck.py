@@ -15,15 +15,19 @@ family under hand-written decoders, torchvision, and hand-written U-Nets with
 inverted-residual and ConvNeXt/MedNeXt blocks, attention gates, sub-pixel
 decoders, dense blocks, 2-D and 3-D), each of which must end right or refuse:
 
-1. *Feature maps* are tensors of the input's rank, (N, C, *spatial), made
+1. *Feature maps* are tensors laid out (N, C, *spatial), (N, *spatial, C) or
+   as tokens (N, L, C) on one of the model's grids (``frem.survey`` reads
+   the layout; FREM acts on the channels wherever they are), made
    from the input, that reach the output without passing a *gate* (a map
    that enters a multiply by broadcasting: squeeze-excitation, attention
    coefficients). Maps that descend from a global or adaptive pool (SE
    squeezes, PSP/ASPP context) are context, not a level of the encoder: a map
    is a gate or context by what made it and where it goes, not by its size,
    so a real bottleneck of 1x1 (a small input) still counts.
-2. *The lowest resolution* L among them is where the encoder ends. If it is
-   the input's own resolution the model never downsamples (MONAI HighResNet):
+2. *The lowest resolution* L among them is where the encoder ends (among the
+   maps not made inside a module that upsamples: a decoder may go lower
+   still, as DPT's reassembles the ViT's last map at 1/32). If it is the
+   input's own resolution the model never downsamples (MONAI HighResNet):
    there is no bottleneck, and frem refuses.
 3. Maps at L made inside a module that upsamples (a decoder block: its
    output is finer than its input) belong to the decoder: FPN laterals,
@@ -107,7 +111,7 @@ def choose(found: Survey, model_name: str = "the model") -> FeatureMap:
     pick = boundaries[-1]                                             # 6
     _refuse_if_unsure(pick, boundaries, chain, deep, lowest, found, model_name)  # 7
     pick.note = (f"bottleneck: the last map at the lowest resolution "
-                 f"{'x'.join(map(str, pick.shape[2:]))} on the main path, where the decoder takes over")
+                 f"{'x'.join(map(str, pick.grid))} on the main path, where the decoder takes over")
     return pick
 
 
@@ -125,14 +129,21 @@ def _feature_maps(found: Survey, model_name: str) -> list:
 
 
 def _lowest_resolution(features, found: Survey, model_name: str) -> int:
-    lowest = min(m.resolution for m in features)
+    # The encoder's lowest: a decoder may go lower still (DPT reassembles the ViT's last map at 1/32 with a
+    # strided conv inside its decoder), and those maps are the decoder's, not a deeper encoder level.
+    decoders = [c for c in found.calls if c.upsamples]
+    encoder = [m for m in features if not any(c.made_inside(m.order) for c in decoders)]
+    lowest = min(m.resolution for m in (encoder or features))
     for m in features:
         if m.resolution > lowest:
             m.note = "higher resolution"
+        elif m.resolution < lowest:
+            decoder = next(c for c in decoders if c.made_inside(m.order))
+            m.note = f"decoder (made inside {decoder.name}, which upsamples), below the encoder's lowest"
     if lowest >= found.input_resolution:
         raise BottleneckNotFound(
             f"{model_name} never lowers the resolution of its input (every feature map is "
-            f"{'x'.join(map(str, features[0].shape[2:]))} or finer), so it has no bottleneck for FREM "
+            f"{'x'.join(map(str, features[0].grid))} or finer), so it has no bottleneck for FREM "
             f"to act on. {_advice()}")
     return lowest
 
@@ -297,12 +308,12 @@ class CandidateTable(list):
         self.chosen, self.known, self.error, self.hidden = chosen, known, error, hidden
 
     def __str__(self) -> str:
-        head = ("layer", "at", "shape", "channels", "distance to output", "")
+        head = ("layer", "at", "shape", "layout", "channels", "distance to output", "")
         rows = []
         for m in self:
             site = self.known if m is self.chosen and self.known is not None else m.site
             rows.append((site.layer or "<model>", site.at + format_entry(site.entry), "x".join(map(str, m.shape)),
-                         str(m.channels), str(m.distance), ("<- " if m is self.chosen else "") + m.note))
+                         m.layout, str(m.channels), str(m.distance), ("<- " if m is self.chosen else "") + m.note))
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [head, *rows]]
         if self.hidden:
@@ -321,7 +332,8 @@ def candidates(model: nn.Module, example_input, limit: int | None = 12) -> Candi
     """The feature maps ``attach(model, "bottleneck")`` chooses from, which one it picks, and why.
 
     ``print(frem.candidates(model, x))`` shows every feature map a module
-    hands over: layer, where (output/input and entry), shape, channels,
+    hands over: layer, where (output/input and entry), shape, layout (``NCHW``,
+    ``NHWC``, ``NLC`` tokens ...), channels,
     shortest autograd distance to the output, and what the rule made of it.
     First, in execution order, every map at the lowest resolution and the
     pick (always shown), then finer maps, then gates and global context, up

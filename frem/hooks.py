@@ -21,7 +21,8 @@ from torch import nn
 from frem.bottleneck import CONTAINERS, locate_bottleneck
 from frem.compile_guard import ensure_hook_guards
 from frem.module import FREM
-from frem.sites import Site, deepest_entry, get_entry, replace_entry
+from frem.sites import Site, deepest_entry, format_entry, get_entry, replace_entry
+from frem.survey import call_arguments
 from frem.wrappers import unwrap
 
 BOTTLENECK = "bottleneck"
@@ -39,7 +40,7 @@ class _Enhance:
         if not self.frem.training:
             return None  # eval: the model runs exactly as if nothing were attached
         if self.entry is None:
-            self.entry = deepest_entry(value)  # decided once, at the first training call
+            self.entry = deepest_entry(value, self.frem.dim)  # decided once, at the first training call
             if self.entry is None:
                 raise ValueError(f"layer {self.frem.layer!r} {self.frem._at} holds no tensor "
                                  f"(got {type(value).__name__}); FREM needs (N, C, *spatial) maps")
@@ -51,7 +52,57 @@ class _Enhance:
         return replace_entry(value, self.entry, self.frem(x, _hooked=True))
 
 
-def _site(model: nn.Module, layer, at: str, entry, example_input) -> Site:
+def _site(model: nn.Module, layer, at: str, entry, example_input, dim) -> Site:
+    site = _located(model, layer, at, entry, example_input)
+    site = site if dim is None else Site(site.layer, site.at, site.entry, site.channels, dim)
+    if example_input is not None:
+        _check_on_example(model, site, example_input)
+    return site
+
+
+def _check_on_example(model: nn.Module, site: Site, example_input) -> None:
+    """Refuse at attach, not at the first training step, a site whose tensor FREM cannot act on: run the
+    model once on ``example_input`` (eval, no gradients, every train/eval flag restored) and look at it."""
+    target = model.get_submodule(site.layer)
+    seen = []
+
+    def record(module, *values):
+        value = values[-1]  # a forward hook gets (inputs, output), a pre-hook (inputs,)
+        entry = site.entry if site.entry is not None else deepest_entry(value, site.dim)
+        try:
+            seen.append((entry, get_entry(value, entry or ())))
+        except (KeyError, IndexError, TypeError):
+            seen.append((entry, value))
+    handle = (target.register_forward_hook if site.at == "output" else target.register_forward_pre_hook)(record)
+    flags = {module: module.training for module in model.modules()}
+    args, kwargs = call_arguments(example_input)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        handle.remove()
+        for module, flag in flags.items():
+            module.training = flag
+    if not seen:
+        raise ValueError(f"layer {site.layer!r} never ran on example_input: FREM there would never act. "
+                         f"{_NAME_IT}")
+    entry, x = seen[0]
+    where = f"layer {site.layer or '<model>'!r} {site.at}{format_entry(entry)}"
+    if not isinstance(x, torch.Tensor) or not (x.dim() >= 2 and -x.dim() < site.dim < x.dim() and site.dim % x.dim()):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{where} is {shape}, which has no channel dim {site.dim} for FREM to act on: pass "
+                         f"entry= (which tensor of a list/dict) or dim= (where its channels are). {_NAME_IT}")
+    if site.channels is not None and x.shape[site.dim] != site.channels:
+        raise ValueError(f"{where} is {tuple(x.shape)}: dim {site.dim} has {x.shape[site.dim]} entries, but the layer "
+                         f"declares {site.channels} channels, so its channels are elsewhere: pass dim= (1 for "
+                         f"(N, C, *spatial), -1 for channels last and (N, L, C) tokens). {_NAME_IT}")
+
+
+_NAME_IT = "frem.candidates(model, example_input) shows every map with its layout"
+
+
+def _located(model: nn.Module, layer, at: str, entry, example_input) -> Site:
     if at not in PLACES:
         raise ValueError(f"at must be one of {PLACES}, got {at!r}")
     entry = (entry,) if isinstance(entry, (int, str)) else (tuple(entry) if entry is not None else None)
@@ -104,7 +155,7 @@ def attached(model: nn.Module) -> list[FREM]:
 
 def attach(model: nn.Module, layer="bottleneck", B: int | float = 162, X: float = 632, *,
            mode: str = "random", seed: int = 0, example_input=None, at: str = "output",
-           entry=None) -> FREM:
+           entry=None, dim: int | None = None) -> FREM:
     """Apply FREM to ``layer``'s output (``at="input"``: its first input) while training.
 
     ``layer`` is a dotted module name, a module of ``model``, or
@@ -112,11 +163,14 @@ def attach(model: nn.Module, layer="bottleneck", B: int | float = 162, X: float 
     measured on ``example_input`` (see ``frem.candidates``). When the layer
     returns a list/tuple/dict, ``entry`` (an index, a key or a path) says which
     tensor; by default the deepest feature map in it (lowest resolution, most
-    channels, last). Wrappers (DataParallel, DDP, ``torch.compile``) are seen
-    through. Returns the FREM: ``.remove()`` undoes the attachment.
+    channels, last). ``dim`` says where the channels are (1: (N, C, *spatial);
+    -1: channels-last maps and (N, L, C) tokens); by default what the library
+    declares (timm's ``output_fmt``) or the survey measured, else 1. Wrappers
+    (DataParallel, DDP, ``torch.compile``) are seen through. Returns the FREM:
+    ``.remove()`` undoes the attachment.
     """
     model = unwrap(model)
-    site = _site(model, layer, at, entry, example_input)
+    site = _site(model, layer, at, entry, example_input, dim)
     ensure_hook_guards()  # a compiled model must notice the hook (frem.compile_guard)
     target = model.get_submodule(site.layer)
     for existing in attached(model):
@@ -124,7 +178,7 @@ def attach(model: nn.Module, layer="bottleneck", B: int | float = 162, X: float 
             raise ValueError(f"a FREM is already attached to the {site.at} of layer {site.layer!r}"
                              + (f" (as {existing.layer!r})" if existing.layer != site.layer else "")
                              + "; call .remove() on it or frem.detach(model) first")
-    module = FREM(B, X, mode=mode, seed=seed, layer=site.layer)
+    module = FREM(B, X, mode=mode, seed=seed, layer=site.layer, dim=site.dim)
     if site.channels is not None:
         module.bind(site.channels, device=_model_device(model))
     holder = _holder(model, site.layer)

@@ -16,21 +16,36 @@ def _library(model: nn.Module, package: str) -> bool:
 
 
 def _smp(model):
-    out = getattr(getattr(model, "encoder", None), "out_channels", None)
+    encoder = getattr(model, "encoder", None)
+    out = getattr(encoder, "out_channels", None)
     if isinstance(out, (list, tuple)) and out and isinstance(out[-1], int):
-        return Site("encoder", entry=(-1,), channels=int(out[-1]))
+        # smp's ViT encoder (DPT) returns (features, prefix tokens): the deepest map is features[-1],
+        # output[-1] would be the list of class/register tokens.
+        entry = (0, -1) if type(encoder).__name__ == "TimmViTEncoder" else (-1,)
+        return Site("encoder", entry=entry, channels=int(out[-1]))
     return None
+
+
+# timm's feature formats (timm.layers.Format) and where each keeps the channels.
+TIMM_FORMATS = {"NCHW": 1, "NCL": 1, "NHWC": -1, "NLC": -1}
 
 
 def _timm_features(model):
     # Every features_only net (FeatureListNet, FeatureDictNet, FeatureHookNet,
     # FeatureGetterNet, EfficientNetFeatures, ...) carries a FeatureInfo; a
     # plain timm model's feature_info is a list.
+    # Swin, MambaOut and other NHWC families say so in output_fmt: their maps are (N, H, W, C).
     info = getattr(model, "feature_info", None)
     if _library(model, "timm") and callable(getattr(info, "channels", None)):
+        fmt = getattr(model, "output_fmt", "NCHW")
+        fmt = str(getattr(fmt, "value", fmt))
+        if fmt not in TIMM_FORMATS:
+            raise ValueError(f"timm's {type(model).__name__} returns features as {fmt!r}, a layout frem does not "
+                             "know: pass dim=<the channel dim> to frem.attach (1 for NCHW, -1 for channels last)")
         returns_dict = type(model).__name__ == "FeatureDictNet" or getattr(model, "return_dict", False)
         # A dict's deepest entry is picked at the first training call.
-        return Site("", entry=None if returns_dict else (-1,), channels=int(info.channels()[-1]))
+        return Site("", entry=None if returns_dict else (-1,), channels=int(info.channels()[-1]),
+                    dim=TIMM_FORMATS[fmt])
     return None
 
 
@@ -95,5 +110,5 @@ def known_bottleneck(model: nn.Module) -> Site | None:
             site = rule(module)
             if site is not None:
                 layer = ".".join(p for p in (prefix, site.layer) if p)
-                return Site(layer, site.at, site.entry, site.channels)
+                return Site(layer, site.at, site.entry, site.channels, site.dim)
     return None

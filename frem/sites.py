@@ -18,14 +18,18 @@ class Site:
 
     ``entry`` is the path into a list/tuple/dict output, ``()`` for a tensor,
     ``None`` to pick the deepest feature map at the first training call.
+    ``dim`` is where the tensor's channels are: 1 for (N, C, *spatial), -1 for
+    channels-last maps (N, *spatial, C) and tokens (N, L, C).
     """
     layer: str
     at: str = "output"
     entry: tuple | None = ()
     channels: int | None = None
+    dim: int = 1
 
     def describe(self) -> str:
-        return f"{self.layer or '<model>'} {self.at}{format_entry(self.entry)}"
+        layout = "" if self.dim == 1 else f" (channels in dim {self.dim})"
+        return f"{self.layer or '<model>'} {self.at}{format_entry(self.entry)}{layout}"
 
 
 def format_entry(entry) -> str:
@@ -66,8 +70,9 @@ def replace_entry(value, entry, new):
     return type(value)(items)
 
 
-def deepest_entry(value) -> tuple | None:
-    """The entry holding the deepest feature map: lowest resolution, most channels, last."""
+def deepest_entry(value, dim: int = 1) -> tuple | None:
+    """The entry holding the deepest feature map: lowest resolution, most channels, last
+    (channels in ``dim``, the spatial dims every other one but the batch)."""
     maps = [(path, t) for path, t in tensor_entries(value) if t.dim() >= 3]
     if not maps:
         entries = list(tensor_entries(value))
@@ -76,7 +81,8 @@ def deepest_entry(value) -> tuple | None:
     # Dynamo in torch 2.13 cannot trace min with a key ("invalid call to builtin op handler").
     best, best_rank = None, None
     for index, (path, t) in enumerate(maps):
-        rank = (math.prod(t.shape[2:]), -t.shape[1], -index)
+        channel = dim % t.dim()
+        rank = (math.prod(t.shape[1:channel] + t.shape[channel + 1:]), -t.shape[channel], -index)
         if best_rank is None or rank < best_rank:
             best, best_rank = path, rank
     return best

@@ -8,6 +8,11 @@
   ``F.interpolate``, a pixel shuffle) are seen too, not only module outputs;
 * every module call: when it started and ended, the maps it took and gave,
   so "made inside this module" and "this module upsamples" can be asked;
+* where each map keeps its channels (``_Layouts``): (N, C, *spatial) on a
+  grid that spatial ops made; channels-last (N, *spatial, C) and tokens
+  (N, L, C, L the size of a grid) on a grid that is the input's reduced by
+  a power of two on every axis (Swin's patch merging makes its grids with
+  slices, not with a spatial op), with the input's batch;
 * the autograd graph from the input to the output, with *gate edges* cut:
   a map that enters a multiply by broadcasting (a squeeze-excitation or an
   attention coefficient) modulates the other operand, it does not carry
@@ -30,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from frem.sites import Site, tensor_entries
 
@@ -62,7 +67,7 @@ ELEMENTWISE_OPS = {"relu", "relu_", "relu6", "gelu", "silu", "silu_", "leaky_rel
 
 @dataclass
 class FeatureMap:
-    """A tensor of the input's rank, (N, C, *spatial), made during the survey."""
+    """A feature map made during the survey: (N, C, *spatial), or with its channels last."""
     node: object                 # the autograd node that made it (its grad_fn at that moment)
     tensor: torch.Tensor = field(repr=False)
     order: int                   # when it was made, on the survey's clock
@@ -73,6 +78,8 @@ class FeatureMap:
     distance: int | None = None  # shortest autograd path to the output; None: it does not reach it
     live: bool = False           # reaches the output without passing a gate, and comes from the input
     note: str = ""               # what the bottleneck rule made of it (frem.candidates shows it)
+    dim: int = 1                 # where its channels are: 1, or -1 (channels last, tokens)
+    grid: tuple = ()             # its spatial shape (a token sequence's grid)
 
     @property
     def site(self) -> Site | None:
@@ -89,11 +96,19 @@ class FeatureMap:
 
     @property
     def channels(self) -> int:
-        return self.tensor.shape[1]
+        return self.tensor.shape[self.dim]
 
     @property
     def resolution(self) -> int:
-        return math.prod(self.tensor.shape[2:])
+        return math.prod(self.grid)
+
+    @property
+    def layout(self) -> str:
+        """``NCHW``, ``NHWC``, ``NLC`` and the like (``D`` for a third spatial axis)."""
+        axes = "DHW"[3 - len(self.grid):] if len(self.grid) <= 3 else "S" * len(self.grid)
+        if self.tensor.dim() == len(self.grid) + 1:
+            return "NLC" if self.dim == -1 else "NCL"
+        return f"NC{axes}" if self.dim == 1 else f"N{axes}C"
 
 
 @dataclass
@@ -104,6 +119,8 @@ class ModuleCall:
     input_resolution: int | None = None   # lowest resolution among its input maps
     output_nodes: list = field(default_factory=list)
     output_resolution: int | None = None  # highest resolution among its output maps
+    inputs: list = field(default_factory=list, repr=False)   # its tensors, read once the layouts are known
+    outputs: list = field(default_factory=list, repr=False)
 
     @property
     def upsamples(self) -> bool:
@@ -133,6 +150,59 @@ class Survey(list):
 
 def _spatial(t: torch.Tensor) -> int:
     return math.prod(t.shape[2:])
+
+
+class _Layouts:
+    """Where a tensor keeps its channels and on which grid it lies, or None: not a feature map.
+
+    (N, C, *spatial) needs a grid that a spatial op made (or the input's): a tensor of the input's rank
+    with other trailing dims is a transformer's tokens, a channels-last view or an attention matrix.
+    Channels last (N, *spatial, C) and tokens (N, L, C) need the input's batch and a grid that is the
+    input's divided by one power of two on every axis (or one a spatial op made): patch embeddings and
+    patch merging make such grids (the latter with slices, which no spatial op sees); an attention
+    matrix or a window partition (its batch multiplied by the windows) does not.
+    """
+
+    def __init__(self, rank: int, batch: int | None, grids: set, input_grid: tuple):
+        self.rank, self.batch, self.grids, self.input_grid = rank, batch, grids, input_grid
+        self.reduced = []  # the input's grid halved k times, exactly, on every axis
+        for k in range(1, 16):
+            g = tuple(i // 2 ** k for i in input_grid)
+            # not 1x1: (N, 1, C) is a class token and (N, 1, 1, C) a global pool, not a level of the encoder
+            if input_grid and all(x >= 1 and x * 2 ** k == i for x, i in zip(g, input_grid)) and math.prod(g) > 1:
+                self.reduced.append(g)
+
+    def _known(self, g: tuple) -> bool:
+        return g in self.grids or g in self.reduced
+
+    def of(self, t: torch.Tensor):
+        if not t.is_floating_point():
+            return None
+        if t.dim() == self.rank:
+            if tuple(t.shape[2:]) in self.grids:
+                return 1, tuple(t.shape[2:])
+            if t.dim() >= 3 and t.shape[0] == self.batch and self._known(tuple(t.shape[1:-1])):
+                return -1, tuple(t.shape[1:-1])
+        elif t.dim() == self.rank - 1 >= 3 and t.shape[0] == self.batch:
+            # (N, L, C) tokens or a flattened (N, C, L) map: the reading whose L is a grid a spatial op
+            # made wins over one that is only a reduced input grid; equally good readings (an attention
+            # matrix (N, L, L), say) are neither.
+            readings = [(rank, dim, g) for dim, length in ((-1, t.shape[1]), (1, t.shape[2]))
+                        for rank, g in self._grids_of(length)]
+            if readings:
+                best = min(r[0] for r in readings)
+                chosen = {(dim, g) for rank, dim, g in readings if rank == best}
+                if len(chosen) == 1:
+                    return chosen.pop()
+        return None
+
+    def _grids_of(self, length: int):
+        """(0, grid) for a grid of that size a spatial op made, (1, grid) for a reduced input grid."""
+        for rank, grids in ((0, sorted(self.grids)), (1, self.reduced)):
+            for g in grids:
+                if len(g) == self.rank - 2 and math.prod(g) == length:
+                    yield rank, g
+                    break
 
 
 class _Recorder(TorchFunctionMode):
@@ -172,7 +242,7 @@ class _Recorder(TorchFunctionMode):
             pooled = self._pooled(name, lineage, args, kwargs)
             self.pooled[node] = pooled
             self.made_by[node] = (name, [(n, tuple(i.shape)) for i, n in lineage])
-            if t.dim() == rank and t.is_floating_point():
+            if t.dim() in (rank, rank - 1) and t.is_floating_point():  # maps, and maybe tokens: decided at the end
                 fmap = self.survey.maps.get(node)
                 if fmap is None:
                     self.survey.maps[node] = FeatureMap(node, t, self.clock[0], name, pooled=pooled)
@@ -189,6 +259,9 @@ class _Recorder(TorchFunctionMode):
             return True
         if name in REDUCTIONS and maps and _reduces_space(maps[0], args, kwargs):
             return True
+        tokens = [t for t, _ in lineage if t.dim() == rank - 1 >= 3]
+        if name in REDUCTIONS and tokens and _reduces_dims(tokens[0], args, kwargs, {1}):
+            return True  # a transformer's global average over its tokens
         flags = [self.pooled.get(node, False) for _, node in lineage if node is not None]
         spread = [t for t, node in lineage if t.dim() == rank and _spatial(t) > 1
                   and not self.pooled.get(node, False)]
@@ -205,7 +278,7 @@ class _Recorder(TorchFunctionMode):
         else:
             return
         fmap = self.survey.maps.get(start)
-        if fmap is not None and out.dim() == rank and _is_shuffle(fmap.tensor, out):
+        if fmap is not None and out.dim() == rank == fmap.tensor.dim() and _is_shuffle(fmap.tensor, out):
             self.shuffled.add(start)
 
 
@@ -219,11 +292,16 @@ def _broadcast_into(operand: torch.Tensor, result: torch.Tensor) -> bool:
 
 def _reduces_space(t: torch.Tensor, args, kwargs) -> bool:
     """A reduction over every spatial dim of an (N, C, *spatial) map (or over everything)."""
+    return _reduces_dims(t, args, kwargs, set(range(2, t.dim()))) and _spatial(t) > 1
+
+
+def _reduces_dims(t: torch.Tensor, args, kwargs, wanted: set) -> bool:
+    """A reduction (``dim=`` or the second argument) over at least ``wanted`` (or over everything)."""
     dim = kwargs.get("dim", args[1] if len(args) > 1 and not isinstance(args[1], bool) else None)
     if dim is None:
         return True
     dims = {d % t.dim() for d in (dim if isinstance(dim, (list, tuple)) else (dim,)) if isinstance(d, int)}
-    return set(range(2, t.dim())) <= dims and _spatial(t) > 1
+    return wanted <= dims
 
 
 def _is_shuffle(source: torch.Tensor, out: torch.Tensor) -> bool:
@@ -237,6 +315,16 @@ def _is_shuffle(source: torch.Tensor, out: torch.Tensor) -> bool:
     return r > 1 and r == int(r) and out.shape[1] * int(r) ** (out.dim() - 2) == source.shape[1]
 
 
+def call_arguments(example_input) -> tuple[tuple, dict]:
+    """``example_input`` as the model is called with it: a dict is keyword arguments, a tuple or list
+    positional ones, anything else the one argument."""
+    if isinstance(example_input, dict):
+        return (), dict(example_input)
+    if isinstance(example_input, (tuple, list)):
+        return tuple(example_input), {}
+    return (example_input,), {}
+
+
 def survey(model: nn.Module, example_input) -> Survey:
     """Every feature map of one forward pass in eval mode (see the module docstring).
 
@@ -247,12 +335,13 @@ def survey(model: nn.Module, example_input) -> Survey:
     model = unwrap(model)
     result = Survey()
     clock = [0]
-    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
-    inputs = [t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
-              for t in inputs]
-    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    args, kwargs = call_arguments(example_input)
+    args, kwargs = tree_map(lambda t: t.detach().requires_grad_(t.is_floating_point())
+                            if isinstance(t, torch.Tensor) else t, (args, kwargs))
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
     result.rank = next((t.dim() for t in tensors), 4)
-    result.input_resolution = max((_spatial(t) for t in tensors if t.dim() == result.rank), default=0)
+    images = [t for t in tensors if t.dim() == result.rank]
+    result.input_resolution = max((_spatial(t) for t in images), default=0)
     result.input_tensors = tensors
     recorder = _Recorder(result, clock)
     events = []  # (name, at, path, tensor, node)
@@ -262,8 +351,7 @@ def survey(model: nn.Module, example_input) -> Survey:
     def before(name):
         def hook(module, args):
             clock[0] += 1
-            maps = [t for _, t in tensor_entries(args) if t.dim() == result.rank]
-            call = ModuleCall(name, clock[0], input_resolution=min((_spatial(t) for t in maps), default=None))
+            call = ModuleCall(name, clock[0], inputs=[t for _, t in tensor_entries(args)])
             open_calls.setdefault(id(module), []).append(call)
             events.extend((name, "input", path, t, t.grad_fn) for path, t in tensor_entries(args))
         return hook
@@ -276,8 +364,7 @@ def survey(model: nn.Module, example_input) -> Survey:
             call.end = clock[0]
             entries = list(tensor_entries(output))
             call.output_nodes = [t.grad_fn for _, t in entries if t.grad_fn is not None]
-            maps = [t for _, t in entries if t.dim() == result.rank]
-            call.output_resolution = max((_spatial(t) for t in maps), default=None)
+            call.outputs = [t for _, t in entries]
             result.calls.append(call)
             result.module_outputs[name] = output
             events.extend((name, "output", path, t, t.grad_fn) for path, t in entries)
@@ -292,7 +379,7 @@ def survey(model: nn.Module, example_input) -> Survey:
     try:
         model.eval()
         with torch.enable_grad(), recorder:
-            value = model(*inputs)
+            value = model(*args, **kwargs)
         result.module_outputs[""] = value
         outputs = [t for _, t in tensor_entries(value)]
     finally:
@@ -301,12 +388,23 @@ def survey(model: nn.Module, example_input) -> Survey:
         for handle in handles:
             handle.remove()
 
-    shapes = recorder.spatial_shapes | {tuple(t.shape[2:]) for t in tensors if t.dim() == result.rank}
-    for node in [n for n, m in result.maps.items() if tuple(m.tensor.shape[2:]) not in shapes]:
-        del result.maps[node]  # tokens, channels-last views, attention matrices: not (N, C, *spatial)
+    grids = recorder.spatial_shapes | {tuple(t.shape[2:]) for t in images}
+    layouts = _Layouts(result.rank, images[0].shape[0] if images else None, grids,
+                       tuple(images[0].shape[2:]) if images else ())
+    for node, fmap in list(result.maps.items()):
+        layout = layouts.of(fmap.tensor)
+        if layout is None:
+            del result.maps[node]  # attention matrices, window partitions, vectors: not feature maps
+        else:
+            fmap.dim, fmap.grid = layout
+    for call in result.calls:
+        ins = [math.prod(lay[1]) for lay in map(layouts.of, call.inputs) if lay is not None]
+        outs = [math.prod(lay[1]) for lay in map(layouts.of, call.outputs) if lay is not None]
+        call.input_resolution, call.output_resolution = min(ins, default=None), max(outs, default=None)
+        call.inputs = call.outputs = ()  # read: let the tensors go with the survey's other references
     for node in recorder.shuffled:
         _mark_sub_pixel(result, recorder, node)
-    _add_sites(result, events, calls_by_name, shapes)
+    _add_sites(result, events, calls_by_name, layouts)
     _build_graph(result, outputs, tensors, recorder.gate_edges)
     result.extend(sorted((m for m in result.maps.values() if m.sites and m.distance is not None),
                          key=lambda m: m.order))
@@ -325,17 +423,18 @@ def _mark_sub_pixel(result: Survey, recorder: _Recorder, node) -> None:
         node = same[0] if name in ELEMENTWISE_OPS and same else None
 
 
-def _add_sites(result: Survey, events, calls_by_name, shapes) -> None:
+def _add_sites(result: Survey, events, calls_by_name, layouts: _Layouts) -> None:
     for name, at, path, t, node in events:
         # A module called more than once has no single place for a hook.
-        if node is None or t.dim() != result.rank or calls_by_name.get(name, 1) != 1 \
-                or tuple(t.shape[2:]) not in shapes:
+        layout = layouts.of(t) if node is not None and calls_by_name.get(name, 1) == 1 else None
+        if layout is None:
             continue
         fmap = result.maps.get(node)
         if fmap is None:  # made by code the recorder does not see (a custom autograd function)
             fmap = result.maps[node] = FeatureMap(node, t, min((c.end for c in result.calls
-                                                                if c.name == name), default=0))
-        site = Site(name, at, path, int(t.shape[1]))
+                                                                if c.name == name), default=0),
+                                                  dim=layout[0], grid=layout[1])
+        site = Site(name, at, path, int(t.shape[layout[0]]), layout[0])
         if site not in fmap.sites:
             fmap.sites.append(site)
     for fmap in result.maps.values():

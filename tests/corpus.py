@@ -88,6 +88,14 @@ def _timm(name, decoder=hw.FeatureUNet, **kwargs):
     return build
 
 
+def _timm_swin(**kwargs):
+    return _timm("swin_tiny_patch4_window7_224", decoder=hw.ChannelsLastFeatureUNet, img_size=64, window_size=2,
+                 embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), **kwargs)
+
+
+LAST = " (channels in dim -1)"  # a site whose channels are last: (N, H, W, C) maps, (N, L, C) tokens
+
+
 MONAI_UNET_2D = "model.1.submodule.1.submodule.1.submodule output"
 MONAI_UNET_3D = "model.1.submodule.1.submodule output"
 SMP = ("encoder output[-1]",)
@@ -184,6 +192,22 @@ CASES = {
     "two-encoders-merged": Case(hw.TwoEncodersMerged, x2d, ("up input[0]",), "hand-written"),
     "transunet-like": Case(hw.TransUNetLike, x2d, ("transformer output",), "transformer"),
     "no-downsampling": Case(hw.NoDownsampling, x2d, (), "no downsampling"),
+    # ---- channels last and tokens: the layouts frem reads beside (N, C, *spatial)
+    "timm-swin-unet": Case(_timm_swin(), lambda: x2d(64), ("encoder output[-1]" + LAST,), "channels last"),
+    "timm-mambaout-unet": Case(_timm("mambaout_femto", decoder=hw.ChannelsLastFeatureUNet), lambda: x2d(64),
+                               ("encoder output[-1]" + LAST,), "channels last",
+                               # measured: the last stage's map, or its NCHW view the decoder takes (its 2x2
+                               # grid a conv made, so the view reads as a map too; Swin's merges make theirs)
+                               measured=("encoder output[-1]" + LAST, "decoder input[0][3]")),
+    "timm-maxvit-unet": Case(_timm("maxvit_tiny_tf_224", img_size=64, embed_dim=(32, 32, 64, 64), depths=(1, 1, 1, 1),
+                                   stem_width=16), lambda: x2d(64), SMP, "transformer"),
+    "torchvision-swin-unet": Case(hw.TorchvisionSwinUNet, lambda: x2d(64, 3), ("encoder.7 output" + LAST,),
+                                  "channels last"),
+    "smp-dpt-vit": Case(_smp("DPT", "tu-vit_tiny_patch16_224", dynamic_img_size=True), lambda: x2d(64),
+                        ("encoder output[0][-1]",), "transformer"),
+    "swin-unet-like": Case(hw.SwinUNetLike, x2d, ("bottleneck output" + LAST,), "tokens"),
+    "hybrid-token-bottleneck": Case(hw.HybridTokenBottleneck, x2d, ("transformer output" + LAST, "up2 input[0]"),
+                                    "tokens"),
 }
 
 # Where the measured rule alone refuses, each with a phrase of its reason: a structure it cannot read
@@ -192,7 +216,9 @@ CASES = {
 NARROWER = "is narrower than an earlier one"
 AS_WIDE = "as wide or wider, are made from it"
 MEASURED_REFUSALS = {
-    "monai-unetr": AS_WIDE, "smp-pan-resnet": AS_WIDE, "timm-vit-dpt": AS_WIDE,
+    # UNETR: its ViT's hidden states are token maps at the patch grid, each feeding a decoder path of its own
+    "monai-unetr": "lie on parallel paths", "smp-pan-resnet": AS_WIDE, "timm-vit-dpt": AS_WIDE,
+    "smp-dpt-vit": AS_WIDE,
     "torchvision-deeplabv3": NARROWER, "torchvision-fcn": NARROWER, "smp-deeplabv3-resnet": NARROWER,
     "flat-projection": NARROWER,
     "smp-pspnet-resnet": "nothing with weights works at a higher resolution",
@@ -204,10 +230,11 @@ MEASURED_REFUSALS = {
 def resolve(found, text: str):
     """The surveyed map a ``Site.describe()`` text names (negative entries counted from the end)."""
     from frem.sites import get_entry
+    full, text = text, re.sub(r" \(channels in dim -?\d+\)$", "", text)
     layer, rest = text.split(" ", 1)
     layer = "" if layer == "<model>" else layer
     at = rest.split("[")[0]
     entry = tuple(ast.literal_eval(key) for key in re.findall(r"\[([^\]]+)\]", rest))
     if at == "output" and layer in found.module_outputs:
         return found.maps.get(get_entry(found.module_outputs[layer], entry).grad_fn)
-    return next((m for m in found.maps.values() for s in m.sites if s.describe() == text), None)
+    return next((m for m in found.maps.values() for s in m.sites if s.describe() in (text, full)), None)

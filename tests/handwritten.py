@@ -486,3 +486,135 @@ class FeatureViT(FeatureUNet):
         nn.Module.__init__(self)
         self.encoder = encoder
         self.decoder = ViTDecoder(channels)
+
+
+# ---- channels last and tokens (issue 28)
+
+class ChannelsLastFeatureUNet(FeatureUNet):
+    """A U-Net decoder on an encoder whose features are channels last (N, H, W, C): timm Swin, MambaOut."""
+
+    def forward(self, x):
+        return self.decoder([f.permute(0, 3, 1, 2) for f in self.encoder(x)], x.shape[2:])
+
+
+class TorchvisionSwinUNet(nn.Module):
+    """A U-Net decoder on torchvision's Swin ``features`` (a Sequential whose stages hand over (N, H, W, C))."""
+
+    def __init__(self, embed=8):
+        super().__init__()
+        from torchvision.models.swin_transformer import SwinTransformer
+        self.encoder = SwinTransformer([4, 4], embed, [1, 1, 1, 1], [1, 1, 1, 1], [2, 2]).features
+        self.decoder = UNetDecoder([embed, 2 * embed, 4 * embed, 8 * embed])
+
+    def forward(self, x):
+        features = []
+        for i, stage in enumerate(self.encoder):
+            x = stage(x)
+            if i % 2 == 1:  # 1, 3, 5, 7: after each stage's blocks
+                features.append(x.permute(0, 3, 1, 2))
+        return self.decoder(features, (4 * features[0].shape[2], 4 * features[0].shape[3]))
+
+
+class TokenBlock(nn.Module):
+    """A transformer block on (N, L, C) tokens: attention over the whole grid and an MLP, each residual."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(c), nn.LayerNorm(c)
+        self.attention = nn.MultiheadAttention(c, 1, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+
+    def forward(self, x):
+        y = self.norm1(x)
+        x = x + self.attention(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerging(nn.Module):
+    """Swin's down step on tokens: the 2x2 neighbours of the grid concatenated, then a linear 4C -> 2C."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.reduce = nn.Linear(4 * c, 2 * c)
+
+    def forward(self, x, grid):
+        n, _, c = x.shape
+        h, w = grid
+        x = x.view(n, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(n, h * w // 4, 4 * c)
+        return self.reduce(x)
+
+
+class PatchExpanding(nn.Module):
+    """Swin-UNet's up step on tokens: a linear C -> 2C, its channels spread over a 2x2 finer grid (C/2 each)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.expand = nn.Linear(c, 2 * c)
+
+    def forward(self, x, grid):
+        n, _, c = x.shape
+        h, w = grid
+        x = self.expand(x).view(n, h, w, 2, 2, c // 2).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(n, 4 * h * w, c // 2)
+
+
+class SwinUNetLike(nn.Module):
+    """A pure-transformer U-Net on (N, L, C) tokens (Cao et al., Swin-Unet): patch embedding, blocks and
+    patch merging down, a bottleneck stage, patch expanding up with skip concatenations, and a x4 expand."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.embed = nn.Conv2d(1, c, 4, stride=4)
+        self.enc1, self.merge1 = TokenBlock(c), PatchMerging(c)
+        self.enc2, self.merge2 = TokenBlock(2 * c), PatchMerging(2 * c)
+        self.bottleneck = TokenBlock(4 * c)
+        self.expand2, self.fuse2, self.dec2 = PatchExpanding(4 * c), nn.Linear(4 * c, 2 * c), TokenBlock(2 * c)
+        self.expand1, self.fuse1, self.dec1 = PatchExpanding(2 * c), nn.Linear(2 * c, c), TokenBlock(c)
+        self.head = nn.ConvTranspose2d(c, 2, 4, stride=4)
+
+    def forward(self, x):
+        t = self.embed(x)
+        n, c, h, w = t.shape
+        t = t.flatten(2).transpose(1, 2)
+        s1 = self.enc1(t)
+        s2 = self.enc2(self.merge1(s1, (h, w)))
+        b = self.bottleneck(self.merge2(s2, (h // 2, w // 2)))
+        d2 = self.dec2(self.fuse2(torch.cat([self.expand2(b, (h // 4, w // 4)), s2], -1)))
+        d1 = self.dec1(self.fuse1(torch.cat([self.expand1(d2, (h // 2, w // 2)), s1], -1)))
+        return self.head(d1.transpose(1, 2).reshape(n, c, h, w))
+
+
+class HybridTokenBottleneck(nn.Module):
+    """A CNN encoder and decoder with a transformer stage on (N, L, C) tokens at the bottom (TransUNet's
+    layout) whose tokens are handed over as tokens: the bottleneck is the token stage's output."""
+
+    def __init__(self, w=8):
+        super().__init__()
+        self.enc1, self.enc2 = conv_block(1, w), conv_block(w, 2 * w)
+        self.pool = nn.MaxPool2d(2)
+        self.embed = nn.Linear(2 * w, 4 * w)
+        self.transformer = nn.Sequential(TokenBlock(4 * w), TokenBlock(4 * w))
+        self.up2, self.dec2 = nn.ConvTranspose2d(4 * w, 2 * w, 2, stride=2), conv_block(4 * w, 2 * w)
+        self.up1, self.dec1 = nn.ConvTranspose2d(2 * w, w, 2, stride=2), conv_block(2 * w, w)
+        self.head = nn.Conv2d(w, 2, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(self.pool(e1))
+        p = self.pool(e2)
+        n, c, h, w = p.shape
+        tokens = self.transformer(self.embed(p.flatten(2).transpose(1, 2)))
+        b = tokens.transpose(1, 2).reshape(n, -1, h, w)
+        d2 = self.dec2(torch.cat([self.up2(b), e2], 1))
+        return self.head(self.dec1(torch.cat([self.up1(d2), e1], 1)))
+
+
+class DictInput(nn.Module):
+    """A U-Net called with keyword arguments (MONAI-style dict batches): forward(image=..., mask=None)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unet = PlainUNet()
+
+    def forward(self, image, mask=None):
+        return self.unet(image if mask is None else image * mask)

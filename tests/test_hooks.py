@@ -400,3 +400,82 @@ def test_frem_at_a_layers_input_scales_what_the_layer_receives():
     frem.attach(model, "1", at="input", B=4, X=3.0)  # every channel: the draw cannot matter
     with torch.no_grad():
         assert torch.allclose(model.train()(x), enhanced) and torch.equal(model.eval()(x), bare)
+
+
+def test_a_channels_last_map_is_enhanced_along_its_last_dim_and_detach_is_exact():
+    """A layer whose output is (N, H, W, C): dim=-1 multiplies exactly B of its C channels by X in training,
+    eval is the bare model, detach leaves it exactly as it was; dim=1 there is refused at attach."""
+    class ChannelsLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+            self.mix = nn.Linear(8, 8)  # acts on the last dim of (N, H, W, C)
+            self.up = nn.ConvTranspose2d(8, 2, 2, stride=2)
+
+        def forward(self, x):
+            return self.up(self.mix(self.down(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+    torch.manual_seed(0)
+    model, x = ChannelsLast(), torch.randn(2, 1, 16, 16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layer 'down' output is \(2, 8, 8, 16\): dim -1 has 16 entries, but the "
+                                         r"layer declares 8 channels"):  # a conv's map is channels first
+        frem.attach(model, "down", B=3, X=50.0, example_input=torch.randn(2, 1, 16, 32), dim=-1)
+    assert not frem.attached(model)
+    handle = frem.attach(model, "mix", B=3, X=50.0, dim=-1, example_input=x)
+    seen = {}
+    model.mix.register_forward_hook(lambda m, i, o: seen.update(out=o.detach()))
+    with torch.no_grad():
+        model.eval()
+        bare = model.mix(model.down(x).permute(0, 2, 3, 1))
+        model.train()
+        model(x)
+    scale = torch.ones(8)
+    scale[handle.channels] = 50.0
+    assert torch.equal(seen["out"], bare * scale) and handle.num_channels == 8 and handle.dim == -1
+    frem.detach(model)
+    assert model.state_dict().keys() == state.keys() and not any(isinstance(m, frem.FREM) for m in model.modules())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_timm_says_its_swin_features_are_channels_last_and_smp_dpt_returns_features_then_tokens():
+    import segmentation_models_pytorch as smp
+    swin = timm.create_model("swin_tiny_patch4_window7_224", features_only=True, pretrained=False, img_size=64,
+                             window_size=2, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+    site = frem.locate_bottleneck(swin)
+    assert (site.layer, site.entry, site.dim, site.channels) == ("", (-1,), -1, 128)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        bare = swin.train()(x)[-1]
+    handle = frem.attach(swin, "bottleneck", B=4, X=10.0, example_input=x)  # checked on the example: right dim
+    with torch.no_grad():
+        torch.manual_seed(3)
+        enhanced = swin.train()(x)[-1]
+    swin.eval()
+    scale = torch.ones(128)
+    scale[handle.channels] = 10.0
+    assert enhanced.shape == (2, 2, 2, 128) and torch.allclose(enhanced, bare * scale, atol=1e-5)
+    swin.output_fmt = "NCL_UNKNOWN"
+    frem.detach(swin)
+    with pytest.raises(ValueError, match=r"returns features as 'NCL_UNKNOWN', a layout frem does not know: pass dim="):
+        frem.attach(swin, "bottleneck", B=4, X=10.0)
+    dpt = smp.DPT("tu-vit_tiny_patch16_224", encoder_weights=None, classes=2, dynamic_img_size=True)
+    site = frem.locate_bottleneck(dpt)
+    assert (site.layer, site.entry, site.dim) == ("encoder", (0, -1), 1)  # features[-1], not the prefix tokens
+    frem.attach(dpt, "bottleneck", B=4, X=10.0, example_input=torch.randn(1, 3, 64, 64))
+    assert dpt.train()(torch.randn(1, 3, 64, 64)).shape == (1, 2, 64, 64)
+
+
+def test_example_input_may_be_keyword_arguments_as_forward_takes_them():
+    """A model called with a dict batch (forward(image=..., mask=...)): the survey and the attach check call it
+    so; a tuple is positional arguments, a tensor the one argument."""
+    import handwritten as hw
+    model, x = hw.DictInput(), torch.randn(2, 1, 32, 32)
+    assert frem.find_bottleneck(model, {"image": x}) == "unet.middle"
+    assert frem.find_bottleneck(model, {"image": x, "mask": torch.ones_like(x)}) == "unet.middle"
+    assert frem.find_bottleneck(model, (x,)) == "unet.middle"
+    handle = frem.attach(model, "bottleneck", B=4, X=3.0, example_input={"image": x})
+    assert handle.layer == "unet.middle" and "unet.middle" in str(frem.candidates(model, {"image": x}))
+    model.train()(image=x)
+    assert handle._steps_on_draw == 1

@@ -73,8 +73,18 @@ def test_attach_and_find_leave_every_train_eval_flag_as_found():
     flags = {name: m.training for name, m in model.named_modules()}
     frem.find_bottleneck(model, torch.randn(1, 1, 32, 32))
     frem.candidates(model, torch.randn(1, 1, 32, 32))
-    frem.attach(model, example_input=torch.randn(1, 1, 32, 32), B=2, X=5.0, layer="encoder.layer3")
+    frem.attach(model, example_input=torch.randn(1, 1, 32, 32), B=2, X=5.0, layer="encoder.layer2")
     assert {name: m.training for name, m in model.named_modules() if "frem" not in name} == flags
+
+
+def test_a_layer_the_forward_never_calls_is_refused_at_attach_when_frem_can_look():
+    """tiny_unet has depth 3: its encoder never runs layer3, so FREM there would silently never act."""
+    model = tiny_unet()
+    with pytest.raises(ValueError, match=r"^layer 'encoder.layer3' never ran on example_input: FREM there would "
+                                         r"never act"):
+        frem.attach(model, "encoder.layer3", B=2, X=5.0, example_input=torch.randn(1, 1, 32, 32))
+    assert not frem.attached(model)
+    frem.attach(model, "encoder.layer3", B=2, X=5.0)  # without an example frem cannot know, and does as told
 
 
 def test_a_second_frem_on_the_same_feature_map_is_refused():
