@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 _NAMES = {
     "FREM": "frem.module", "select_channels": "frem.selection", "scale_channels": "frem.kernels.scale_channels",
     "attach": "frem.hooks", "attached": "frem.hooks", "detach": "frem.hooks", "resample": "frem.hooks",
+    "disabled": "frem.hooks", "status": "frem.monitor",
     "Site": "frem.bottleneck", "candidates": "frem.bottleneck", "find_bottleneck": "frem.bottleneck",
     "locate_bottleneck": "frem.bottleneck",
 }
@@ -35,7 +36,8 @@ __all__ = sorted(_NAMES)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from frem.bottleneck import Site, candidates, find_bottleneck, locate_bottleneck
-    from frem.hooks import attach, attached, detach, resample
+    from frem.hooks import attach, attached, detach, disabled, resample
+    from frem.monitor import status
     from frem.kernels.scale_channels import scale_channels
     from frem.module import FREM
     from frem.selection import select_channels

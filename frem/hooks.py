@@ -12,6 +12,7 @@ exactly as it was. Hooks are picklable objects, so ``copy.deepcopy``
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import weakref
 
@@ -21,6 +22,7 @@ from torch import nn
 from frem.bottleneck import CONTAINERS, locate_bottleneck
 from frem.compile_guard import ensure_hook_guards
 from frem.module import FREM
+from frem.monitor import check_fired
 from frem.sites import Site, deepest_entry, format_entry, get_entry, replace_entry
 from frem.survey import call_arguments
 from frem.wrappers import unwrap
@@ -212,6 +214,24 @@ def resample(model: nn.Module, epoch: int) -> list[FREM]:
     modules = [m for m in unwrap(model).modules() if isinstance(m, FREM)]
     if not modules:
         raise ValueError(f"{type(model).__name__} has no FREM to re-draw: frem.attach(model, ...) first")
+    check_fired(model, modules)  # warns where the model trained and a FREM never ran (frem.status)
     for module in modules:
         module.resample(epoch)
     return modules
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Inside the block every FREM of ``model`` is the identity, in train mode too (a warm-up, a
+    stretch of fine-tuning, a comparison step); on leaving, each acts again with the same draw.
+    Nests; compiled models recompile once for each state (Dynamo guards the flag)."""
+    modules = [m for m in unwrap(model).modules() if isinstance(m, FREM)]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no FREM to disable: frem.attach(model, ...) first")
+    for module in modules:
+        module._paused += 1
+    try:
+        yield modules
+    finally:
+        for module in modules:
+            module._paused -= 1

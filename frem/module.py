@@ -74,10 +74,13 @@ class FREM(LazyModuleMixin, nn.Module):
         self._holder_ref = self._target_ref = None  # weak: no module cycle
         self._child_name = self._at = None
         self._resampled = False
+        self._paused = 0  # frem.disabled(): > 0 while FREM is off in train mode
+        self._idle = {"versions": None, "paused": False, "warned": False}  # frem.monitor.check_fired's evidence
         self.register_buffer("scale", torch.ones(0), persistent=False)
         self.register_buffer("channels", torch.zeros(0, dtype=torch.long), persistent=False)
-        # Since the last re-draw, counted on the device (no sync): float16 values capped at its
-        # maximum, and float16 steps whose gradient reached FREM as inf/NaN.
+        # Since the last re-draw, counted on the device (no sync): training calls that enhanced,
+        # float16 values capped at its maximum, and float16 steps whose gradient reached FREM as inf/NaN.
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("capped", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("overflowed", torch.zeros((), dtype=torch.long), persistent=False)
         self._float16_steps = 0
@@ -96,6 +99,7 @@ class FREM(LazyModuleMixin, nn.Module):
         device = self.scale.device if device is None else device
         self.scale = torch.ones(num_channels, device=device)
         self.channels = torch.zeros(self._count, dtype=torch.long, device=device)
+        self.calls = torch.zeros((), dtype=torch.long, device=device)
         self.capped = torch.zeros((), dtype=torch.long, device=device)
         self.overflowed = torch.zeros((), dtype=torch.long, device=device)
         self._draw()
@@ -116,13 +120,14 @@ class FREM(LazyModuleMixin, nn.Module):
         # settings, so they are drawn again rather than converted (the scale stays float32:
         # .half() would round X), and counters whose memory to_empty() left undefined (a model
         # built on the meta device) are zeroed: garbage there reads as billions of capped values.
-        undefined = self.capped.is_meta or getattr(fn, "__qualname__", "").startswith("Module.to_empty")
+        undefined = self.calls.is_meta or getattr(fn, "__qualname__", "").startswith("Module.to_empty")
         super()._apply(fn, recurse)
         if self.scale.dtype != torch.float32:
             self.scale = self.scale.float()
         if self.num_channels is not None and not self.scale.is_meta:
             self._draw()
         if undefined:
+            self.calls.zero_()
             self.capped.zero_()
             self.overflowed.zero_()
         return self
@@ -132,6 +137,7 @@ class FREM(LazyModuleMixin, nn.Module):
         if isinstance(epoch, bool) or not isinstance(epoch, Integral) or epoch < 0:
             raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
         self._report_float16()
+        self.calls.zero_()
         self.epoch = int(epoch)
         self._resampled = True
         return self._draw() if self.num_channels is not None else self
@@ -151,6 +157,9 @@ class FREM(LazyModuleMixin, nn.Module):
         # iterates its children and calls it again gets the identity.
         if not self.training or (self.applied_by_hook and not _hooked):
             return x
+        if self._paused:  # inside frem.disabled(): off in train mode, and not "idle" (the user chose it)
+            self._idle["paused"] = True
+            return x
         where = f"layer {self.layer!r}" if self.layer is not None else "FREM's input"
         if not isinstance(x, torch.Tensor) or not self._has_channel_dim(x):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -161,9 +170,11 @@ class FREM(LazyModuleMixin, nn.Module):
                              f"bound to {self.num_channels}: the layer's layout changed, or dim= is wrong "
                              "(1: (N, C, *spatial); -1: channels last)")
         if torch.compiler.is_compiling():
+            self.calls += 1  # on the device, in place: no sync, and the compiled graph counts too
             return self._enhance(x)
         if self.scale.device != x.device:  # still on the meta device (load_state_dict(assign=True)), or moved
             self.bind(self.num_channels, device=x.device)
+        self.calls += 1
         self._check_not_enhanced_twice(x, where)
         self._count_step()
         y = self._enhance(x)
@@ -299,8 +310,10 @@ class FREM(LazyModuleMixin, nn.Module):
             state[name] = weakref.ref(state[name]) if state[name] is not None else None
         state.setdefault("_float16_steps", 0)  # a FREM pickled before the float16 counters
         state.setdefault("dim", 1)  # ... or before channel dims other than 1
+        state.setdefault("_paused", 0)  # ... or before frem.disabled and frem.status
+        state.setdefault("_idle", {"versions": None, "paused": False, "warned": False})
         super().__setstate__(state)
-        for name in ("capped", "overflowed"):
+        for name in ("calls", "capped", "overflowed"):
             if name not in self._buffers:
                 self.register_buffer(name, torch.zeros((), dtype=torch.long), persistent=False)
 

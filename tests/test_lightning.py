@@ -40,3 +40,18 @@ def test_trainer_fit_redraws_each_epoch(tmp_path):
     for epoch, channels in model.drawn:
         assert channels == frem.select_channels(32, 4, 0, epoch).tolist()
     assert len({tuple(c) for _, c in model.drawn}) == 3
+
+
+def test_status_after_fit_and_a_frem_off_the_forward_path_warns_during_fit(tmp_path):
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 16, 16), torch.randint(0, 2, (8, 16, 16)))
+    model = Segmenter()
+    model.net.spare = nn.Conv2d(32, 32, 1)  # built, never called by the forward
+    frem.attach(model.net, "spare", B=4, X=50.0)
+    trainer = lightning.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False,
+                                default_root_dir=tmp_path, callbacks=[FREMResample()])
+    with pytest.warns(RuntimeWarning, match="layer 'spare' never ran"):
+        trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
+    bottleneck, spare = frem.status(model)
+    assert (bottleneck.calls, bottleneck.epoch, spare.calls) == (2, 1, 0)  # two batches in the last epoch

@@ -52,3 +52,15 @@ def test_a_handler_given_the_network_works_when_the_engine_holds_a_wrapper():
     trainer = make_trainer(torch.nn.DataParallel(network), 1, [frem.monai.FREMResample(network)])
     trainer.run()
     assert handle.epoch == 0 and handle._resampled
+
+
+def test_status_after_the_engine_ran_and_a_frem_off_the_forward_path_warns():
+    network = UNet(2, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2))
+    frem.attach(network, "bottleneck", B=8, X=250.0)
+    network.spare = torch.nn.Conv2d(32, 32, 1)  # built, never called by the forward
+    frem.attach(network, "spare", B=4, X=50.0)
+    trainer = make_trainer(network, 2, [frem.monai.FREMResample()])
+    with pytest.warns(RuntimeWarning, match="layer 'spare' never ran"):
+        trainer.run()
+    bottleneck, spare = frem.status(network)
+    assert (bottleneck.calls, bottleneck.epoch, spare.calls) == (3, 1, 0)  # three iterations in the last epoch
