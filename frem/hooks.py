@@ -55,16 +55,28 @@ class _Enhance:
 
 
 def _site(model: nn.Module, layer, at: str, entry, example_input, dim) -> Site:
+    return site_width(model, layer, example_input, at=at, entry=entry, dim=dim, needed=False)[0]
+
+
+def site_width(model: nn.Module, layer="bottleneck", example_input=None, *, at: str = "output", entry=None,
+               dim: int | None = None, needed: bool = True) -> tuple[Site, int | None]:
+    """Where ``attach`` would put FREM for these arguments, and that tensor's channel count (what B is
+    out of): read from one pass on ``example_input`` (which also checks the site), else as the layer
+    declares it; ``needed=False``: None when neither says."""
     site = _located(model, layer, at, entry, example_input)
     site = site if dim is None else Site(site.layer, site.at, site.entry, site.channels, dim)
     if example_input is not None:
-        _check_on_example(model, site, example_input)
-    return site
+        return site, _check_on_example(model, site, example_input)
+    if needed and site.channels is None:
+        raise ValueError(f"layer {site.layer!r} does not declare its width: pass example_input (one batch, as "
+                         "forward takes it) so that one pass reads it")
+    return site, site.channels
 
 
-def _check_on_example(model: nn.Module, site: Site, example_input) -> None:
+def _check_on_example(model: nn.Module, site: Site, example_input) -> int:
     """Refuse at attach, not at the first training step, a site whose tensor FREM cannot act on: run the
-    model once on ``example_input`` (eval, no gradients, every train/eval flag restored) and look at it."""
+    model once on ``example_input`` (eval, no gradients, every train/eval flag restored) and look at it.
+    Returns its channel count."""
     target = model.get_submodule(site.layer)
     seen = []
 
@@ -99,6 +111,7 @@ def _check_on_example(model: nn.Module, site: Site, example_input) -> None:
         raise ValueError(f"{where} is {tuple(x.shape)}: dim {site.dim} has {x.shape[site.dim]} entries, but the layer "
                          f"declares {site.channels} channels, so its channels are elsewhere: pass dim= (1 for "
                          f"(N, C, *spatial), -1 for channels last and (N, L, C) tokens). {_NAME_IT}")
+    return x.shape[site.dim]
 
 
 _NAME_IT = "frem.candidates(model, example_input) shows every map with its layout"

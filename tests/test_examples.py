@@ -14,11 +14,13 @@ NEEDS = {"nnunet_trainer.py": ("dynamic_network_architectures", "nnunet")}  # sc
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
-def test_example_runs(script):
+def test_example_runs(script, tmp_path):
     if script.name in NEEDS and not os.environ.get("CI"):  # CI installs every extra and runs them all
         module, extra = NEEDS[script.name]
         pytest.importorskip(module, reason=f'needs the {extra} extra: pip install -e ".[{extra}]"')
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    # in a folder of its own: what an example writes (search_own_loop.py: its study) stays out of the clone
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FREM(B=" in result.stdout
 

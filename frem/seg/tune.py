@@ -29,11 +29,12 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+import frem.search
 from frem.extras import install_command
 from frem.seg import checkpoint
 from frem.seg.config import TrainConfig
 from frem.seg.models import bottleneck_channels, build_model
-from frem.seg.search_space import LAMBDA_RANGE, SEARCH_SPACE, TUNABLE, X_RANGE
+from frem.seg.search_space import LAMBDA_RANGE, SEARCH_SPACE, TUNABLE
 from frem.seg.train import train
 
 # Seconds between heartbeats of a running trial; twice that without one and
@@ -195,19 +196,12 @@ def recover_killed_trials(study: optuna.Study) -> list[int]:
 
 
 def make_pruner(name: str, validations: int):
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(validations, 1),
-                                              reduction_factor=3)
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, validations // 5))
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise ValueError(f"unknown pruner {name!r}: hyperband, median or none")
+    return frem.search.pruner(name, validations)  # the library's, as a user's own loop gets it
 
 
 def suggest(trial: optuna.Trial, variant: str, channels: int) -> dict:
     if variant in ("frem", "frem-fixed"):
-        return {"B": trial.suggest_int("B", 1, channels), "X": trial.suggest_float("X", *X_RANGE, log=True)}
+        return frem.search.suggest(trial, channels)
     if variant == "supervision":
         return {"lambda_": trial.suggest_float("lambda", *LAMBDA_RANGE)}
     if variant == "dropout":
@@ -272,9 +266,7 @@ def tune(base: TrainConfig, *, trials: int, study_name: str, storage: str | None
 
         def report(epoch: int, val_miou: float) -> None:
             trial.set_user_attr("epochs_trained", epoch + 1)
-            trial.report(val_miou, step=epoch // base.val_every)
-            if trial.should_prune():
-                raise optuna.TrialPruned()
+            frem.search.report(trial, val_miou, epoch // base.val_every)
 
         metrics = train(config, data, on_validation=report)
         trial.set_user_attr("epochs_trained", len(metrics["history"]))
