@@ -10,80 +10,58 @@ Install it either way, then train as usual:
 
     nnUNetv2_train DATASET_ID 3d_fullres FOLD -tr nnUNetTrainerFREM
 
-FREM is attached when the network is built, before nnU-Net compiles it or
-wraps it in DDP, at ``encoder.stages[-1]`` (frem knows nnU-Net's
-architectures by name). B is a fraction of that stage's channels (the paper's
-mouse-liver setting, 162 of 512, and X=632).
+FREM comes from ``frem.nnunet.FREMMixin``, which adds it to any trainer
+class: ``class MyTrainer(FREMMixin, nnUNetTrainerDA5)`` keeps that variant's
+loss, schedule and augmentation and adds FREM (put such classes in this file,
+or in one of your own beside it). FREM is attached when the network is built,
+before nnU-Net compiles it or wraps it in DDP, at ``encoder.stages[-1]``
+(frem knows nnU-Net's architectures by name), re-drawn at every epoch start,
+and ``frem.status`` goes into nnU-Net's log at every epoch end. B is a
+fraction of that stage's channels (the paper's mouse-liver setting, 162 of
+512, and X=632); change them as class attributes (``frem_B``, ``frem_X``).
 
 Precision: nnU-Net trains on CUDA under float16 autocast with a GradScaler.
 FREM itself fits float16 there (it caps its product at float16's maximum and
 warns once an epoch if it had to), but in fp32 measurements nnU-Net's decoder
-reached 75,000 right after the enhanced features (README, "Mixed
+reached 75,000 right after the enhanced features (docs/frameworks.md, "Mixed
 precision"), past float16's 65,504: an overflow that would stall the run.
-So on a GPU with bfloat16 (Ampere and later) this trainer makes nnU-Net's own
+So on a GPU with bfloat16 (Ampere and later) the mixin makes nnU-Net's own
 autocast use bfloat16 (float32's range); set ``bfloat16 = False`` on the class
 to keep float16, where FREM then names an overflow at the next epoch.
 
-``build_network_architecture`` keeps nnU-Net's own signature (``functools.wraps``):
-nnU-Net >= 2.7 inspects it to choose how to call it, for training and for
-``nnUNetv2_predict``, so a trainer with a bare ``(*args, **kwargs)`` breaks there.
-Tested against the nnunetv2 that ``pip install nnunetv2`` installs and the
-previous minor release (tests/test_nnunet.py). Checkpoints hold no FREM state:
-they load into nnU-Net's plain trainer too.
+The mixin's ``build_network_architecture`` keeps nnU-Net's own signature
+(``functools.wraps``): nnU-Net >= 2.7 inspects it to choose how to call it,
+for training and for ``nnUNetv2_predict``. Tested against the nnunetv2 that
+``pip install nnunetv2`` installs and the previous minor release
+(tests/test_nnunet.py). Checkpoints hold no FREM state: they load into
+nnU-Net's plain trainer too.
 
 Run as a script, this file shows the attachment on the networks
 ``dynamic_network_architectures`` builds for nnU-Net.
 """
 
-import functools
-
-import torch
-from torch import nn
-
 try:  # nnU-Net imports every file in its trainer folders: a missing frem must not break that
     import frem
+    from frem.nnunet import FREMMixin
 except ImportError:  # pragma: no cover - exercised only where frem is not installed
-    frem = None
-
-FREM_B = 162 / 512
-FREM_X = 632.0
-
-
-def with_frem(network: nn.Module, seed: int = 0) -> nn.Module:
-    """Attach FREM at the network's bottleneck and return the network."""
-    frem.attach(network, "bottleneck", B=FREM_B, X=FREM_X, seed=seed)
-    return network
-
+    frem = FREMMixin = None
 
 try:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 except ImportError:  # nnU-Net not installed: the trainer class is not defined
     nnUNetTrainer = None
 
-if nnUNetTrainer is not None and frem is not None:
+if nnUNetTrainer is not None and FREMMixin is not None:
 
-    class nnUNetTrainerFREM(nnUNetTrainer):
-        bfloat16 = True  # nnU-Net's autocast in bfloat16 where the GPU has it (see the module docstring)
-
-        def on_train_start(self):
-            if self.bfloat16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported():
-                torch.set_autocast_dtype("cuda", torch.bfloat16)  # nnU-Net's train_step: autocast("cuda")
-                self.print_to_log_file("FREM: nnU-Net's autocast runs in bfloat16 (float16 would overflow "
-                                       "after the enhanced features)")
-            super().on_train_start()
-
-        @staticmethod
-        @functools.wraps(nnUNetTrainer.build_network_architecture)
-        def build_network_architecture(*args, **kwargs) -> nn.Module:
-            return with_frem(nnUNetTrainer.build_network_architecture(*args, **kwargs))
-
-        def on_train_epoch_start(self):
-            frem.resample(self.network, self.current_epoch)  # sees through compile and DDP
-            super().on_train_epoch_start()
+    class nnUNetTrainerFREM(FREMMixin, nnUNetTrainer):
+        """nnU-Net's default trainer with FREM; any other trainer class takes the mixin the same way."""
 
 
 if __name__ == "__main__":
     import sys
+
+    import torch
+    from torch import nn
 
     from frem.extras import install_command
     try:
@@ -95,7 +73,7 @@ if __name__ == "__main__":
         network = PlainConvUNet(1, 4, (8, 16, 32, 64), conv, 3, (1, 2, 2, 2), (2, 2, 2, 2), 3, (2, 2, 2), True,
                                 norm, {"affine": True}, None, None, nn.LeakyReLU, {"inplace": True},
                                 deep_supervision=True)
-        handle = frem.attached(with_frem(network))[0]
+        handle = frem.attach(network, FREMMixin.frem_layer, B=FREMMixin.frem_B, X=FREMMixin.frem_X)
         frem.resample(network, 1)
         outputs = network.train()(torch.randn(2, 1, *(32,) * dims))
         print(f"{dims}-D:", handle, "| deep supervision outputs", [tuple(o.shape) for o in outputs])

@@ -347,11 +347,22 @@ def test_the_nnunet_example_attaches_at_the_last_encoder_stage():
     spec = importlib.util.spec_from_file_location("nnunet_trainer", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    from frem.nnunet import FREMMixin
+
+    class Builder:  # what the mixin wraps: nnU-Net's static build_network_architecture
+        @staticmethod
+        def build_network_architecture(dims):
+            return nnunet(dims)
+
+    class WithFREM(FREMMixin, Builder):
+        pass
+
+    assert example.nnUNetTrainerFREM.__mro__[1] is FREMMixin
     for dims in (2, 3):
-        network = example.with_frem(nnunet(dims))
+        network = WithFREM.build_network_architecture(dims)
         (handle,) = frem.attached(network)
         assert handle.layer == f"encoder.stages.{3 if dims == 2 else 2}"
-        assert handle.B == round(example.FREM_B * handle.num_channels)
+        assert handle.B == round(162 / 512 * handle.num_channels) and handle.X == 632.0
 
 
 KNOWN_BY_NAME = {  # network -> (layer, at, entry, channels) with no example input at all

@@ -72,6 +72,28 @@ class nnUNetTrainerFREMTest(nnUNetTrainerFREM):
         with open(self.output_folder + "/frem_record.json", "w") as f:
             json.dump(self.frem_record, f)
         super().on_train_end()
+
+
+from frem.nnunet import FREMMixin
+from nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerCELoss import nnUNetTrainerCELoss
+
+
+class nnUNetTrainerCELossFREMTest(FREMMixin, nnUNetTrainerCELoss):
+    """Another variant (cross-entropy only) with FREM added by the mixin, settings of its own, two short epochs."""
+    frem_B, frem_X, frem_seed = 4, 250.0, 7
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 2
+        self.num_val_iterations_per_epoch = 1
+
+    def on_train_end(self):
+        handle = frem.attached(self.network)[0]
+        with open(self.output_folder + "/frem_record.json", "w") as f:
+            json.dump({"losses": [type(m).__name__ for m in self.loss.modules()], "epoch": handle.epoch,
+                       "channels": handle.channels.tolist(), "X": handle.X}, f)
+        super().on_train_end()
 '''
 
 
@@ -108,7 +130,7 @@ def test_nnunet_trains_with_frem_redrawn_each_epoch_and_predicts_like_the_bare_n
                                                                                        monkeypatch, request):
     raw, preprocessed, results, ext = (tmp_path / name for name in ("raw", "preprocessed", "results", "trainers"))
     write_dataset(raw, drosophila_root)
-    trainer = (ROOT / "examples" / "nnunet_trainer.py").read_text() + "\n\nimport json\n" + TEST_TRAINER
+    trainer = (ROOT / "examples" / "nnunet_trainer.py").read_text() + "\n\nimport json\n\nimport torch\n" + TEST_TRAINER
     import nnunetv2
     import nnunetv2.paths
     if hasattr(nnunetv2.paths, "nnUNet_extTrainer"):
@@ -172,4 +194,16 @@ def test_nnunet_trains_with_frem_redrawn_each_epoch_and_predicts_like_the_bare_n
            env=env)
     predicted = np.array(Image.open(tmp_path / "predicted" / "test000.png"))
     assert predicted.shape == (CROP, CROP) and set(np.unique(predicted)) <= {0, 1, 2, 3}
+
+    # The mixin on another nnU-Net variant: that variant's loss, FREM with the class's settings, its status logged.
+    nnunet("nnUNetv2_train", "123", "2d", "0", "-tr", "nnUNetTrainerCELossFREMTest", "-device", "cpu", env=env)
+    fold = results / DATASET / "nnUNetTrainerCELossFREMTest__nnUNetPlans__2d" / "fold_0"
+    record = json.loads((fold / "frem_record.json").read_text())
+    assert "RobustCrossEntropyLoss" in record["losses"] and "MemoryEfficientSoftDiceLoss" not in record["losses"]
+    assert (record["epoch"], record["X"]) == (1, 250.0)
+    assert record["channels"] == frem.select_channels(width, 4, 7, 1).tolist()
+    (log,) = fold.glob("training_log_*.txt")
+    logged = [line.split(": ", 1)[1].strip() for line in log.read_text().splitlines() if "FREM at" in line]
+    assert logged == [f"FREM at encoder.stages.{stages - 1}: B=4 of {width}, X=250, epoch {e}'s draw, "
+                      "2 training calls, 0 capped" for e in (0, 1)]
     shutil.rmtree(preprocessed)  # the largest part; the rest goes with tmp_path

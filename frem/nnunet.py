@@ -1,0 +1,76 @@
+"""FREM in nnU-Net v2: a mixin that adds FREM to any nnU-Net trainer class.
+
+    from frem.nnunet import FREMMixin
+    from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5 import nnUNetTrainerDA5
+
+    class nnUNetTrainerDA5FREM(FREMMixin, nnUNetTrainerDA5):
+        frem_B, frem_X = 162 / 512, 632.0          # the defaults: the paper's mouse-cell setting
+
+    nnUNetv2_train DATASET 2d 0 -tr nnUNetTrainerDA5FREM   (the file in nnUNet_extTrainer or nnU-Net's variants)
+
+The mixin wraps the trainer's ``build_network_architecture`` (keeping its
+signature, which nnU-Net >= 2.7 inspects, so training and
+``nnUNetv2_predict`` both get FREM, before nnU-Net compiles the network or
+wraps it in DDP), re-draws the channels at every epoch start, and writes
+``frem.status`` into nnU-Net's log at every epoch end. Whatever else the
+trainer changes (loss, schedule, augmentation) stays as it is. Settings are
+class attributes: ``frem_layer``, ``frem_B`` (a count or a fraction of the
+layer's width), ``frem_X``, ``frem_mode``, ``frem_seed``; ``bfloat16``: on a
+GPU that has it, nnU-Net's autocast runs in bfloat16 (float16 overflows
+after the enhanced features of nnU-Net's decoder; docs/frameworks.md).
+Checkpoints hold no FREM state. Importing this module needs no nnU-Net.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+import frem
+
+
+class FREMMixin:
+    """Put before an nnU-Net trainer class in the bases: ``class T(FREMMixin, nnUNetTrainerXYZ)``."""
+
+    frem_layer = "bottleneck"  # frem knows nnU-Net's architectures by name: encoder.stages[-1]
+    frem_B: int | float = 162 / 512
+    frem_X: float = 632.0
+    frem_mode = "random"
+    frem_seed = 0
+    bfloat16 = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        found = inspect.getattr_static(cls, "build_network_architecture", None)
+        if found is None:
+            return  # not an nnU-Net trainer (yet): nothing to wrap
+        build = found.__func__ if isinstance(found, staticmethod) else found
+        build = getattr(build, "frem_builds", build)  # a parent's wrapper: wrap what it wraps, for this class
+
+        @functools.wraps(build)
+        def build_network_architecture(*args, **kwargs):
+            network = build(*args, **kwargs)
+            frem.attach(network, cls.frem_layer, B=cls.frem_B, X=cls.frem_X, mode=cls.frem_mode, seed=cls.frem_seed)
+            return network
+
+        build_network_architecture.frem_builds = build
+        cls.build_network_architecture = staticmethod(build_network_architecture)
+
+    def on_train_start(self):
+        if self.bfloat16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            torch.set_autocast_dtype("cuda", torch.bfloat16)  # nnU-Net's train_step: autocast("cuda")
+            self.print_to_log_file("FREM: nnU-Net's autocast runs in bfloat16 (float16 would overflow after the "
+                                   "enhanced features)")
+        super().on_train_start()
+
+    def on_train_epoch_start(self):
+        frem.resample(self.network, self.current_epoch)  # sees through compile and DDP
+        super().on_train_epoch_start()
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        for row in frem.status(self.network):
+            self.print_to_log_file(f"FREM at {row.layer}: B={row.B} of {row.channels}, X={row.X:g}, "
+                                   f"epoch {row.epoch}'s draw, {row.calls} training calls, {row.capped} capped")

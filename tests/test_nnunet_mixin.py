@@ -1,0 +1,97 @@
+"""frem.nnunet.FREMMixin on stand-ins of nnU-Net's trainer hooks (the real nnUNetv2_train: test_nnunet.py)."""
+
+import inspect
+
+import pytest
+import torch
+from models import HandUNet
+
+import frem
+from frem.nnunet import FREMMixin
+
+
+class Trainer:  # the parts of nnU-Net's trainer the mixin meets
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.current_epoch, self.log = 0, []
+        self.network = self.build_network_architecture("plans", "configuration", 1, 2)
+
+    @staticmethod
+    def build_network_architecture(architecture_class_name, arch_init_kwargs, num_input_channels,
+                                   num_output_channels, enable_deep_supervision: bool = True):
+        return HandUNet()
+
+    def on_train_start(self):
+        self.log.append("started")
+
+    def on_train_epoch_start(self):
+        self.log.append(("epoch", frem.attached(self.network)[0].epoch))
+
+    def on_train_epoch_end(self, train_outputs):
+        self.log.append(("ended", train_outputs))
+
+    def print_to_log_file(self, *args):
+        self.log.append(" ".join(str(a) for a in args))
+
+
+class TrainerFREM(FREMMixin, Trainer):
+    frem_layer, frem_B, frem_X = "middle", 4, 50.0
+
+
+def test_the_network_is_built_with_frem_and_the_signature_nnunet_inspects_is_kept():
+    assert inspect.signature(TrainerFREM.build_network_architecture) == inspect.signature(
+        Trainer.build_network_architecture)
+    network = TrainerFREM.build_network_architecture("a", {}, 1, 2)  # as nnUNetv2_predict calls it: on the class
+    (handle,) = frem.attached(network)
+    assert (handle.layer, handle._B_spec, handle.X, handle.seed) == ("middle", 4, 50.0, 0)
+    assert frem.attached(Trainer.build_network_architecture("a", {}, 1, 2)) == []  # the base class is untouched
+
+
+def test_epochs_redraw_and_the_status_goes_into_the_log():
+    trainer = TrainerFREM()
+    trainer.on_train_start()
+    for epoch in range(2):
+        trainer.current_epoch = epoch
+        trainer.on_train_epoch_start()
+        trainer.network.train()(torch.randn(2, 1, 16, 16))
+        trainer.on_train_epoch_end([])
+    assert trainer.log[0] == "started" and trainer.log[1] == ("epoch", 0) and trainer.log[4] == ("epoch", 1)
+    assert trainer.log[3] == "FREM at middle: B=4 of 32, X=50, epoch 0's draw, 1 training calls, 0 capped"
+    assert trainer.log[-1].startswith("FREM at middle: B=4 of 32, X=50, epoch 1's draw, 1 training calls")
+
+
+def test_a_subclass_gets_its_own_settings_and_one_frem():
+    class Stronger(TrainerFREM):
+        frem_X, frem_seed, frem_mode = 250.0, 3, "fixed"
+
+    network = Stronger.build_network_architecture("a", {}, 1, 2)
+    (handle,) = frem.attached(network)  # the parent's wrapper is not wrapped again: one FREM
+    assert (handle.X, handle.seed, handle.mode, handle._B_spec) == (250.0, 3, "fixed", 4)
+    assert frem.attached(TrainerFREM.build_network_architecture("a", {}, 1, 2))[0].X == 50.0
+
+
+def test_a_trainer_with_its_own_builder_gets_frem_on_that_network():
+    class OwnBuilder(Trainer):
+        @staticmethod
+        def build_network_architecture(architecture_class_name, arch_init_kwargs, num_input_channels,
+                                       num_output_channels, enable_deep_supervision: bool = True):
+            network = HandUNet(width=4)
+            network.custom = True
+            return network
+
+    class OwnFREM(FREMMixin, OwnBuilder):
+        frem_layer = "middle"
+
+    network = OwnFREM.build_network_architecture("a", {}, 1, 2)
+    assert network.custom and frem.attached(network)[0].layer == "middle"
+    network(torch.randn(1, 1, 16, 16))
+    assert frem.attached(network)[0].B == round(162 / 512 * 16)
+
+
+def test_a_layer_that_is_not_there_fails_when_nnunet_builds_the_network():
+    class Wrong(FREMMixin, Trainer):
+        frem_layer = "midle"
+
+    with pytest.raises(ValueError, match="has no layer 'midle'; closest: middle"):
+        Wrong.build_network_architecture("a", {}, 1, 2)
