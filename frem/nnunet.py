@@ -12,7 +12,12 @@ The mixin wraps the trainer's ``build_network_architecture`` (keeping its
 signature, which nnU-Net >= 2.7 inspects, so training and
 ``nnUNetv2_predict`` both get FREM, before nnU-Net compiles the network or
 wraps it in DDP), re-draws the channels at every epoch start, and writes
-``frem.status`` into nnU-Net's log at every epoch end. Whatever else the
+``frem.status`` into nnU-Net's log at every epoch end, with the paper's
+premise (``frem.diagnostics.Premise``: bottleneck and skip activations,
+deep/shallow gradients) over the epoch's training steps; the premise's
+history goes to ``frem_premise.json`` (and ``frem_premise.png``, where
+matplotlib is installed) in the fold's folder (``frem_diagnostics = False``:
+off). Whatever else the
 trainer changes (loss, schedule, augmentation) stays as it is. Settings are
 class attributes: ``frem_layer``, ``frem_B`` (a count or a fraction of the
 layer's width), ``frem_X``, ``frem_mode``, ``frem_seed``; ``bfloat16``: on a
@@ -25,10 +30,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+import os
 
 import torch
 
 import frem
+
+PREMISE = "frem_premise"  # the fold folder's frem_premise.json and .png
 
 
 class FREMMixin:
@@ -39,6 +48,7 @@ class FREMMixin:
     frem_X: float = 632.0
     frem_mode = "random"
     frem_seed = 0
+    frem_diagnostics = True
     bfloat16 = True
 
     def __init_subclass__(cls, **kwargs):
@@ -68,9 +78,46 @@ class FREMMixin:
     def on_train_epoch_start(self):
         frem.resample(self.network, self.current_epoch)  # sees through compile and DDP
         super().on_train_epoch_start()
+        if self.frem_diagnostics:
+            self._frem_premise_start()
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
         for row in frem.status(self.network):
             self.print_to_log_file(f"FREM at {row.layer}: B={row.B} of {row.channels}, X={row.X:g}, "
                                    f"epoch {row.epoch}'s draw, {row.calls} training calls, {row.capped} capped")
+        recording = getattr(self, "_frem_recording", None)
+        if recording is not None:
+            recording.__exit__(None, None, None)
+            self._frem_recording = None
+            row = self._frem_premise.epoch_end(self.current_epoch)
+            self.print_to_log_file("FREM premise: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+            with open(os.path.join(self.output_folder, PREMISE + ".json"), "w") as f:
+                json.dump(self._frem_premise.history, f, indent=1)
+
+    def on_train_end(self):
+        premise = getattr(self, "_frem_premise", None)
+        if premise is not None and premise.history:
+            try:
+                frem.diagnostics.plot(premise.history, os.path.join(self.output_folder, PREMISE + ".png"),
+                                      title=f"{type(self).__name__}: the premise over training")
+            except ModuleNotFoundError:
+                pass  # no matplotlib: the JSON has the numbers
+        super().on_train_end()
+
+    def _frem_premise_start(self):
+        import frem.diagnostics
+        if getattr(self, "_frem_premise", None) is None:
+            # one recorded pass on a patch-sized input finds the skip and the stages (noise, not zeros, which
+            # instance norms turn into all-zero maps; a generator of its own leaves nnU-Net's random state alone)
+            example = torch.randn(1, self.num_input_channels, *self.configuration_manager.patch_size,
+                                  generator=torch.Generator().manual_seed(0)).to(self.device)
+            try:
+                self._frem_premise = frem.diagnostics.Premise(self.network, example)
+            except frem.diagnostics.PremiseNotFound as error:
+                self.print_to_log_file(f"FREM premise not measured: {error}")
+                self.frem_diagnostics = False
+                return
+            self.print_to_log_file(f"FREM premise: {self._frem_premise!r}")
+        self._frem_recording = self._frem_premise.recording()
+        self._frem_recording.__enter__()

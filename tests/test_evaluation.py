@@ -23,7 +23,7 @@ def test_the_probe_measures_the_bottleneck_and_the_skip_that_meets_it(trained_ru
     x = torch.randn(3, 1, 64, 64)
     with torch.no_grad():
         features = model.encoder(x)
-        probe = FeatureProbe(model)
+        probe = FeatureProbe(model, x[:1])
         with probe.recording():
             model(x)
     stats = probe.summary()
@@ -128,7 +128,7 @@ def test_the_probe_pools_every_batch_of_a_split(trained_run):
     model = model_from_checkpoint(checkpoint.load(trained_run / "best.pt"))
     batches = [torch.randn(2, 1, 64, 64), 3 + torch.randn(1, 1, 64, 64)]
     with torch.no_grad():
-        probe = FeatureProbe(model)
+        probe = FeatureProbe(model, batches[0][:1])
         with probe.recording():
             for x in batches:
                 model(x)

@@ -55,3 +55,28 @@ def test_status_after_fit_and_a_frem_off_the_forward_path_warns_during_fit(tmp_p
         trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
     bottleneck, spare = frem.status(model)
     assert (bottleneck.calls, bottleneck.epoch, spare.calls) == (2, 1, 0)  # two batches in the last epoch
+
+
+def test_diagnostics_log_the_premise_to_the_trainers_logger_every_epoch(tmp_path):
+    import csv
+    import math
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from frem.lightning import FREMDiagnostics
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 16, 16), torch.randint(0, 2, (8, 16, 16)))
+    model = Segmenter()
+    diagnostics = FREMDiagnostics(torch.randn(1, 1, 16, 16), network=model.net)
+    trainer = lightning.Trainer(max_epochs=3, accelerator="cpu", logger=CSVLogger(tmp_path), enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False,
+                                default_root_dir=tmp_path, callbacks=[FREMResample(), diagnostics])
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
+    assert [row["epoch"] for row in diagnostics.history] == [0, 1, 2]
+    assert (diagnostics.premise.bottleneck.layer, diagnostics.premise.skip.layer) == ("middle", "enc2")
+    (metrics,) = tmp_path.glob("lightning_logs/version_0/metrics.csv")
+    rows = [row for row in csv.DictReader(metrics.open()) if row.get("frem/bottleneck")]
+    assert len(rows) == 3
+    for row, recorded in zip(rows, diagnostics.history):
+        for key in ("bottleneck", "skip", "enhanced", "other", "gradient_ratio"):
+            assert math.isclose(float(row[f"frem/{key}"]), recorded[key], rel_tol=1e-6)

@@ -64,3 +64,31 @@ def test_status_after_the_engine_ran_and_a_frem_off_the_forward_path_warns():
         trainer.run()
     bottleneck, spare = frem.status(network)
     assert (bottleneck.calls, bottleneck.epoch, spare.calls) == (3, 1, 0)  # three iterations in the last epoch
+
+
+def test_diagnostics_put_the_premise_into_the_engines_metrics_and_plot_it(tmp_path):
+    import math
+    network = UNet(2, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2))
+    frem.attach(network, "bottleneck", B=8, X=250.0)
+    diagnostics = frem.monai.FREMDiagnostics(torch.randn(1, 1, 32, 32))
+    trainer = make_trainer(network, 2, [frem.monai.FREMResample(), diagnostics])
+    trainer.run()
+    assert [row["epoch"] for row in diagnostics.history] == [0, 1]
+    assert diagnostics.premise.skip.layer == "model.1.submodule.1.submodule.0"
+    last = diagnostics.history[-1]
+    assert all(math.isfinite(last[k]) for k in ("bottleneck", "skip", "enhanced", "other", "gradient_ratio"))
+    assert trainer.state.metrics["frem_bottleneck"] == last["bottleneck"]
+    assert trainer.state.metrics["frem_gradient_ratio"] == last["gradient_ratio"]
+    from frem.diagnostics import plot
+    assert plot(diagnostics.history, tmp_path / "monai.png").stat().st_size > 10_000
+
+
+def test_without_ignite_the_handler_names_the_install_line(monkeypatch):
+    import sys
+    from frem.extras import install_command
+    monkeypatch.setitem(sys.modules, "ignite.engine", None)
+    for handler in (frem.monai.FREMResample(), frem.monai.FREMDiagnostics(torch.randn(1, 1, 32, 32))):
+        with pytest.raises(ModuleNotFoundError, match="frem.monai needs MONAI's engines and pytorch-ignite: "):
+            handler.attach(object())
+    assert install_command("monai") in str(pytest.raises(ModuleNotFoundError, frem.monai.FREMResample().attach,
+                                                         object()).value)

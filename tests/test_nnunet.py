@@ -203,7 +203,15 @@ def test_nnunet_trains_with_frem_redrawn_each_epoch_and_predicts_like_the_bare_n
     assert (record["epoch"], record["X"]) == (1, 250.0)
     assert record["channels"] == frem.select_channels(width, 4, 7, 1).tolist()
     (log,) = fold.glob("training_log_*.txt")
-    logged = [line.split(": ", 1)[1].strip() for line in log.read_text().splitlines() if "FREM at" in line]
-    assert logged == [f"FREM at encoder.stages.{stages - 1}: B=4 of {width}, X=250, epoch {e}'s draw, "
-                      "2 training calls, 0 capped" for e in (0, 1)]
+    logged = [line.split(": ", 1)[1].strip() for line in log.read_text().splitlines()
+              if "FREM at" in line or "FREM premise" in line]
+    assert logged[0] == f"FREM premise: Premise(bottleneck='encoder.stages.{stages - 1} output', " \
+        f"skip='encoder output[{stages - 2}]', deep='encoder.stages.{stages - 1}', shallow='encoder.stages.0')"
+    assert logged[1::2] == [f"FREM at encoder.stages.{stages - 1}: B=4 of {width}, X=250, epoch {e}'s draw, "
+                            "2 training calls, 0 capped" for e in (0, 1)]
+    assert len(logged) == 5 and all(line.startswith("FREM premise: bottleneck ") for line in logged[2::2])
+    premise = json.loads((fold / "frem_premise.json").read_text())  # the paper's Fig. 2 for nnU-Net's network
+    assert [row["epoch"] for row in premise] == [0, 1]
+    assert all(0 < row["grad_deep"] and 0 < row["bottleneck"] and 0 < row["skip"] for row in premise)
+    assert (fold / "frem_premise.png").stat().st_size > 10_000
     shutil.rmtree(preprocessed)  # the largest part; the rest goes with tmp_path

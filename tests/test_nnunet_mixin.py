@@ -1,6 +1,8 @@
 """frem.nnunet.FREMMixin on stand-ins of nnU-Net's trainer hooks (the real nnUNetv2_train: test_nnunet.py)."""
 
 import inspect
+import json
+import types
 
 import pytest
 import torch
@@ -12,10 +14,15 @@ from frem.nnunet import FREMMixin
 
 class Trainer:  # the parts of nnU-Net's trainer the mixin meets
     device = torch.device("cpu")
+    num_input_channels = 1
+    configuration_manager = types.SimpleNamespace(patch_size=(16, 16))
 
-    def __init__(self):
-        self.current_epoch, self.log = 0, []
+    def __init__(self, output_folder="."):
+        self.current_epoch, self.log, self.output_folder = 0, [], str(output_folder)
         self.network = self.build_network_architecture("plans", "configuration", 1, 2)
+
+    def on_train_end(self):
+        self.log.append("ended training")
 
     @staticmethod
     def build_network_architecture(architecture_class_name, arch_init_kwargs, num_input_channels,
@@ -48,17 +55,39 @@ def test_the_network_is_built_with_frem_and_the_signature_nnunet_inspects_is_kep
     assert frem.attached(Trainer.build_network_architecture("a", {}, 1, 2)) == []  # the base class is untouched
 
 
-def test_epochs_redraw_and_the_status_goes_into_the_log():
-    trainer = TrainerFREM()
+def test_epochs_redraw_and_the_status_and_the_premise_go_into_the_log(tmp_path):
+    trainer = TrainerFREM(tmp_path)
     trainer.on_train_start()
+    optimizer = torch.optim.SGD(trainer.network.parameters(), lr=1e-2)
     for epoch in range(2):
         trainer.current_epoch = epoch
         trainer.on_train_epoch_start()
-        trainer.network.train()(torch.randn(2, 1, 16, 16))
+        optimizer.zero_grad()
+        trainer.network.train()(torch.randn(2, 1, 16, 16)).square().mean().backward()
+        optimizer.step()
         trainer.on_train_epoch_end([])
-    assert trainer.log[0] == "started" and trainer.log[1] == ("epoch", 0) and trainer.log[4] == ("epoch", 1)
-    assert trainer.log[3] == "FREM at middle: B=4 of 32, X=50, epoch 0's draw, 1 training calls, 0 capped"
-    assert trainer.log[-1].startswith("FREM at middle: B=4 of 32, X=50, epoch 1's draw, 1 training calls")
+    trainer.on_train_end()
+    assert trainer.log[0] == "started" and trainer.log[1] == ("epoch", 0)
+    assert trainer.log[2] == "FREM premise: Premise(bottleneck='middle output', skip='enc2 output', deep='middle', " \
+                             "shallow='enc1')"
+    assert trainer.log[4] == "FREM at middle: B=4 of 32, X=50, epoch 0's draw, 1 training calls, 0 capped"
+    assert trainer.log[5].startswith("FREM premise: bottleneck ") and "gradient_ratio" in trainer.log[5]
+    assert trainer.log[6] == ("epoch", 1) and trainer.log[-1] == "ended training"
+    history = json.loads((tmp_path / "frem_premise.json").read_text())
+    assert [row["epoch"] for row in history] == [0, 1] and all(row["grad_deep"] > 0 for row in history)
+    assert (tmp_path / "frem_premise.png").stat().st_size > 10_000
+
+
+def test_the_premise_can_be_switched_off(tmp_path):
+    class Quiet(TrainerFREM):
+        frem_diagnostics = False
+
+    trainer = Quiet(tmp_path)
+    trainer.on_train_epoch_start()
+    trainer.network.train()(torch.randn(2, 1, 16, 16))
+    trainer.on_train_epoch_end([])
+    trainer.on_train_end()
+    assert not any("premise" in str(line) for line in trainer.log) and not (tmp_path / "frem_premise.json").exists()
 
 
 def test_a_subclass_gets_its_own_settings_and_one_frem():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 import frem
+from frem.diagnostics import Premise
 from frem.seg import checkpoint
 from frem.seg.data.base import DataError, Split
 from frem.seg.data.images import normalize
@@ -26,43 +26,23 @@ def autocast(device: torch.device):
 
 
 class FeatureProbe:
-    """Mean activation of the bottleneck and of the skip feature that meets it
-    in the decoder (paper Fig. 2), and for FREM of the enhanced and the other
-    bottleneck channels (Fig. 9), measured on the encoder's own output."""
+    """Mean activation of the bottleneck and of the skip feature that meets it in the decoder (paper
+    Fig. 2), and for FREM of the enhanced and the other bottleneck channels (Fig. 9): the library's
+    ``frem.diagnostics.Premise`` on the application's model, under the names its figures read."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.bottleneck_sum = None
-        self.skip_sum = 0.0
-        self.count = self.skip_count = 0
+    NAMES = {"bottleneck": "bottleneck_mean", "skip": "skip_mean", "enhanced": "enhanced_mean",
+             "other": "other_mean"}
 
-    @contextmanager
+    def __init__(self, model: nn.Module, example_input: torch.Tensor):
+        self.premise = Premise(model, example_input)
+
     def recording(self):
-        handle = self.model.encoder.register_forward_hook(self._record)
-        try:
-            yield self
-        finally:
-            handle.remove()
-
-    def _record(self, _module, _inputs, features):
-        deep, skip = features[-1].float(), features[-2].float()
-        per_channel = deep.sum(dim=(0, 2, 3))
-        self.bottleneck_sum = per_channel if self.bottleneck_sum is None else self.bottleneck_sum + per_channel
-        self.count += deep.numel() // deep.shape[1]
-        self.skip_sum = self.skip_sum + skip.sum()
-        self.skip_count += skip.numel()
+        return self.premise.recording()
 
     def summary(self) -> dict:
-        channel_means = (self.bottleneck_sum / self.count).cpu()
-        stats = {"bottleneck_mean": float(channel_means.mean()),
-                 "skip_mean": float(self.skip_sum / self.skip_count)}
-        enhanced = frem.attached(self.model)
-        if enhanced:
-            chosen = torch.zeros(channel_means.numel(), dtype=torch.bool)
-            chosen[enhanced[0].channels.cpu()] = True
-            stats["enhanced_mean"] = float(channel_means[chosen].mean())
-            stats["other_mean"] = float(channel_means[~chosen].mean()) if (~chosen).any() else math.nan
-        return stats
+        stats = self.premise.summary()
+        names = self.NAMES if self.premise.frem is not None else dict(list(self.NAMES.items())[:2])
+        return {name: stats[key] for key, name in names.items()}
 
 
 @torch.no_grad()
@@ -73,7 +53,9 @@ def evaluate(model: nn.Module, split: Split, classes, normalization: dict, *,
     was_training = model.training
     model.eval()
     counter = ConfusionCounter(len(classes))
-    feature_probe = FeatureProbe(model)
+    # the probe finds the skip from one recorded pass on the split's first image
+    feature_probe = FeatureProbe(model, normalize(split.images[:1].to(device), normalization, split.stats[:1])) \
+        if probe else None
     with feature_probe.recording() if probe else nullcontext():
         for start in range(0, len(split), batch_size):
             images = split.images[start:start + batch_size].to(device)
