@@ -95,6 +95,13 @@ def overhead_tables(info) -> list[str]:
                       "|---|---|---|---|---|",
                       f"| {i['ms']['bare']:.2f} | {i['ms']['attached']:.2f} | {i['ratio']:.3f} | "
                       f"{i['noise_ratio']:.3f} | {i['export_nodes']['bare']} = {i['export_nodes']['attached']} |", ""]
+        elif "ratio" in i and "counted" in i["ms"]:
+            lines += ["## frem.status's call counter in a training step", "",
+                      f"smp.Unet tu-seresnet34, batch {i['batch']}, {i['size']}x{i['size']}, B=162, X=632; the same "
+                      "attached model with FREM's call counter on and off, interleaved.", "",
+                      "| off ms | on ms | on / off | off / off (noise) |", "|---|---|---|---|",
+                      f"| {i['ms']['uncounted']:.1f} | {i['ms']['counted']:.1f} | {i['ratio']:.3f} | "
+                      f"{i['noise_ratio']:.3f} |", ""]
         elif "ratio" in i:
             peak = i.get("peak_bytes") or {}
             memory = (f"{peak['bare'] / 2**20:.1f} / {peak['attached'] / 2**20:.1f} MiB "

@@ -106,3 +106,39 @@ def test_training_overhead(benchmark):
                                 ratio=ms["attached"] / ms["bare"], noise_ratio=ms["bare_again"] / ms["bare"],
                                 peak_bytes=peak)
     benchmark.pedantic(step(attached), rounds=3, warmup_rounds=1)
+
+
+def test_status_counter_overhead(benchmark):
+    """frem.status's call counter (one in-place add on a device scalar a training call): a training step of
+    the attached model with the counter against the same model with it switched off, interleaved."""
+    bare = default_model().train()
+    counted, uncounted = copy.deepcopy(bare), copy.deepcopy(bare)
+    frem.attach(counted, "bottleneck", B=162, X=632)
+    frem.attach(uncounted, "bottleneck", B=162, X=632)
+    frem.attached(uncounted)[0]._count_call = lambda: None  # the same FREM, without the count
+    optimizers = {id(m): torch.optim.Adam(m.parameters(), lr=1e-4) for m in (counted, uncounted)}
+    x = torch.randn(BATCH, 1, SIZE, SIZE, device=DEVICE)
+    if ON_GPU:
+        x = x.contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 4, (BATCH, SIZE, SIZE), device=DEVICE)
+
+    def step(model):
+        optimizer = optimizers[id(model)]
+
+        def run():
+            with autocast():
+                loss = F.cross_entropy(model(x), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return run
+
+    for model in (counted, uncounted):
+        step(model)()
+    ms = interleaved_ms({"uncounted": step(uncounted), "counted": step(counted),
+                         "uncounted_again": step(uncounted)}, repeat=2 if SMALL else 20 if ON_GPU else 6, warmup=0)
+    assert frem.status(counted)[0].calls > 0 and frem.status(uncounted)[0].calls == 0
+    benchmark.extra_info.update(device=device_name(), batch=BATCH, size=SIZE, ms=ms,
+                                ratio=ms["counted"] / ms["uncounted"],
+                                noise_ratio=ms["uncounted_again"] / ms["uncounted"])
+    benchmark.pedantic(step(counted), rounds=3, warmup_rounds=1)
