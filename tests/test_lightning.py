@@ -80,3 +80,45 @@ def test_diagnostics_log_the_premise_to_the_trainers_logger_every_epoch(tmp_path
     for row, recorded in zip(rows, diagnostics.history):
         for key in ("bottleneck", "skip", "enhanced", "other", "gradient_ratio"):
             assert math.isclose(float(row[f"frem/{key}"]), recorded[key], rel_tol=1e-6)
+
+
+def test_a_tpe_search_whose_trials_are_trainer_fit_runs_with_pruning(tmp_path):
+    import optuna
+
+    import frem.search
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 16, 16), torch.randint(0, 2, (8, 16, 16)))
+    val_x, val_y = torch.randn(4, 1, 16, 16), torch.randint(0, 2, (4, 16, 16))
+
+    class Report(lightning.Callback):  # the user's validation, handed to the pruner each epoch
+        def __init__(self, trial):
+            self.trial = trial
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            with torch.no_grad():
+                score = -float(nn.functional.cross_entropy(pl_module.net.eval()(val_x), val_y))
+            pl_module.net.train()
+            self.trial.set_user_attr("epochs", trainer.current_epoch + 1)
+            frem.search.report(self.trial, score, trainer.current_epoch)
+
+    def objective(trial):
+        model = Segmenter()
+        frem.detach(model.net)
+        (handle,) = frem.search.attach_trial(model.net, trial, example_input=val_x[:1])
+        trainer = lightning.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                                    enable_progress_bar=False, enable_model_summary=False,
+                                    default_root_dir=tmp_path, callbacks=[FREMResample(), Report(trial)])
+        trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
+        assert handle.epoch == 2
+        return -float(nn.functional.cross_entropy(model.net.eval()(val_x), val_y))
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    for name, pruner, state, epochs in (("full", optuna.pruners.NopPruner(), optuna.trial.TrialState.COMPLETE, 3),
+                                        ("pruned", optuna.pruners.ThresholdPruner(lower=1e9),
+                                         optuna.trial.TrialState.PRUNED, 1)):
+        study = optuna.create_study(direction="maximize", storage=storage, study_name=name,
+                                    sampler=optuna.samplers.TPESampler(seed=0), pruner=pruner)
+        study.optimize(objective, n_trials=2)
+        assert [t.state for t in study.trials] == [state, state]
+        assert [t.user_attrs["epochs"] for t in study.trials] == [epochs, epochs]
+        assert all(1 <= t.params["B"] <= 32 and 1 <= t.params["X"] <= 1e4 for t in study.trials)

@@ -92,3 +92,37 @@ def test_without_ignite_the_handler_names_the_install_line(monkeypatch):
             handler.attach(object())
     assert install_command("monai") in str(pytest.raises(ModuleNotFoundError, frem.monai.FREMResample().attach,
                                                          object()).value)
+
+
+def test_a_tpe_search_whose_trials_are_engine_runs_with_pruning(tmp_path):
+    import optuna
+
+    import frem.search
+    val = torch.randn(2, 1, 32, 32), torch.randint(0, 2, (2, 1, 32, 32))
+
+    def objective(trial):
+        network = UNet(2, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2))
+        frem.search.attach_trial(network, trial)  # MONAI's UNet: the bottleneck and its width by name
+        trainer = make_trainer(network, 3, [frem.monai.FREMResample()])
+
+        @trainer.on(Events.EPOCH_COMPLETED)
+        def report(engine):  # the user's validation, handed to the pruner each epoch
+            with torch.no_grad():
+                score = -float(DiceCELoss(to_onehot_y=True, softmax=True)(network.eval()(val[0]), val[1]))
+            network.train()
+            trial.set_user_attr("epochs", engine.state.epoch)
+            frem.search.report(trial, score, engine.state.epoch - 1)
+
+        trainer.run()
+        return trial.user_attrs["epochs"]
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    for name, pruner, state, epochs in (("full", optuna.pruners.NopPruner(), optuna.trial.TrialState.COMPLETE, 3),
+                                        ("pruned", optuna.pruners.ThresholdPruner(lower=1e9),
+                                         optuna.trial.TrialState.PRUNED, 1)):
+        study = optuna.create_study(direction="maximize", storage=storage, study_name=name,
+                                    sampler=optuna.samplers.TPESampler(seed=0), pruner=pruner)
+        study.optimize(objective, n_trials=2)
+        assert [t.state for t in study.trials] == [state, state]
+        assert [t.user_attrs["epochs"] for t in study.trials] == [epochs, epochs]
+        assert all(1 <= t.params["B"] <= 32 for t in study.trials)
