@@ -36,6 +36,17 @@ def pair():
     return bare, twin, attached
 
 
+def training_step(model, optimizer, x, target):
+    """One step (forward, loss, backward, the optimizer) as a call to time."""
+    def run():
+        with autocast():
+            loss = F.cross_entropy(model(x), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return run
+
+
 def eval_ops(model, example) -> list[str]:
     graph = torch.export.export(model, example).graph
     return [str(node.target) for node in graph.nodes if node.op == "call_function"]
@@ -77,15 +88,7 @@ def test_training_overhead(benchmark):
     target = torch.randint(0, 4, (BATCH, SIZE, SIZE), device=DEVICE)
 
     def step(model):
-        optimizer = optimizers[id(model)]
-
-        def run():
-            with autocast():
-                loss = F.cross_entropy(model(x), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return run
+        return training_step(model, optimizers[id(model)], x, target)
 
     for model in (bare, twin, attached):
         step(model)()
@@ -123,15 +126,7 @@ def test_status_counter_overhead(benchmark):
     target = torch.randint(0, 4, (BATCH, SIZE, SIZE), device=DEVICE)
 
     def step(model):
-        optimizer = optimizers[id(model)]
-
-        def run():
-            with autocast():
-                loss = F.cross_entropy(model(x), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return run
+        return training_step(model, optimizers[id(model)], x, target)
 
     for model in (counted, uncounted):
         step(model)()

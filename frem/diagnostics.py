@@ -245,6 +245,38 @@ class Premise:
         return self.summary()
 
 
+class PerEpoch:
+    """A ``Premise`` recording from each epoch's start to its end, built at the first start on the network and
+    device training uses: what the Lightning, MONAI and nnU-Net glue share."""
+
+    def __init__(self, example_input, network: nn.Module | None = None):
+        self.example_input, self.network = example_input, network
+        self.premise: Premise | None = None
+        self._recording = None
+
+    @property
+    def history(self) -> list:
+        return self.premise.history if self.premise is not None else []
+
+    def start(self, network: nn.Module, device=None) -> None:
+        """Begin recording (``network``: the framework's, unless one was given)."""
+        if self.premise is None:
+            example = self.example_input
+            if device is not None and isinstance(example, torch.Tensor):
+                example = example.to(device)
+            self.premise = Premise(self.network if self.network is not None else network, example)
+        self._recording = self.premise.recording()
+        self._recording.__enter__()
+
+    def end(self, epoch: int) -> dict | None:
+        """Stop recording; the epoch's row (also appended to ``history``), or None when not recording."""
+        if self._recording is None:
+            return None
+        self._recording.__exit__(None, None, None)
+        self._recording = None
+        return self.premise.epoch_end(epoch)
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b and not (math.isnan(a) or math.isnan(b)) else math.nan
 

@@ -28,6 +28,7 @@ except ImportError:
                                   "(or pip install lightning)") from None
 
 import frem
+from frem.diagnostics import PerEpoch
 
 
 class FREMResample(Callback):
@@ -37,32 +38,15 @@ class FREMResample(Callback):
         frem.resample(pl_module, trainer.current_epoch)
 
 
-class FREMDiagnostics(Callback):
+class FREMDiagnostics(PerEpoch, Callback):
     """Logs ``frem.diagnostics.Premise`` of ``network`` (default: the LightningModule) once a training epoch;
     ``history`` keeps every epoch's row for ``frem.diagnostics.plot``."""
 
-    def __init__(self, example_input, network=None):
-        self.example_input, self.network = example_input, network
-        self.premise, self._recording = None, None
-
-    @property
-    def history(self) -> list:
-        return self.premise.history if self.premise is not None else []
-
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        from frem.diagnostics import Premise
-        if self.premise is None:
-            example = self.example_input.to(pl_module.device) if hasattr(self.example_input, "to") else \
-                self.example_input
-            self.premise = Premise(self.network if self.network is not None else pl_module, example)
-        self._recording = self.premise.recording()
-        self._recording.__enter__()
+        self.start(pl_module, pl_module.device)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self._recording is None:
-            return
-        self._recording.__exit__(None, None, None)
-        self._recording = None
-        row = self.premise.epoch_end(trainer.current_epoch)
-        pl_module.log_dict({f"frem/{key}": value for key, value in row.items() if key != "epoch"},
-                           on_step=False, on_epoch=True)
+        row = self.end(trainer.current_epoch)
+        if row is not None:
+            pl_module.log_dict({f"frem/{key}": value for key, value in row.items() if key != "epoch"},
+                               on_step=False, on_epoch=True)

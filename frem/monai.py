@@ -21,6 +21,7 @@ MONAI's ``StatsHandler`` prints and its TensorBoard handler writes).
 from __future__ import annotations
 
 import frem
+from frem.diagnostics import PerEpoch
 from frem.extras import install_command
 
 
@@ -42,17 +43,9 @@ class FREMResample:
         frem.resample(self.network if self.network is not None else engine.network, engine.state.epoch - 1)
 
 
-class FREMDiagnostics:
+class FREMDiagnostics(PerEpoch):
     """``frem.diagnostics.Premise`` of ``network`` (default: the engine's) over each epoch, into the engine's
     metrics at its end; ``history`` keeps every epoch's row for ``frem.diagnostics.plot``."""
-
-    def __init__(self, example_input, network=None):
-        self.example_input, self.network = example_input, network
-        self.premise, self._recording = None, None
-
-    @property
-    def history(self) -> list:
-        return self.premise.history if self.premise is not None else []
 
     def attach(self, engine) -> None:
         try:
@@ -60,22 +53,10 @@ class FREMDiagnostics:
         except ImportError:
             raise ModuleNotFoundError("frem.monai needs MONAI's engines and pytorch-ignite: "
                                       + install_command("monai")) from None
-        engine.add_event_handler(Events.EPOCH_STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.start(e.network, getattr(e.state, "device", None)))
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.completed)
 
-    def started(self, engine) -> None:
-        from frem.diagnostics import Premise
-        if self.premise is None:
-            network = self.network if self.network is not None else engine.network
-            self.premise = Premise(network, self.example_input.to(engine.state.device)
-                                   if getattr(engine.state, "device", None) is not None else self.example_input)
-        self._recording = self.premise.recording()
-        self._recording.__enter__()
-
     def completed(self, engine) -> None:
-        if self._recording is None:
-            return
-        self._recording.__exit__(None, None, None)
-        self._recording = None
-        row = self.premise.epoch_end(engine.state.epoch - 1)  # frem's epochs count from 0, ignite's from 1
-        engine.state.metrics.update({f"frem_{key}": value for key, value in row.items() if key != "epoch"})
+        row = self.end(engine.state.epoch - 1)  # frem's epochs count from 0, ignite's from 1
+        if row is not None:
+            engine.state.metrics.update({f"frem_{key}": value for key, value in row.items() if key != "epoch"})

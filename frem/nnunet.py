@@ -86,11 +86,8 @@ class FREMMixin:
         for row in frem.status(self.network):
             self.print_to_log_file(f"FREM at {row.layer}: B={row.B} of {row.channels}, X={row.X:g}, "
                                    f"epoch {row.epoch}'s draw, {row.calls} training calls, {row.capped} capped")
-        recording = getattr(self, "_frem_recording", None)
-        if recording is not None:
-            recording.__exit__(None, None, None)
-            self._frem_recording = None
-            row = self._frem_premise.epoch_end(self.current_epoch)
+        row = self._frem_premise.end(self.current_epoch) if getattr(self, "_frem_premise", None) else None
+        if row is not None:
             self.print_to_log_file("FREM premise: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
             with open(os.path.join(self.output_folder, PREMISE + ".json"), "w") as f:
                 json.dump(self._frem_premise.history, f, indent=1)
@@ -111,13 +108,14 @@ class FREMMixin:
             # one recorded pass on a patch-sized input finds the skip and the stages (noise, not zeros, which
             # instance norms turn into all-zero maps; a generator of its own leaves nnU-Net's random state alone)
             example = torch.randn(1, self.num_input_channels, *self.configuration_manager.patch_size,
-                                  generator=torch.Generator().manual_seed(0)).to(self.device)
-            try:
-                self._frem_premise = frem.diagnostics.Premise(self.network, example)
-            except frem.diagnostics.PremiseNotFound as error:
-                self.print_to_log_file(f"FREM premise not measured: {error}")
-                self.frem_diagnostics = False
-                return
-            self.print_to_log_file(f"FREM premise: {self._frem_premise!r}")
-        self._frem_recording = self._frem_premise.recording()
-        self._frem_recording.__enter__()
+                                  generator=torch.Generator().manual_seed(0))
+            self._frem_premise = frem.diagnostics.PerEpoch(example)
+        first = self._frem_premise.premise is None
+        try:
+            self._frem_premise.start(self.network, self.device)
+        except frem.diagnostics.PremiseNotFound as error:  # a network without a skip: train on, say so
+            self.print_to_log_file(f"FREM premise not measured: {error}")
+            self.frem_diagnostics, self._frem_premise = False, None
+            return
+        if first:
+            self.print_to_log_file(f"FREM premise: {self._frem_premise.premise!r}")
