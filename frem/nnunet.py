@@ -20,7 +20,9 @@ matplotlib is installed) in the fold's folder (``frem_diagnostics = False``:
 off). Whatever else the
 trainer changes (loss, schedule, augmentation) stays as it is. Settings are
 class attributes: ``frem_layer``, ``frem_B`` (a count or a fraction of the
-layer's width), ``frem_X``, ``frem_mode``, ``frem_seed``; ``bfloat16``: on a
+layer's width), ``frem_X``, ``frem_mode``, ``frem_seed`` (``FREM_B``, ``FREM_X``,
+``FREM_SEED`` in the environment override them: a search driver's trial
+setting for one ``nnUNetv2_train``); ``bfloat16``: on a
 GPU that has it, nnU-Net's autocast runs in bfloat16 (float16 overflows
 after the enhanced features of nnU-Net's decoder; docs/frameworks.md).
 Checkpoints hold no FREM state. Importing this module needs no nnU-Net.
@@ -62,11 +64,28 @@ class FREMMixin:
         @functools.wraps(build)
         def build_network_architecture(*args, **kwargs):
             network = build(*args, **kwargs)
-            frem.attach(network, cls.frem_layer, B=cls.frem_B, X=cls.frem_X, mode=cls.frem_mode, seed=cls.frem_seed)
+            frem.attach(network, cls.frem_layer, mode=cls.frem_mode, **cls.frem_setting())
             return network
 
         build_network_architecture.frem_builds = build
         cls.build_network_architecture = staticmethod(build_network_architecture)
+
+    @classmethod
+    def frem_setting(cls) -> dict:
+        """B, X and seed: the class's, or ``FREM_B``, ``FREM_X``, ``FREM_SEED`` from the environment where set
+        (what a search driver sets for each ``nnUNetv2_train`` it runs; docs/study.md)."""
+        setting = {"B": cls.frem_B, "X": cls.frem_X, "seed": cls.frem_seed}
+        for name, kind in (("B", None), ("X", float), ("seed", int)):
+            text = os.environ.get(f"FREM_{name.upper()}")
+            if text is None:
+                continue
+            try:
+                setting[name] = kind(text) if kind else (float(text) if "." in text else int(text))
+            except ValueError:
+                raise ValueError(f"FREM_{name.upper()}={text!r} in the environment is not a number: "
+                                 f"{'an integer count or a fraction like 0.3' if name == 'B' else 'a number'}, "
+                                 "or unset it to use the trainer's own") from None
+        return setting
 
     def on_train_start(self):
         if self.bfloat16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported():

@@ -122,3 +122,34 @@ def test_a_tpe_search_whose_trials_are_trainer_fit_runs_with_pruning(tmp_path):
         assert [t.state for t in study.trials] == [state, state]
         assert [t.user_attrs["epochs"] for t in study.trials] == [epochs, epochs]
         assert all(1 <= t.params["B"] <= 32 and 1 <= t.params["X"] <= 1e4 for t in study.trials)
+
+
+def test_two_sites_and_a_warm_up_epoch_with_frem_disabled_inside_fit(tmp_path):
+    import warnings
+    from contextlib import nullcontext
+
+    class WarmUp(Segmenter):  # FREM off in the first epoch, in train mode; two sites of their own after
+        def __init__(self):
+            super().__init__()
+            frem.attach(self.net, "enc2", B=2, X=5.0, seed=9)
+            self.calls = []
+
+        def training_step(self, batch, index):
+            with frem.disabled(self.net) if self.current_epoch == 0 else nullcontext():
+                return super().training_step(batch, index)
+
+        def on_train_epoch_end(self):
+            self.calls.append([row.calls for row in frem.status(self.net)])
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 16, 16), torch.randint(0, 2, (8, 16, 16)))
+    model = WarmUp()
+    trainer = lightning.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False,
+                                default_root_dir=tmp_path, callbacks=[FREMResample()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the disabled epoch is not an idle FREM
+        trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
+    assert model.calls == [[0, 0], [2, 2], [2, 2]]
+    (deep, skip) = frem.attached(model.net)
+    assert (deep.layer, skip.layer, skip.channels.tolist()) == ("middle", "enc2", frem.select_channels(16, 2, 9, 2).tolist())

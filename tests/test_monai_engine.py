@@ -126,3 +126,32 @@ def test_a_tpe_search_whose_trials_are_engine_runs_with_pruning(tmp_path):
         assert [t.state for t in study.trials] == [state, state]
         assert [t.user_attrs["epochs"] for t in study.trials] == [epochs, epochs]
         assert all(1 <= t.params["B"] <= 32 for t in study.trials)
+
+
+def test_two_sites_and_an_epoch_with_frem_disabled_in_the_engine():
+    import warnings
+    network = UNet(2, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2))
+    frem.attach(network, "bottleneck", B=8, X=250.0)
+    frem.attach(network, "model.0", B=2, X=5.0, seed=9)
+    calls = []
+
+    class OffInEpochTwo:  # a user's handler: FREM off for the second epoch, in train mode
+        def attach(self, engine):
+            engine.add_event_handler(Events.EPOCH_STARTED, self.started)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.completed)
+
+        def started(self, engine):
+            self.off = frem.disabled(network) if engine.state.epoch == 2 else None
+            if self.off is not None:
+                self.off.__enter__()
+
+        def completed(self, engine):
+            if self.off is not None:
+                self.off.__exit__(None, None, None)
+            calls.append([row.calls for row in frem.status(network)])
+
+    trainer = make_trainer(network, 3, [frem.monai.FREMResample(), OffInEpochTwo()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the disabled epoch is not an idle FREM
+        trainer.run()
+    assert calls == [[3, 3], [0, 0], [3, 3]]

@@ -214,4 +214,26 @@ def test_nnunet_trains_with_frem_redrawn_each_epoch_and_predicts_like_the_bare_n
     assert [row["epoch"] for row in premise] == [0, 1]
     assert all(0 < row["grad_deep"] and 0 < row["bottleneck"] and 0 < row["skip"] for row in premise)
     assert (fold / "frem_premise.png").stat().st_size > 10_000
+
+    # A TPE search whose trials are nnUNetv2_train runs: each trial's B and X reach the network through the
+    # environment, and its score is nnU-Net's own validation Dice.
+    import optuna
+
+    from frem.search import suggest
+
+    def objective(trial):
+        setting = suggest(trial, width)
+        out = tmp_path / f"trial{trial.number}"
+        nnunet("nnUNetv2_train", "123", "2d", "0", "-tr", "nnUNetTrainerCELossFREMTest", "-device", "cpu",
+               env={**env, "nnUNet_results": str(out), "FREM_B": str(setting["B"]), "FREM_X": repr(setting["X"])})
+        folder = out / DATASET / "nnUNetTrainerCELossFREMTest__nnUNetPlans__2d" / "fold_0"
+        trained = json.loads((folder / "frem_record.json").read_text())
+        assert trained["X"] == setting["X"] and len(trained["channels"]) == setting["B"]
+        return json.loads((folder / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"]
+
+    study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path / 'study.db'}",
+                                sampler=optuna.samplers.TPESampler(seed=0))
+    study.optimize(objective, n_trials=2)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert all(1 <= t.params["B"] <= width and 0 <= t.value <= 1 for t in study.trials)
     shutil.rmtree(preprocessed)  # the largest part; the rest goes with tmp_path

@@ -124,3 +124,19 @@ def test_a_layer_that_is_not_there_fails_when_nnunet_builds_the_network():
 
     with pytest.raises(ValueError, match="has no layer 'midle'; closest: middle"):
         Wrong.build_network_architecture("a", {}, 1, 2)
+
+
+def test_the_environment_sets_a_search_trials_B_X_and_seed(monkeypatch):
+    monkeypatch.setenv("FREM_B", "3")
+    monkeypatch.setenv("FREM_X", "12.5")
+    monkeypatch.setenv("FREM_SEED", "4")
+    (handle,) = frem.attached(TrainerFREM.build_network_architecture("a", {}, 1, 2))
+    assert (handle._B_spec, handle.X, handle.seed) == (3, 12.5, 4)
+    monkeypatch.setenv("FREM_B", "0.25")
+    assert TrainerFREM.frem_setting()["B"] == 0.25
+    monkeypatch.setenv("FREM_X", "big")
+    with pytest.raises(ValueError, match="FREM_X='big' in the environment is not a number"):
+        TrainerFREM.build_network_architecture("a", {}, 1, 2)
+    for name in ("FREM_B", "FREM_X", "FREM_SEED"):
+        monkeypatch.delenv(name)
+    assert TrainerFREM.frem_setting() == {"B": 4, "X": 50.0, "seed": 0}
