@@ -20,7 +20,9 @@ matplotlib is installed) in the fold's folder (``frem_diagnostics = False``:
 off). Whatever else the
 trainer changes (loss, schedule, augmentation) stays as it is. Settings are
 class attributes: ``frem_layer``, ``frem_B`` (a count or a fraction of the
-layer's width), ``frem_X``, ``frem_mode``, ``frem_seed`` (``FREM_B``, ``FREM_X``,
+layer's width), ``frem_X``, ``frem_mode``, ``frem_seed``, ``frem_also`` (more
+sites, each a dict of ``frem.attach`` arguments), ``frem_off_epochs`` (epochs
+trained with FREM off, ``frem.disabled``) (``FREM_B``, ``FREM_X``,
 ``FREM_SEED`` in the environment override them: a search driver's trial
 setting for one ``nnUNetv2_train``); ``bfloat16``: on a
 GPU that has it, nnU-Net's autocast runs in bfloat16 (float16 overflows
@@ -50,6 +52,8 @@ class FREMMixin:
     frem_X: float = 632.0
     frem_mode = "random"
     frem_seed = 0
+    frem_also: tuple = ()  # more sites: ({"layer": "encoder.stages.4", "B": 0.1, "X": 10.0, "seed": 1}, ...)
+    frem_off_epochs: tuple = ()  # epochs trained with FREM off (frem.disabled), e.g. range(5) for a warm-up
     frem_diagnostics = True
     bfloat16 = True
 
@@ -65,6 +69,8 @@ class FREMMixin:
         def build_network_architecture(*args, **kwargs):
             network = build(*args, **kwargs)
             frem.attach(network, cls.frem_layer, mode=cls.frem_mode, **cls.frem_setting())
+            for site in cls.frem_also:  # more sites, each with its own setting
+                frem.attach(network, **{"mode": cls.frem_mode, **site})
             return network
 
         build_network_architecture.frem_builds = build
@@ -97,11 +103,17 @@ class FREMMixin:
     def on_train_epoch_start(self):
         frem.resample(self.network, self.current_epoch)  # sees through compile and DDP
         super().on_train_epoch_start()
+        if self.current_epoch in self.frem_off_epochs:  # a warm-up: FREM off in train mode until epoch end
+            self._frem_off = frem.disabled(self.network)
+            self._frem_off.__enter__()
         if self.frem_diagnostics:
             self._frem_premise_start()
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
+        if getattr(self, "_frem_off", None) is not None:
+            self._frem_off.__exit__(None, None, None)
+            self._frem_off = None
         for row in frem.status(self.network):
             self.print_to_log_file(f"FREM at {row.layer}: B={row.B} of {row.channels}, X={row.X:g}, "
                                    f"epoch {row.epoch}'s draw, {row.calls} training calls, {row.capped} capped")

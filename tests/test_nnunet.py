@@ -79,8 +79,11 @@ from nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerCELoss import nn
 
 
 class nnUNetTrainerCELossFREMTest(FREMMixin, nnUNetTrainerCELoss):
-    """Another variant (cross-entropy only) with FREM added by the mixin, settings of its own, two short epochs."""
+    """Another variant (cross-entropy only) with FREM added by the mixin, settings of its own, a second site,
+    FREM off in the first of two short epochs."""
     frem_B, frem_X, frem_seed = 4, 250.0, 7
+    frem_also = ({"layer": "encoder.stages.4", "B": 2, "X": 5.0, "seed": 1},)  # the plans' 6 stages: the next to last
+    frem_off_epochs = (0,)
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -155,7 +158,7 @@ def test_nnunet_trains_with_frem_redrawn_each_epoch_and_predicts_like_the_bare_n
     record = json.loads((model_folder / "fold_0" / "frem_record.json").read_text())
     plans = json.loads((preprocessed / DATASET / "nnUNetPlans.json").read_text())
     stages = len(plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"])
-    width = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"][-1]
+    width, second = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"][:-3:-1]
     B = round(162 / 512 * width)
     # re-drawn each epoch, to frem's pure function of (seed, epoch)
     assert [e[:2] for e in record["epochs"]] == [[0, 0], [1, 1]]
@@ -207,9 +210,11 @@ def test_nnunet_trains_with_frem_redrawn_each_epoch_and_predicts_like_the_bare_n
               if "FREM at" in line or "FREM premise" in line]
     assert logged[0] == f"FREM premise: Premise(bottleneck='encoder.stages.{stages - 1} output', " \
         f"skip='encoder output[{stages - 2}]', deep='encoder.stages.{stages - 1}', shallow='encoder.stages.0')"
-    assert logged[1::2] == [f"FREM at encoder.stages.{stages - 1}: B=4 of {width}, X=250, epoch {e}'s draw, "
-                            "2 training calls, 0 capped" for e in (0, 1)]
-    assert len(logged) == 5 and all(line.startswith("FREM premise: bottleneck ") for line in logged[2::2])
+    assert logged[1::3] == [f"FREM at encoder.stages.{stages - 1}: B=4 of {width}, X=250, epoch {e}'s draw, "
+                            f"{calls} training calls, 0 capped" for e, calls in ((0, 0), (1, 2))]  # epoch 0: off
+    assert logged[2::3] == [f"FREM at encoder.stages.{stages - 2}: B=2 of {second}, X=5, epoch {e}'s draw, "
+                            f"{calls} training calls, 0 capped" for e, calls in ((0, 0), (1, 2))]
+    assert len(logged) == 7 and all(line.startswith("FREM premise: bottleneck ") for line in logged[3::3])
     premise = json.loads((fold / "frem_premise.json").read_text())  # the paper's Fig. 2 for nnU-Net's network
     assert [row["epoch"] for row in premise] == [0, 1]
     assert all(0 < row["grad_deep"] and 0 < row["bottleneck"] and 0 < row["skip"] for row in premise)

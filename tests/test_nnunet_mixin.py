@@ -140,3 +140,21 @@ def test_the_environment_sets_a_search_trials_B_X_and_seed(monkeypatch):
     for name in ("FREM_B", "FREM_X", "FREM_SEED"):
         monkeypatch.delenv(name)
     assert TrainerFREM.frem_setting() == {"B": 4, "X": 50.0, "seed": 0}
+
+
+def test_more_sites_and_epochs_with_frem_off(tmp_path):
+    class Two(TrainerFREM):
+        frem_also = ({"layer": "enc2", "B": 2, "X": 5.0, "seed": 9},)
+        frem_off_epochs = (0,)
+
+    trainer = Two(tmp_path)
+    for epoch in range(2):
+        trainer.current_epoch = epoch
+        trainer.on_train_epoch_start()
+        trainer.network.train()(torch.randn(2, 1, 16, 16))
+        calls = [row.calls for row in frem.status(trainer.network)]
+        trainer.on_train_epoch_end([])
+        assert calls == ([0, 0] if epoch == 0 else [1, 1])
+    deep, skip = frem.attached(trainer.network)
+    assert (deep.layer, deep.X, skip.layer, skip.X, skip.seed) == ("middle", 50.0, "enc2", 5.0, 9)
+    assert not deep._paused and not skip._paused  # on again after the off epoch
