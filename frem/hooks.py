@@ -222,11 +222,17 @@ def detach(model: nn.Module) -> int:
     return len(modules)
 
 
-def resample(model: nn.Module, epoch: int) -> list[FREM]:
-    """Re-draw the channels of every FREM in ``model`` for ``epoch`` (call it once an epoch)."""
+def _every_frem(model: nn.Module, doing: str) -> list[FREM]:
+    """Every FREM in ``model``, attached or inline; an error naming ``doing`` where there is none."""
     modules = [m for m in unwrap(model).modules() if isinstance(m, FREM)]
     if not modules:
-        raise ValueError(f"{type(model).__name__} has no FREM to re-draw: frem.attach(model, ...) first")
+        raise ValueError(f"{type(model).__name__} has no FREM to {doing}: frem.attach(model, ...) first")
+    return modules
+
+
+def resample(model: nn.Module, epoch: int) -> list[FREM]:
+    """Re-draw the channels of every FREM in ``model`` for ``epoch`` (call it once an epoch)."""
+    modules = _every_frem(model, "re-draw")
     check_fired(model, modules)  # warns where the model trained and a FREM never ran (frem.status)
     for module in modules:
         module.resample(epoch)
@@ -238,9 +244,7 @@ def disabled(model: nn.Module):
     """Inside the block every FREM of ``model`` is the identity, in train mode too (a warm-up, a
     stretch of fine-tuning, a comparison step); on leaving, each acts again with the same draw.
     Nests; compiled models recompile once for each state (Dynamo guards the flag)."""
-    modules = [m for m in unwrap(model).modules() if isinstance(m, FREM)]
-    if not modules:
-        raise ValueError(f"{type(model).__name__} has no FREM to disable: frem.attach(model, ...) first")
+    modules = _every_frem(model, "disable")
     for module in modules:
         module._paused += 1
     try:
