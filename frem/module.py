@@ -184,7 +184,7 @@ class FREM(LazyModuleMixin, nn.Module):
     def _count_call(self) -> None:
         # frem.status's count: on the device, in place (no sync), and a compiled graph counts too;
         # benchmarks/test_overhead.py measures what it costs a training step
-        self.calls += 1
+        self.calls.add_(1)  # add_, not +=: no module attribute is set (torch.export < 2.7 refuses that)
 
     def _has_channel_dim(self, x: torch.Tensor) -> bool:
         return x.dim() >= 2 and -x.dim() < self.dim < x.dim() and self.dim % x.dim() != 0
@@ -200,14 +200,14 @@ class FREM(LazyModuleMixin, nn.Module):
         # (an overflow downstream: GradScaler then skips the step), are counted on the device
         # and reported once an epoch by resample().
         y = scale_channels(x.float(), self.scale, self.dim).clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16)
-        self.capped += (y.abs() == FLOAT16_MAX).sum()
+        self.capped.add_((y.abs() == FLOAT16_MAX).sum())
         if y.requires_grad and not torch.compiler.is_compiling():
             self._float16_steps += 1
             y.register_hook(self._count_overflow)
         return y
 
     def _count_overflow(self, grad: torch.Tensor) -> None:
-        self.overflowed += (~torch.isfinite(grad).all()).long()
+        self.overflowed.add_((~torch.isfinite(grad).all()).long())
 
     def _report_float16(self) -> None:
         """Once an epoch (one sync): warn about capped values, and about an epoch in which most
