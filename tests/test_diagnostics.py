@@ -102,7 +102,7 @@ def test_the_sites_on_the_libraries_networks(name, expected):
         from monai.networks.nets import UNet
         model, x = UNet(2, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2)), torch.randn(1, 1, 32, 32)
     else:
-        pytest.importorskip("dynamic_network_architectures")
+        pytest.importorskip("dynamic_network_architectures", reason='needs the nnunet extra: pip install -e ".[nnunet]"')
         from dynamic_network_architectures.architectures.unet import PlainConvUNet
         model = PlainConvUNet(1, 4, (8, 16, 32, 64), nn.Conv2d, 3, (1, 2, 2, 2), (2, 2, 2, 2), 3, (2, 2, 2), True,
                               nn.InstanceNorm2d, {"affine": True}, None, None, nn.LeakyReLU, {"inplace": True})
