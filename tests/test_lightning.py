@@ -28,13 +28,18 @@ class Segmenter(lightning.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-2)
 
 
+def quiet_trainer(tmp_path, epochs, callbacks, logger=False):
+    """A CPU Trainer that writes nothing but what the test asks for (no checkpoints, bars or summaries)."""
+    return lightning.Trainer(max_epochs=epochs, accelerator="cpu", logger=logger, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                             callbacks=callbacks)
+
+
 def test_trainer_fit_redraws_each_epoch(tmp_path):
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(8, 1, 16, 16), torch.randint(0, 2, (8, 16, 16)))
     model = Segmenter()
-    trainer = lightning.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False,
-                                default_root_dir=tmp_path, callbacks=[FREMResample()])
+    trainer = quiet_trainer(tmp_path, 3, [FREMResample()])
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
     assert [epoch for epoch, _ in model.drawn] == [0, 1, 2]
     for epoch, channels in model.drawn:
@@ -48,9 +53,7 @@ def test_status_after_fit_and_a_frem_off_the_forward_path_warns_during_fit(tmp_p
     model = Segmenter()
     model.net.spare = nn.Conv2d(32, 32, 1)  # built, never called by the forward
     frem.attach(model.net, "spare", B=4, X=50.0)
-    trainer = lightning.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False,
-                                default_root_dir=tmp_path, callbacks=[FREMResample()])
+    trainer = quiet_trainer(tmp_path, 2, [FREMResample()])
     with pytest.warns(RuntimeWarning, match="layer 'spare' never ran"):
         trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
     bottleneck, spare = frem.status(model)
@@ -68,9 +71,7 @@ def test_diagnostics_log_the_premise_to_the_trainers_logger_every_epoch(tmp_path
     data = torch.utils.data.TensorDataset(torch.randn(8, 1, 16, 16), torch.randint(0, 2, (8, 16, 16)))
     model = Segmenter()
     diagnostics = FREMDiagnostics(torch.randn(1, 1, 16, 16), network=model.net)
-    trainer = lightning.Trainer(max_epochs=3, accelerator="cpu", logger=CSVLogger(tmp_path), enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False,
-                                default_root_dir=tmp_path, callbacks=[FREMResample(), diagnostics])
+    trainer = quiet_trainer(tmp_path, 3, [FREMResample(), diagnostics], logger=CSVLogger(tmp_path))
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
     assert [row["epoch"] for row in diagnostics.history] == [0, 1, 2]
     assert (diagnostics.premise.bottleneck.layer, diagnostics.premise.skip.layer) == ("middle", "enc2")
@@ -105,9 +106,7 @@ def test_a_tpe_search_whose_trials_are_trainer_fit_runs_with_pruning(tmp_path):
         model = Segmenter()
         frem.detach(model.net)
         (handle,) = frem.search.attach_trial(model.net, trial, example_input=val_x[:1])
-        trainer = lightning.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                                    enable_progress_bar=False, enable_model_summary=False,
-                                    default_root_dir=tmp_path, callbacks=[FREMResample(), Report(trial)])
+        trainer = quiet_trainer(tmp_path, 3, [FREMResample(), Report(trial)])
         trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
         assert handle.epoch == 2
         return -float(nn.functional.cross_entropy(model.net.eval()(val_x), val_y))
@@ -144,9 +143,7 @@ def test_two_sites_and_a_warm_up_epoch_with_frem_disabled_inside_fit(tmp_path):
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(8, 1, 16, 16), torch.randint(0, 2, (8, 16, 16)))
     model = WarmUp()
-    trainer = lightning.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False,
-                                default_root_dir=tmp_path, callbacks=[FREMResample()])
+    trainer = quiet_trainer(tmp_path, 3, [FREMResample()])
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the disabled epoch is not an idle FREM
         trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
