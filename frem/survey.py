@@ -12,7 +12,8 @@
   grid that spatial ops made; channels-last (N, *spatial, C) and tokens
   (N, L, C, L the size of a grid) on a grid that is the input's reduced by
   a power of two on every axis (Swin's patch merging makes its grids with
-  slices, not with a spatial op), with the input's batch;
+  slices, not with a spatial op), with the input's batch; tokens may follow
+  a few prefix tokens (N, k + L, C): a class token, registers;
 * the autograd graph from the input to the output, with *gate edges* cut:
   a map that enters a multiply by broadcasting (a squeeze-excitation or an
   attention coefficient) modulates the other operand, it does not carry
@@ -20,8 +21,12 @@
 
 Maps are also marked *pooled* when they descend from a global or adaptive
 pool (SE squeezes, PSP and ASPP context branches): context, not a level of
-the encoder's resolution hierarchy; and *sub-pixel* when their channels are
-about to be folded into space by a pixel shuffle (a sub-pixel decoder).
+the encoder's resolution hierarchy; *pyramid* when they lie on one of two or
+more branches that pool the same map with fixed kernels and bring it straight
+back up to that map's grid (CE-Net's residual multi-kernel pooling): context
+too, beside the map, where a U-Net's level pools a map once and goes on; and
+*sub-pixel* when their channels are about to be folded into space by a pixel
+shuffle (a sub-pixel decoder).
 
 Nothing here decides anything; ``frem.bottleneck`` reads the survey.
 """
@@ -48,6 +53,12 @@ REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsum
 GATE_OPS = {"mul", "mul_", "multiply", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__",
             "true_divide", "addcmul", "addcmul_"}
 SHUFFLE_OPS = {"pixel_shuffle"}
+MAX_PREFIX_TOKENS = 8  # a class token, a distillation token, registers: tokens before a grid's own
+# Pools with a fixed kernel (not adaptive): where a pyramid-pooling branch starts (CE-Net's RMP pools one
+# map with kernels 2, 3, 5, 6 and brings each back up to it).
+FIXED_POOLS = {"max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+               "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d", "lp_pool1d", "lp_pool2d",
+               "lp_pool3d"}
 # Ops whose outputs are laid out (N, C, *spatial) for sure: the spatial shapes they make are the
 # model's resolutions. A tensor of the input's rank with other trailing dims is not a feature map
 # but a transformer's tokens, a channels-last view or an attention matrix.
@@ -75,6 +86,7 @@ class FeatureMap:
     sites: list = field(default_factory=list)
     pooled: bool = False         # from a global/adaptive pool: context, not a resolution level
     sub_pixel: bool = False      # its channels become space in a pixel shuffle
+    pyramid: bool = False        # on a pyramid-pooling branch: pooled from a map and brought back up beside it
     distance: int | None = None  # shortest autograd path to the output; None: it does not reach it
     live: bool = False           # reaches the output without passing a gate, and comes from the input
     note: str = ""               # what the bottleneck rule made of it (frem.candidates shows it)
@@ -116,16 +128,28 @@ class ModuleCall:
     name: str
     start: int
     end: int = -1
-    input_resolution: int | None = None   # lowest resolution among its input maps
+    input_resolutions: tuple = ()         # the resolutions of its input maps
     output_nodes: list = field(default_factory=list)
-    output_resolution: int | None = None  # highest resolution among its output maps
+    output_resolutions: tuple = ()        # the resolutions of its output maps
     inputs: list = field(default_factory=list, repr=False)   # its tensors, read once the layouts are known
     outputs: list = field(default_factory=list, repr=False)
 
     @property
+    def multi_resolution(self) -> bool:
+        """It takes several grids and hands back several, its coarsest among them: a stage that works at
+        every resolution at once (DiNTS's search space, an HRNet stage), not a decoder leaving the bottom."""
+        ins, outs = set(self.input_resolutions), set(self.output_resolutions)
+        return len(ins) > 1 and len(outs) > 1 and min(outs) == min(ins)
+
+    @property
     def upsamples(self) -> bool:
-        return (self.input_resolution is not None and self.output_resolution is not None
-                and self.output_resolution > self.input_resolution)
+        """Its output is finer than its input: a decoder block (one taking a skip too, finer than its
+        main input, hands back the skip's grid). A multi-resolution stage upsamples only if its finest
+        output is finer than its finest input."""
+        ins, outs = set(self.input_resolutions), set(self.output_resolutions)
+        if not ins or not outs:
+            return False
+        return max(outs) > (max(ins) if self.multi_resolution else min(ins))
 
     def made_inside(self, order: int) -> bool:
         return self.start < order <= self.end
@@ -145,6 +169,8 @@ class Survey(list):
         self.rank = 0
         self.input_resolution = 0
         self.module_outputs: dict = {}  # module name -> its output, as returned
+        self.made_by: dict = {}       # node -> (the torch function's name, [(input node, input shape)])
+        self.dead_ends: set = set()   # modules whose outputs all stop at a gate: nothing they make is live
         self.input_tensors: list = []
 
 
@@ -189,6 +215,15 @@ class _Layouts:
             # matrix (N, L, L), say) are neither.
             readings = [(rank, dim, g) for dim, length in ((-1, t.shape[1]), (1, t.shape[2]))
                         for rank, g in self._grids_of(length)]
+            if not any(dim == -1 for _, dim, _ in readings):
+                # (N, k + L, C): tokens on a grid after a few prefix tokens (a class token, registers), where
+                # no other reading fits or the other is the coincidence of the same grid: a ViT stage's MLP
+                # (N, 65, 64) on 8x8 is 64 tokens and a class token, not 65 channels on 8x8. A few: k <= L/4,
+                # or a channel-attention matrix (N, 8, 8) would be 4 prefix tokens on 2x2 (Restormer).
+                prefixed = [(rank, -1, g) for k in range(1, MAX_PREFIX_TOKENS + 1) if 4 * k <= t.shape[1] - k
+                            for rank, g in self._grids_of(t.shape[1] - k)]
+                if prefixed and all(g == prefixed[0][2] for _, _, g in readings):
+                    readings = prefixed[:1]
             if readings:
                 best = min(r[0] for r in readings)
                 chosen = {(dim, g) for rank, dim, g in readings if rank == best}
@@ -366,7 +401,8 @@ def survey(model: nn.Module, example_input) -> Survey:
             call.output_nodes = [t.grad_fn for _, t in entries if t.grad_fn is not None]
             call.outputs = [t for _, t in entries]
             result.calls.append(call)
-            result.module_outputs[name] = output
+            result.module_outputs[name] = tree_map(lambda v: v, output)  # its containers as they were: a
+            # model may reorder or empty a returned list afterwards (SegResNetDS pops its encoder's list)
             events.extend((name, "output", path, t, t.grad_fn) for path, t in entries)
         return hook
 
@@ -400,15 +436,58 @@ def survey(model: nn.Module, example_input) -> Survey:
     for call in result.calls:
         ins = [math.prod(lay[1]) for lay in map(layouts.of, call.inputs) if lay is not None]
         outs = [math.prod(lay[1]) for lay in map(layouts.of, call.outputs) if lay is not None]
-        call.input_resolution, call.output_resolution = min(ins, default=None), max(outs, default=None)
+        call.input_resolutions, call.output_resolutions = tuple(ins), tuple(outs)
         call.inputs = call.outputs = ()  # read: let the tensors go with the survey's other references
     for node in recorder.shuffled:
         _mark_sub_pixel(result, recorder, node)
     _add_sites(result, events, calls_by_name, layouts)
     _build_graph(result, outputs, tensors, recorder.gate_edges)
+    _prefer_live_consumers(result)
+    result.made_by = recorder.made_by
+    _mark_pyramids(result)
     result.extend(sorted((m for m in result.maps.values() if m.sites and m.distance is not None),
                          key=lambda m: m.order))
     return result
+
+
+def _mark_pyramids(result: Survey) -> None:
+    """Mark the maps of pyramid-pooling branches: two or more branches from one map, each a fixed-kernel
+    pool, ops on the pooled grid only, and a step straight back onto the map's own grid."""
+    branches: dict = {}
+    for fmap in result.maps.values():
+        name, inputs = result.made_by.get(fmap.node, ("", []))
+        source = result.maps.get(inputs[0][0]) if name in FIXED_POOLS and inputs else None
+        if source is not None and fmap.resolution < source.resolution:
+            branch = _branch_back_up(result, fmap, source.grid)
+            if branch:
+                branches.setdefault(source.node, []).append(branch)
+    for found in branches.values():
+        if len(found) >= 2:
+            for branch in found:
+                for node in branch:
+                    result.maps[node].pyramid = True
+
+
+def _branch_back_up(result: Survey, pooled: FeatureMap, grid: tuple) -> set:
+    """The maps from ``pooled`` on, on its own grid, if every path from it steps straight back to ``grid``
+    (the return itself included), else an empty set."""
+    seen, queue = {pooled.node}, deque([pooled.node])
+    while queue:
+        node = queue.popleft()
+        if node in result.output_nodes:
+            return set()
+        for child in result.children.get(node, ()):
+            fmap = result.maps.get(child)
+            if fmap is None:
+                return set()
+            if fmap.grid == grid:
+                seen.add(child)
+            elif fmap.grid == pooled.grid and child not in seen:
+                seen.add(child)
+                queue.append(child)
+            elif fmap.grid != pooled.grid:
+                return set()
+    return seen
 
 
 def _mark_sub_pixel(result: Survey, recorder: _Recorder, node) -> None:
@@ -439,6 +518,15 @@ def _add_sites(result: Survey, events, calls_by_name, layouts: _Layouts) -> None
             fmap.sites.append(site)
     for fmap in result.maps.values():
         fmap.sites.sort(key=_preference)
+
+
+def _prefer_live_consumers(result: Survey) -> None:
+    """Of a map's input sites, a module through which it reaches the output first: a pre-hook changes
+    what that one module takes, so FREM on the input of a gating convolution would miss the decoder."""
+    result.dead_ends = {c.name for c in result.calls if c.output_nodes
+                        and all(n in result.maps and not result.maps[n].live for n in c.output_nodes)}
+    for fmap in result.maps.values():
+        fmap.sites.sort(key=lambda site: (site.at != "output", site.layer in result.dead_ends))
 
 
 def _preference(site: Site):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import handwritten as hw
+import literature as lit
 
 warnings.filterwarnings("ignore", category=UserWarning, module="monai")
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -86,6 +87,19 @@ def _timm(name, decoder=hw.FeatureUNet, **kwargs):
         encoder = timm.create_model(name, features_only=True, pretrained=False, in_chans=1, **kwargs)
         return decoder(encoder, encoder.feature_info.channels())
     return build
+
+
+def _dints(dims=2):
+    def build():
+        import monai.networks.nets as nets
+        space = nets.TopologyInstance(channel_mul=0.25, num_blocks=3, num_depths=3, spatial_dims=dims)
+        return nets.DiNTS(space, in_channels=1, num_classes=2, spatial_dims=dims)
+    return build
+
+
+def _timm_swinv2():
+    return _timm("swinv2_tiny_window8_256", decoder=hw.ChannelsLastFeatureUNet, img_size=64, window_size=2,
+                 embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
 
 
 def _timm_swin(**kwargs):
@@ -208,6 +222,65 @@ CASES = {
     "swin-unet-like": Case(hw.SwinUNetLike, x2d, ("bottleneck output" + LAST,), "tokens"),
     "hybrid-token-bottleneck": Case(hw.HybridTokenBottleneck, x2d, ("transformer output" + LAST, "up2 input[0]"),
                                     "tokens"),
+    # ---- issue 28, kinds 2-5 and their neighbours: decoders that start at the bottleneck's grid,
+    # context from ordinary pools, search spaces and shared stems, dense blocks, two decoders
+    "resunetpp-2d": Case(lit.ResUNetPlusPlus, x2d, ("bridge output",), "decoder starts at the bottleneck"),
+    "resunetpp-3d": Case(lambda: lit.ResUNetPlusPlus(dims=3), x3d, ("bridge output",),
+                         "decoder starts at the bottleneck"),
+    # the context extractor (DAC, then RMP's pyramid of fixed-kernel pools) hands the decoder its map
+    "ce-net": Case(lit.CENet, lambda: x2d(96), ("rmp output",), "pyramid of ordinary pools"),
+    # the deepest map is pooled by code no module hands over; the pool's input stands for it
+    "segnet": Case(lit.SegNet, x2d, ("encoders.2 output",), "pool indices"),
+    "unet3plus": Case(lit.UNet3Plus, x2d, ("encoders.4 output",), "full-scale skips"),
+    # the decoder's first conv works at the token stage's grid and narrows it before an upsampling no
+    # module makes: encoder or decoder, structure cannot say (as flat-projection); the refusal names both
+    "unext": Case(lit.UNeXt, x2d, ("norm output" + LAST, "bottleneck output" + LAST), "tokens"),
+    "multiresunet": Case(lit.MultiResUNet, x2d, ("bottom output",), "concatenation"),
+    # two U-Nets in sequence, each its own bottleneck: the first is a detour through the lowest
+    # resolution on the way to the second, whose bottleneck frem takes (as for stacked hourglasses)
+    "double-unet": Case(lit.DoubleUNet, x2d, ("second.middle output", "first.middle output"), "hand-written"),
+    # a CNN and a transformer branch fused at the lowest resolution: the fused map, or its conv
+    "transfuse-like": Case(lit.ParallelBranches, x2d, ("fuse input[0]", "fuse output"), "parallel branches"),
+    # DiNTS: the input enters every resolution through a stem of its own and the cells move up and down
+    # between them; no map at the lowest resolution is on every path. Its deepest output, where the
+    # decoding stems start, is the right site, and the refusal names it first.
+    "monai-dints-2d": Case(_dints(2), lambda: x2d(64), ("dints_space output[2]",), "search-space cells"),
+    "monai-quicknat": Case(_monai("Quicknat", num_classes=2, num_channels=1, num_filters=8), lambda: x2d(64),
+                           ("model.1.submodule.1.submodule.1.submodule.1.submodule.layers2 output",), "dense block"),
+    "monai-segresnetds-2d": Case(_monai("SegResNetDS", spatial_dims=2, init_filters=4, in_channels=1, out_channels=2,
+                                        blocks_down=(1, 1, 1)), x2d, ("encoder output[-1]",), "library"),
+    "monai-segresnetds2-2d": Case(_monai("SegResNetDS2", spatial_dims=2, init_filters=4, in_channels=1,
+                                         out_channels=2, blocks_down=(1, 1, 1)), x2d, ("encoder output[-1]",),
+                                  "two decoders"),
+    "monai-segresnetds2-3d": Case(_monai("SegResNetDS2", spatial_dims=3, init_filters=4, in_channels=1,
+                                         out_channels=2, blocks_down=(1, 1, 1)), x3d, ("encoder output[-1]",),
+                                  "two decoders"),
+    "monai-segresnetvae": Case(_monai("SegResNetVAE", input_image_size=(32, 32), spatial_dims=2, init_filters=8,
+                                      in_channels=1, out_channels=2), x2d, ("down_layers.3 output",), "library"),
+    "monai-mednext-2d": Case(_monai("MedNeXt", spatial_dims=2, init_filters=4, in_channels=1, out_channels=2,
+                                    blocks_down=(1, 1, 1, 1), blocks_bottleneck=1, blocks_up=(1, 1, 1, 1)),
+                             x2d, ("bottleneck output",), "channel-expanding blocks"),
+    # smp's remaining encoder families (the SE encoders the segmentation app defaults to among them)
+    "smp-unet-se-resnet": Case(_smp("Unet", "se_resnet50"), lambda: x2d(64), SMP, "library"),
+    "smp-unet-vgg": Case(_smp("Unet", "vgg11"), lambda: x2d(64), SMP, "library"),
+    "smp-unet-densenet": Case(_smp("Unet", "densenet121"), lambda: x2d(64), SMP, "concatenation"),
+    "smp-unet-dpn": Case(_smp("Unet", "dpn68"), lambda: x2d(64), SMP, "concatenation"),
+    "smp-unet-mobileone": Case(_smp("Unet", "mobileone_s0"), lambda: x2d(64), SMP, "library"),
+    "smp-unet-skresnet": Case(_smp("Unet", "timm-skresnet18"), lambda: x2d(64), SMP, "library"),
+    "smp-unet-xception": Case(_smp("Unet", "xception"), lambda: x2d(64), SMP, "library"),
+    # timm families beside the corpus's: another NHWC one, hybrids with attention at the bottom
+    "timm-swinv2-unet": Case(_timm_swinv2(), lambda: x2d(64), ("encoder output[-1]" + LAST,), "channels last"),
+    "timm-efficientvit-unet": Case(_timm("efficientvit_b0"), lambda: x2d(64), SMP, "transformer"),
+    # found trying networks outside the corpus: tokens after a class token (read as 65 channels on 8x8
+    # before), a bottleneck two modules take in (FREM went on the gating conv's input), parallel streams
+    "class-token-bottleneck": Case(lit.ClassTokenBottleneck, x2d, ("vit output" + LAST,), "tokens"),
+    "attention-unet-3d": Case(lit.AttentionUNet3D, x3d, ("up2 input[0]",), "attention gates"),
+    "hrnet-like": Case(lit.HRNetLike, x2d, (), "parallel branches"),
+    "restormer-like": Case(lit.RestormerLike, x2d, ("latent output",), "sub-pixel decoder"),
+    "timm-mobilenetv4-unet": Case(_timm("mobilenetv4_conv_small"), lambda: x2d(64), SMP, "channel-expanding blocks"),
+    "timm-repvit-unet": Case(_timm("repvit_m1"), lambda: x2d(64), SMP, "channel-expanding blocks"),
+    "timm-hgnetv2-unet": Case(_timm("hgnetv2_b0"), lambda: x2d(64), SMP, "concatenation"),
+    "timm-coatnet-unet": Case(_timm("coatnet_nano_rw_224", img_size=64), lambda: x2d(64), SMP, "transformer"),
 }
 
 # Where the measured rule alone refuses, each with a phrase of its reason: a structure it cannot read
@@ -224,6 +297,7 @@ MEASURED_REFUSALS = {
     "smp-pspnet-resnet": "nothing with weights works at a higher resolution",
     "two-encoders": "lie on parallel paths",
     "monai-highresnet": "never lowers the resolution", "no-downsampling": "never lowers the resolution",
+    "unext": NARROWER, "monai-dints-2d": "lie on parallel paths", "hrnet-like": "lie on parallel paths",
 }
 
 

@@ -36,7 +36,8 @@ def outputs(model, x):
     out = model(x)
     if isinstance(out, dict):
         return [out[k] for k in sorted(out)]
-    return list(out) if isinstance(out, (list, tuple)) else [out]
+    out = list(out) if isinstance(out, (list, tuple)) else [out]
+    return [o for o in out if o is not None]  # SegResNetVAE's eval output is (logits, None)
 
 
 def assert_frem_acts_exactly_at(model, handle, x, at, entry):
@@ -108,6 +109,8 @@ def test_attach_is_right_or_refuses_and_says_where(name):
     picked = resolve(found, describe_site(handle, hook.entry))
     assert any(picked is r for r in right), f"{name}: attach picked {describe_site(handle, hook.entry)}, " \
                                             f"not one of {case.right}"
+    # On a module's input, the module matters too: a pre-hook changes what that one module takes
+    assert handle._at == "output" or describe_site(handle, hook.entry) in case.right, describe_site(handle, hook.entry)
     assert_frem_acts_exactly_at(model, handle, x, handle._at, hook.entry)
     assert frem.detach(model) == 1
     assert [n for n, _ in model.named_modules()] == modules
@@ -143,8 +146,11 @@ def test_every_category_of_the_issue_is_in_the_corpus():
     categories = {case.category for case in CASES.values()}
     assert {"channel-expanding blocks", "side branch", "sub-pixel decoder", "concatenation", "no downsampling",
             "small example input", "attention gates", "transformer", "head at the lowest resolution",
-            "narrowing projection", "parallel branches"} <= categories
-    assert len(CASES) >= 40 and set(MEASURED_REFUSALS) < set(CASES)
+            "narrowing projection", "parallel branches", "channels last", "tokens",
+            # issue 28's kinds 2-5
+            "decoder starts at the bottleneck", "pyramid of ordinary pools", "search-space cells", "pool indices",
+            "dense block", "two decoders"} <= categories
+    assert len(CASES) >= 90 and set(MEASURED_REFUSALS) < set(CASES)
     assert {n.rsplit("-", 1)[-1] for n in CASES} >= {"2d", "3d"}
 
 
@@ -155,7 +161,13 @@ def test_every_category_of_the_issue_is_in_the_corpus():
     ("subpixel-unet-flat", ["sub-pixel channels: a pixel shuffle folds them into space",
                             "entry into the lowest resolution"]),
     ("smp-pan-resnet", ["parallel branch after the last main-path map, as wide: feeds the decoder"]),
-    ("smp-segformer-mit", ["detour: the encoder goes back to a finer resolution after it"])])
+    ("smp-segformer-mit", ["detour: the encoder goes back to a finer resolution after it"]),
+    ("ce-net", ["pyramid context (pooled with a fixed kernel beside others, brought back up)"]),
+    ("resunetpp-2d", ["decoder: attention.0 brings a finer map down to this resolution and merges it with the one "
+                      "it was handed"]),
+    ("segnet", ["bottleneck: it stands for the pooled map below it, the last at the lowest resolution "
+                "(scaling channels commutes with the pool)", "pooled by code no module hands over: FREM acts on "
+                                                             "encoders.2 output, the same"])])
 def test_each_map_the_rule_passes_over_says_why(name, notes):
     """The notes frem.candidates prints: what a user reads to see why attach refused or picked."""
     _, model, x = build(name)
@@ -415,6 +427,29 @@ def test_timm_and_smp_encoders_are_known_by_name():
     assert frem.locate_bottleneck(Wrapped()) == frem.Site("encoder", "output", (-1,), 512)
     unet = smp.Unet("resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=(16, 8, 4))
     assert frem.locate_bottleneck(unet) == frem.Site("encoder", "output", (-1,), 128)
+
+
+class SumTakenTwice(nn.Module):
+    """A bottleneck summed in forward (no module hands it over) that a decoder and a deep-supervision head
+    both take in: a pre-hook on either one's input would leave the other the unscaled map."""
+
+    def __init__(self, w=8):
+        super().__init__()
+        self.down = nn.Conv2d(1, w, 3, stride=2, padding=1)
+        self.a, self.b = nn.Conv2d(w, w, 3, padding=1), nn.Conv2d(w, w, 3, padding=1)
+        self.up, self.aux = nn.ConvTranspose2d(w, 2, 2, stride=2), nn.Conv2d(w, 2, 1)
+
+    def forward(self, x):
+        d = self.down(x)
+        bottom = self.a(d) + self.b(d)
+        return self.up(bottom), self.aux(bottom)
+
+
+def test_a_map_several_modules_take_in_and_none_hands_over_is_refused():
+    model = SumTakenTwice()
+    with pytest.raises(BottleneckNotFound, match=r"taken in by 2 modules \(aux, up\).*nn.Identity"):
+        frem.attach(model, "bottleneck", B=2, X=7.0, example_input=x2d())
+    assert frem.attach(model, "up", at="input", B=2, X=7.0).layer == "up"  # said at='input': one is enough
 
 
 def test_parallel_candidates_are_refused_by_attach_and_shown_in_the_table():
