@@ -42,7 +42,7 @@ GROUPS = {
     "core": (["frem/module.py", "frem/hooks.py", "frem/selection.py", "frem/seg/metrics.py"],
              ["tests/test_module.py", "tests/test_hooks.py", "tests/test_metrics.py", "tests/test_model_operations.py",
               "tests/test_mixed_precision.py"]),
-    "bottleneck": (["frem/bottleneck.py", "frem/survey.py", "frem/known.py", "frem/sites.py"],
+    "bottleneck": (["frem/bottleneck.py", "frem/rule.py", "frem/survey.py", "frem/known.py", "frem/sites.py"],
                    ["tests/test_networks.py"]),
     "kernels": (["frem/kernels/scale_channels.py"],
                 ["tests/test_scale_channels.py", "tests/test_kernels.py", "tests/test_op_autograd.py",

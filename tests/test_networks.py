@@ -325,7 +325,7 @@ def test_the_table_marks_a_known_pick_whose_entry_is_chosen_at_training_the_deep
 def test_a_refusal_lists_six_sites_and_counts_the_rest():
     from types import SimpleNamespace
 
-    from frem.bottleneck import _describe
+    from frem.rule import _describe
     maps = [SimpleNamespace(site=frem.Site(f"stage{i}"), order=i, shape=(1, 8, 4, 4)) for i in range(8)]
     assert _describe(maps[:6]).count("stage") == 6 and "more" not in _describe(maps[:6])
     listed = _describe(maps)
