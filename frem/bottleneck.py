@@ -108,10 +108,10 @@ def candidates(model: nn.Module, example_input, limit: int | None = 12) -> Candi
         if chosen is not None:
             chosen.note = "bottleneck (known by name)"
     rows = [m for m in found.maps.values() if m.distance is not None and (m.site or m is chosen)]
-    features = [m for m in rows if m.live and not m.pooled]
+    features = [m for m in rows if m.live and not m.pooled and not m.pyramid]
     lowest = min((m.resolution for m in features), default=0)
     keep = [m for m in rows if (m in features and m.resolution == lowest) or m is chosen]
-    # Then finer maps by resolution, and last the gates and global context, which are never picked.
+    # Then finer maps by resolution, and last the gates and context, which are never picked.
     rest = sorted((m for m in rows if m not in keep), key=lambda m: (m not in features, m.resolution, m.order))
     shown = rest if limit is None else rest[:max(limit - len(keep), 0)]
     table = sorted(keep, key=lambda m: m.order) + shown

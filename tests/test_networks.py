@@ -333,6 +333,14 @@ def test_a_refusal_lists_six_sites_and_counts_the_rest():
     assert listed.startswith("stage7 output (1, 8, 4, 4); stage6")  # the latest first
 
 
+def test_the_table_starts_at_the_lowest_resolution_of_the_features_not_of_pyramid_context():
+    _, model, x = build("ce-net")
+    table = frem.candidates(model, x, limit=None)
+    pyramid = [i for i, m in enumerate(table) if m.pyramid]
+    assert table[0].grid == (6, 6) and pyramid and min(pyramid) > table.index(table.chosen)
+    assert all(table[i].note.startswith("pyramid context") for i in pyramid)
+
+
 def test_the_pick_always_shows_however_small_the_limit():
     from handwritten import PlainUNet
     table = frem.candidates(PlainUNet(), x2d(), limit=0)
