@@ -82,7 +82,7 @@ prints the whole table, and ``layer=`` settles it.
 
 from __future__ import annotations
 
-from frem.survey import FIXED_POOLS, FeatureMap, Survey, reach
+from frem.survey import FeatureMap, Survey, pooled_from, reach
 
 __all__ = ["BottleneckNotFound", "choose"]
 
@@ -212,6 +212,7 @@ def _skips_joined(lowest: int, found: Survey) -> dict:
     that happens to look like a finer map (made inside, from maps at the lowest resolution)."""
     finer = {m.node for m in found.maps.values() if m.resolution > lowest}
     at_lowest = [m for m in found.maps.values() if m.resolution == lowest]
+    lowest_nodes = {m.node for m in at_lowest}
     joined = {}
     for call in found.calls:
         if lowest not in call.input_resolutions or call.multi_resolution:
@@ -221,7 +222,7 @@ def _skips_joined(lowest: int, found: Survey) -> dict:
             continue
         reason = f"{call.name} brings a finer map down to this resolution and merges it with the one it was handed"
         inside = {m.node for m in at_lowest if call.made_inside(m.order)}
-        for node in inside | (reach({m.node for m in entries}, found.children) & {m.node for m in at_lowest}):
+        for node in inside | (reach({m.node for m in entries}, found.children) & lowest_nodes):
             joined.setdefault(node, reason)
     return joined
 
@@ -285,8 +286,7 @@ def _pooled_from(m: FeatureMap, found: Survey) -> FeatureMap | None:
     """The map a fixed-kernel pool made ``m`` from, if a module hands it over and the pool is its only
     reader: a channel scaled there is the channel scaled in ``m`` (a max or average pool works per channel
     and commutes with a positive scale; the indices SegNet keeps for unpooling are the same too)."""
-    name, inputs = found.made_by.get(m.node, ("", []))
-    source = found.maps.get(inputs[0][0]) if name in FIXED_POOLS and inputs else None
+    source = pooled_from(found, m)
     if source is None or source.site is None or found.children.get(source.node, []) != [m.node]:
         return None
     return source

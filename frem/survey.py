@@ -28,7 +28,7 @@ too, beside the map, where a U-Net's level pools a map once and goes on; and
 *sub-pixel* when their channels are about to be folded into space by a pixel
 shuffle (a sub-pixel decoder).
 
-Nothing here decides anything; ``frem.bottleneck`` reads the survey.
+Nothing here decides anything; ``frem.rule`` reads the survey.
 """
 
 from __future__ import annotations
@@ -455,8 +455,7 @@ def _mark_pyramids(result: Survey) -> None:
     pool, ops on the pooled grid only, and a step straight back onto the map's own grid."""
     branches: dict = {}
     for fmap in result.maps.values():
-        name, inputs = result.made_by.get(fmap.node, ("", []))
-        source = result.maps.get(inputs[0][0]) if name in FIXED_POOLS and inputs else None
+        source = pooled_from(result, fmap)
         if source is not None and fmap.resolution < source.resolution:
             branch = _branch_back_up(result, fmap, source.grid)
             if branch:
@@ -478,16 +477,20 @@ def _branch_back_up(result: Survey, pooled: FeatureMap, grid: tuple) -> set:
             return set()
         for child in result.children.get(node, ()):
             fmap = result.maps.get(child)
-            if fmap is None:
+            if fmap is None or fmap.grid not in (grid, pooled.grid):
                 return set()
             if fmap.grid == grid:
                 seen.add(child)
-            elif fmap.grid == pooled.grid and child not in seen:
+            elif child not in seen:
                 seen.add(child)
                 queue.append(child)
-            elif fmap.grid != pooled.grid:
-                return set()
     return seen
+
+
+def pooled_from(result: Survey, fmap: FeatureMap) -> FeatureMap | None:
+    """The map a fixed-kernel pool made ``fmap`` from, or None."""
+    name, inputs = result.made_by.get(fmap.node, ("", []))
+    return result.maps.get(inputs[0][0]) if name in FIXED_POOLS and inputs else None
 
 
 def _mark_sub_pixel(result: Survey, recorder: _Recorder, node) -> None:
