@@ -28,20 +28,22 @@ __all__ = ["BottleneckNotFound", "CONTAINERS", "CandidateTable", "FeatureMap", "
            "locate_bottleneck", "replace_entry", "survey", "tensor_entries", "unwrap"]
 
 
-def locate_bottleneck(model: nn.Module, example_input=None) -> Site:
+def locate_bottleneck(model: nn.Module, example_input=None, *, with_survey: bool = False):
     """The bottleneck's site (layer, output or input, entry, channels): by name where a
-    library names it, else measured on ``example_input``."""
+    library names it, else measured on ``example_input``. ``with_survey``: (site, the survey or None)."""
     model = unwrap(model)
     site = known_bottleneck(model)
     if site is not None:
-        return site
+        return (site, None) if with_survey else site
     if example_input is None:
         example = _example_name(model)
         raise ValueError(
             f"cannot tell where the bottleneck of {type(model).__name__} is without running it: "
             "pass example_input=<a batch> so frem can measure it, or name the layer"
             + (f" (for example layer={example!r})" if example else ""))
-    return choose(survey(model, example_input), type(model).__name__).site
+    found = survey(model, example_input)
+    site = choose(found, type(model).__name__).site
+    return (site, found) if with_survey else site
 
 
 def _example_name(model: nn.Module) -> str | None:

@@ -19,12 +19,13 @@ import weakref
 import torch
 from torch import nn
 
-from frem.bottleneck import CONTAINERS, locate_bottleneck
+from frem.bottleneck import CONTAINERS, BottleneckNotFound, _known_map, locate_bottleneck
 from frem.compile_guard import ensure_hook_guards
-from frem.module import FREM
-from frem.monitor import check_fired
+from frem.module import FREM, in_functorch_transform
+from frem.monitor import check_fired, every_frem, watch
+from frem.reach import OWN_OUTPUT, REACHES, EffectDoesNotReach, FirstTrainingCall, probe_first_call, probe_site
 from frem.sites import Site, deepest_entry, format_entry, get_entry, replace_entry
-from frem.survey import call_arguments
+from frem.survey import call_arguments, calling, survey
 from frem.wrappers import unwrap
 
 BOTTLENECK = "bottleneck"
@@ -51,57 +52,72 @@ class _Enhance:
         except (KeyError, IndexError, TypeError):
             raise ValueError(f"layer {self.frem.layer!r} {self.frem._at} has no entry {list(self.entry)} "
                              f"(got {type(value).__name__})") from None
-        return replace_entry(value, self.entry, self.frem(x, _hooked=True))
-
-
-def _site(model: nn.Module, layer, at: str, entry, example_input, dim) -> Site:
-    return site_width(model, layer, example_input, at=at, entry=entry, dim=dim, needed=False)[0]
+        y = self.frem(x, _hooked=True)
+        if y is not x and not torch.compiler.is_compiling() and not in_functorch_transform(y):
+            y = probe_first_call(self.frem, x, y, self.entry)  # frem.reach: verified at this call's end
+        return replace_entry(value, self.entry, y)
 
 
 def site_width(model: nn.Module, layer="bottleneck", example_input=None, *, at: str = "output", entry=None,
                dim: int | None = None, needed: bool = True) -> tuple[Site, int | None]:
     """Where ``attach`` would put FREM for these arguments, and that tensor's channel count (what B is
-    out of): read from one pass on ``example_input`` (which also checks the site), else as the layer
-    declares it; ``needed=False``: None when neither says."""
-    site = _located(model, layer, at, entry, example_input)
-    site = site if dim is None else Site(site.layer, site.at, site.entry, site.channels, dim)
-    if example_input is not None:
-        return site, _check_on_example(model, site, example_input)
-    if needed and site.channels is None:
+    out of): read from one pass on ``example_input`` (which also checks the site: its layout, and that its
+    effect reaches the outputs), else as the layer declares it; ``needed=False``: None when neither says."""
+    site, width, _ = resolve_site(model, layer, example_input, at=at, entry=entry, dim=dim)
+    if needed and width is None:
         raise ValueError(f"layer {site.layer!r} does not declare its width: pass example_input (one batch, as "
                          "forward takes it) so that one pass reads it")
-    return site, site.channels
+    return site, width
 
 
-def _check_on_example(model: nn.Module, site: Site, example_input) -> int:
-    """Refuse at attach, not at the first training step, a site whose tensor FREM cannot act on: run the
-    model once on ``example_input`` (eval, no gradients, every train/eval flag restored) and look at it.
-    Returns its channel count."""
-    target = model.get_submodule(site.layer)
-    seen = []
+def resolve_site(model: nn.Module, layer, example_input, *, at: str, entry, dim) -> tuple[Site, int | None, str]:
+    """The site for ``attach``'s arguments, its width (None where nothing says), and whether FREM's effect
+    there reaches the model's outputs (``frem.reach``: "yes", "output", or None: not yet known)."""
+    if dim is not None:
+        FREM(1, 1.0, dim=dim)  # the same message as FREM's for a dim that is no channel dim
+    site, found = _located(model, layer, at, entry, example_input)
+    if example_input is None:
+        return (site if dim is None else Site(site.layer, site.at, site.entry, site.channels, dim)), site.channels, None
+    site = _measured_layout(site, dim, found if found is not None else survey(model, example_input),
+                            isinstance(layer, str) and layer == BOTTLENECK)
+    width, verdict = _check_on_example(model, site, example_input)
+    return site, width, verdict
 
-    def record(module, *values):
-        value = values[-1]  # a forward hook gets (inputs, output), a pre-hook (inputs,)
-        entry = site.entry if site.entry is not None else deepest_entry(value, site.dim)
-        try:
-            seen.append((entry, get_entry(value, entry or ())))
-        except (KeyError, IndexError, TypeError):
-            seen.append((entry, value))
-    handle = (target.register_forward_hook if site.at == "output" else target.register_forward_pre_hook)(record)
-    flags = {module: module.training for module in model.modules()}
+
+def _measured_layout(site: Site, dim, found, found_by_frem: bool) -> Site:
+    """The site with the layout the survey measured for its tensor, used where no dim was given (a site
+    frem found keeps its own: a library's declared layout, or the same measurement); a given dim that
+    contradicts the measurement is refused (a channels-last map scaled along dim 1 scales rows)."""
+    fmap = _known_map(found, site)
+    measured = fmap.dim if fmap is not None and not fmap.ambiguous else None
+    if dim is not None and measured is not None and dim % fmap.tensor.dim() != measured % fmap.tensor.dim():
+        raise ValueError(
+            f"dim={dim} for {site.describe()}, but its tensor {tuple(fmap.tensor.shape)} measured on example_input "
+            f"is {fmap.layout} (channels in dim {measured}): FREM would scale {_axis(fmap, dim)} instead of its "
+            f"{fmap.channels} channels. Pass dim={measured}, or leave dim out to use what was measured. {_NAME_IT}")
+    chosen = dim if dim is not None else site.dim if found_by_frem or measured is None else measured
+    return Site(site.layer, site.at, site.entry, site.channels, chosen)
+
+
+def _axis(fmap, dim: int) -> str:
+    index = dim % fmap.tensor.dim()
+    return f"dim {dim} ({fmap.tensor.shape[index]} {'rows, columns or tokens' if index else 'samples'})"
+
+
+def _check_on_example(model: nn.Module, site: Site, example_input) -> tuple[int, str]:
+    """Refuse at attach, not at the first training step, a site whose tensor FREM cannot act on, or whose
+    effect would not reach the outputs: run the model once on ``example_input`` (eval, every train/eval flag
+    restored) with the site's tensor probed (``frem.reach``). Returns its channel count and the verdict."""
     args, kwargs = call_arguments(example_input)
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        handle.remove()
-        for module, flag in flags.items():
-            module.training = flag
-    if not seen:
+
+    def entry_of(value):
+        return site.entry if site.entry is not None else deepest_entry(value, site.dim)
+    with calling(example_input):
+        seen, verdict = probe_site(model, site, args, kwargs, entry_of)
+    if seen is None:
         raise ValueError(f"layer {site.layer!r} never ran on example_input: FREM there would never act. "
                          f"{_NAME_IT}")
-    entry, x = seen[0]
+    entry, x = seen
     where = f"layer {site.layer or '<model>'!r} {site.at}{format_entry(entry)}"
     if not isinstance(x, torch.Tensor) or not (x.dim() >= 2 and -x.dim() < site.dim < x.dim() and site.dim % x.dim()):
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -111,32 +127,60 @@ def _check_on_example(model: nn.Module, site: Site, example_input) -> int:
         raise ValueError(f"{where} is {tuple(x.shape)}: dim {site.dim} has {x.shape[site.dim]} entries, but the layer "
                          f"declares {site.channels} channels, so its channels are elsewhere: pass dim= (1 for "
                          f"(N, C, *spatial), -1 for channels last and (N, L, C) tokens). {_NAME_IT}")
-    return x.shape[site.dim]
+    if verdict not in (REACHES, OWN_OUTPUT):
+        raise EffectDoesNotReach(verdict)
+    return x.shape[site.dim], verdict
 
 
 _NAME_IT = "frem.candidates(model, example_input) shows every map with its layout"
 
 
-def _located(model: nn.Module, layer, at: str, entry, example_input) -> Site:
+def _located(model: nn.Module, layer, at: str, entry, example_input):
+    """The site ``layer`` names, and the survey if finding it took one."""
     if at not in PLACES:
         raise ValueError(f"at must be one of {PLACES}, got {at!r}")
     entry = (entry,) if isinstance(entry, (int, str)) else (tuple(entry) if entry is not None else None)
     if isinstance(layer, nn.Module):
         for name, module in model.named_modules():
             if module is layer:
-                return Site(name, at, entry, _known_channels(module))
+                return Site(name, at, entry, _known_channels(module) if at == "output" else None), None
         raise ValueError(f"the module {type(layer).__name__} passed as layer is not part of the model")
     if not isinstance(layer, str):
         raise TypeError(f"layer must be a module name, a module or {BOTTLENECK!r}, got {layer!r}")
     if layer == BOTTLENECK:
-        return locate_bottleneck(model, example_input)
+        return _the_bottleneck(model, example_input)
     names = [name for name, _ in model.named_modules(remove_duplicate=False)]  # "": the model itself
     if layer not in names:
         close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
         hint = (f"closest: {', '.join(close)}" if close else
                 f"its top-level layers: {', '.join(n for n, _ in model.named_children()) or 'none'}")
         raise ValueError(f"{type(model).__name__} has no layer {layer!r}; {hint}")
-    return Site(layer, at, entry, _known_channels(model.get_submodule(layer)) if at == "output" else None)
+    return Site(layer, at, entry, _known_channels(model.get_submodule(layer)) if at == "output" else None), None
+
+
+def _the_bottleneck(model: nn.Module, example_input):
+    """``layer="bottleneck"`` asks frem to find it. A model may also have a module of that very name (MONAI's
+    HoVerNet): where the finder does not pick that module's output, frem refuses rather than guess which was
+    meant, and says how to name the module."""
+    named = dict(model.named_children()).get(BOTTLENECK)
+    try:
+        site, found = locate_bottleneck(model, example_input, with_survey=True)
+    except ValueError as error:
+        if named is None:
+            raise
+        message = (f"{error}. ({type(model).__name__} also has a module named 'bottleneck': layer='bottleneck' "
+                   "asks frem to find the bottleneck; to attach to that module, pass layer=model.bottleneck, the "
+                   "module itself.)")
+        if isinstance(error, BottleneckNotFound):
+            raise BottleneckNotFound(message, error.candidates) from None
+        raise ValueError(message) from None
+    if named is not None and (site.layer, site.at) != (BOTTLENECK, "output"):
+        raise ValueError(
+            f"{type(model).__name__} has a module named 'bottleneck', and frem finds the bottleneck elsewhere "
+            f"({site.describe()}): layer='bottleneck' asks frem to find it, so which is meant is unclear. Pass "
+            "layer=model.bottleneck (the module itself) for the module of that name, or layer="
+            f"{site.layer!r}{', at=' + repr(site.at) if site.at != 'output' else ''} for what frem finds")
+    return site, found
 
 
 def _known_channels(module: nn.Module) -> int | None:
@@ -170,7 +214,7 @@ def attached(model: nn.Module) -> list[FREM]:
 
 def attach(model: nn.Module, layer="bottleneck", B: int | float = 162, X: float = 632, *,
            mode: str = "random", seed: int = 0, example_input=None, at: str = "output",
-           entry=None, dim: int | None = None) -> FREM:
+           entry=None, dim: int | None = None, redraw=None) -> FREM:
     """Apply FREM to ``layer``'s output (``at="input"``: its first input) while training.
 
     ``layer`` is a dotted module name, a module of ``model``, or
@@ -180,12 +224,20 @@ def attach(model: nn.Module, layer="bottleneck", B: int | float = 162, X: float 
     tensor; by default the deepest feature map in it (lowest resolution, most
     channels, last). ``dim`` says where the channels are (1: (N, C, *spatial);
     -1: channels-last maps and (N, L, C) tokens); by default what the library
-    declares (timm's ``output_fmt``) or the survey measured, else 1. Wrappers
-    (DataParallel, DDP, ``torch.compile``) are seen through. Returns the FREM:
-    ``.remove()`` undoes the attachment.
+    declares (timm's ``output_fmt``) or what ``example_input`` measured, else 1.
+    ``redraw``: who re-draws the channels, None (you call ``frem.resample``
+    each epoch), ``"train"`` (every ``model.train()``) or N (every N steps).
+
+    With ``example_input``, attach runs the model once and refuses a site whose
+    tensor has no such channel dim, is narrower than B, or whose effect does
+    not reach the model's outputs (``frem.reach``); without it, that last check
+    runs at the first training call. Wrappers (DataParallel, DDP,
+    ``torch.compile``) are seen through. Returns the FREM: ``.remove()`` undoes
+    the attachment.
     """
     model = unwrap(model)
-    site = _site(model, layer, at, entry, example_input, dim)
+    FREM(B, X, mode=mode, seed=seed, redraw=redraw)  # settings refused before any pass of the model
+    site, width, verdict = resolve_site(model, layer, example_input, at=at, entry=entry, dim=dim)
     ensure_hook_guards()  # a compiled model must notice the hook (frem.compile_guard)
     target = model.get_submodule(site.layer)
     for existing in attached(model):
@@ -193,9 +245,9 @@ def attach(model: nn.Module, layer="bottleneck", B: int | float = 162, X: float 
             raise ValueError(f"a FREM is already attached to the {site.at} of layer {site.layer!r}"
                              + (f" (as {existing.layer!r})" if existing.layer != site.layer else "")
                              + "; call .remove() on it or frem.detach(model) first")
-    module = FREM(B, X, mode=mode, seed=seed, layer=site.layer, dim=site.dim)
-    if site.channels is not None:
-        module.bind(site.channels, device=_model_device(model))
+    module = FREM(B, X, mode=mode, seed=seed, layer=site.layer, dim=site.dim, redraw=redraw)
+    if width is not None:
+        module.bind(width, device=_model_device(model))  # B is checked against the width here, before any hook
     holder = _holder(model, site.layer)
     base = "frem_" + ((site.layer.replace(".", "_") or "model") + ("_input" if site.at == "input" else ""))
     child_name, n = base, 1
@@ -210,7 +262,12 @@ def attach(model: nn.Module, layer="bottleneck", B: int | float = 162, X: float 
     holder.add_module(child_name, module)
     module.applied_by_hook = True
     module._holder_ref, module._target_ref = weakref.ref(holder), weakref.ref(target)
+    module._root_ref = weakref.ref(model)
     module._child_name, module._at = child_name, site.at
+    module._reach["state"] = verdict
+    if verdict is None:
+        model.register_forward_hook(FirstTrainingCall(module))  # verified at the first training call
+    watch(module, model)  # "did the network train?" for the never-ran warning (frem.monitor)
     return module
 
 
@@ -223,10 +280,12 @@ def detach(model: nn.Module) -> int:
 
 
 def _every_frem(model: nn.Module, doing: str) -> list[FREM]:
-    """Every FREM in ``model``, attached or inline; an error naming ``doing`` where there is none."""
-    modules = [m for m in unwrap(model).modules() if isinstance(m, FREM)]
+    """Every FREM acting in ``model`` (a submodule too: the FREMs attached inside it), attached or inline; an
+    error naming ``doing`` where there is none."""
+    modules = every_frem(model)
     if not modules:
-        raise ValueError(f"{type(model).__name__} has no FREM to {doing}: frem.attach(model, ...) first")
+        raise ValueError(f"{type(model).__name__} has no FREM to {doing}, and none is attached to a layer inside "
+                         "it: frem.attach(model, ...) first")
     return modules
 
 

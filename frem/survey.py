@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -92,6 +93,7 @@ class FeatureMap:
     note: str = ""               # what the bottleneck rule made of it (frem.candidates shows it)
     dim: int = 1                 # where its channels are: 1, or -1 (channels last, tokens)
     grid: tuple = ()             # its spatial shape (a token sequence's grid)
+    ambiguous: bool = False      # its shape reads as channels first and as channels last alike
 
     @property
     def site(self) -> Site | None:
@@ -231,6 +233,12 @@ class _Layouts:
                     return chosen.pop()
         return None
 
+    def ambiguous(self, t: torch.Tensor) -> bool:
+        """Both (N, C, *spatial) and (N, *spatial, C) read ``t`` as a map on a known grid (its channels and
+        its grid's sides are alike: (2, 8, 8, 8)): its shape cannot tell where its channels are."""
+        return (t.dim() == self.rank >= 3 and tuple(t.shape[2:]) in self.grids and t.shape[0] == self.batch
+                and self._known(tuple(t.shape[1:-1])))
+
     def _grids_of(self, length: int):
         """(0, grid) for a grid of that size a spatial op made, (1, grid) for a reduced input grid."""
         for rank, grids in ((0, sorted(self.grids)), (1, self.reduced)):
@@ -352,12 +360,34 @@ def _is_shuffle(source: torch.Tensor, out: torch.Tensor) -> bool:
 
 def call_arguments(example_input) -> tuple[tuple, dict]:
     """``example_input`` as the model is called with it: a dict is keyword arguments, a tuple or list
-    positional ones, anything else the one argument."""
+    positional ones, anything else the one argument. It must hold a tensor somewhere."""
+    if not any(isinstance(leaf, torch.Tensor) for leaf in tree_flatten(example_input)[0]):
+        kind = type(example_input).__name__
+        hint = " (torch.from_numpy(array) makes it one)" if kind == "ndarray" else ""
+        raise TypeError(f"example_input must be one batch as the model's forward takes it: a tensor{hint}, or a "
+                        f"tuple (positional arguments) or dict (keyword arguments) holding tensors; got {kind}")
     if isinstance(example_input, dict):
         return (), dict(example_input)
     if isinstance(example_input, (tuple, list)):
         return tuple(example_input), {}
     return (example_input,), {}
+
+
+ARGUMENT_ERRORS = ("unexpected keyword argument", "required positional argument", "positional arguments but")
+
+
+@contextmanager
+def calling(example_input):
+    """Around a call of the model on ``example_input``: a dict given to a forward that takes one dict
+    positionally fails with the model's own "unexpected keyword argument"; say how to pass it."""
+    try:
+        yield
+    except TypeError as error:
+        if isinstance(example_input, dict) and any(text in str(error) for text in ARGUMENT_ERRORS):
+            raise TypeError(f"{error}: example_input is a dict, which frem passes as keyword arguments "
+                            "(forward(**example_input)); if forward takes the dict itself as its one argument, "
+                            "pass example_input=(batch,): a tuple holds positional arguments") from None
+        raise
 
 
 def survey(model: nn.Module, example_input) -> Survey:
@@ -414,7 +444,7 @@ def survey(model: nn.Module, example_input) -> Survey:
     flags = {module: module.training for module in model.modules()}
     try:
         model.eval()
-        with torch.enable_grad(), recorder:
+        with torch.enable_grad(), recorder, calling(example_input):
             value = model(*args, **kwargs)
         result.module_outputs[""] = value
         outputs = [t for _, t in tensor_entries(value)]
@@ -433,6 +463,7 @@ def survey(model: nn.Module, example_input) -> Survey:
             del result.maps[node]  # attention matrices, window partitions, vectors: not feature maps
         else:
             fmap.dim, fmap.grid = layout
+            fmap.ambiguous = layouts.ambiguous(fmap.tensor)
     for call in result.calls:
         ins = [math.prod(lay[1]) for lay in map(layouts.of, call.inputs) if lay is not None]
         outs = [math.prod(lay[1]) for lay in map(layouts.of, call.outputs) if lay is not None]
@@ -515,7 +546,7 @@ def _add_sites(result: Survey, events, calls_by_name, layouts: _Layouts) -> None
         if fmap is None:  # made by code the recorder does not see (a custom autograd function)
             fmap = result.maps[node] = FeatureMap(node, t, min((c.end for c in result.calls
                                                                 if c.name == name), default=0),
-                                                  dim=layout[0], grid=layout[1])
+                                                  dim=layout[0], grid=layout[1], ambiguous=layouts.ambiguous(t))
         site = Site(name, at, path, int(t.shape[layout[0]]), layout[0])
         if site not in fmap.sites:
             fmap.sites.append(site)

@@ -420,8 +420,8 @@ def test_a_channels_last_map_is_enhanced_along_its_last_dim_and_detach_is_exact(
     torch.manual_seed(0)
     model, x = ChannelsLast(), torch.randn(2, 1, 16, 16)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"layer 'down' output is \(2, 8, 8, 16\): dim -1 has 16 entries, but the "
-                                         r"layer declares 8 channels"):  # a conv's map is channels first
+    with pytest.raises(ValueError, match=r"dim=-1 for down output, but its tensor \(2, 8, 8, 16\) measured on "
+                                         r"example_input is NCHW \(channels in dim 1\)"):  # a conv's: channels first
         frem.attach(model, "down", B=3, X=50.0, example_input=torch.randn(2, 1, 16, 32), dim=-1)
     assert not frem.attached(model)
     handle = frem.attach(model, "mix", B=3, X=50.0, dim=-1, example_input=x)

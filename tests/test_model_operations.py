@@ -143,11 +143,27 @@ def test_a_forgotten_resample_warns_once(monkeypatch):
         for _ in range(5):
             module(x)
     fixed = frem.FREM(2, 5.0, mode="fixed").train()
-    resampled = frem.FREM(2, 5.0).train().resample(0)
+    resampled = frem.FREM(2, 5.0).train()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for _ in range(5):
+        for step in range(9):
+            if step % 2 == 0:  # epochs of two steps, each re-drawn
+                resampled.resample(step // 2)
             fixed(x), resampled(x)
+    # one re-draw before the loop and none after: as stale as none at all
+    once = frem.FREM(2, 5.0, layer="enc").train().resample(0)
+    with pytest.warns(UserWarning, match=r"same 2 channels for 3 training steps since its last re-draw \(epoch 0"):
+        for _ in range(5):
+            once(x)
+    # epochs longer than the threshold, re-drawn each: said once in the first, then known to be long
+    long = frem.FREM(2, 5.0).train().resample(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for epoch in range(4):
+            long.resample(epoch)
+            for _ in range(4):
+                long(x)
+    assert len([w for w in caught if "same 2 channels" in str(w.message)]) == 1
 
 
 def test_resample_refuses_what_it_cannot_do():

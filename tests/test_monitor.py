@@ -52,7 +52,7 @@ def test_status_reads_through_wrappers_and_prints_a_table():
     assert table[0].calls == 2
     text = str(table).splitlines()
     assert text[0].split() == list(frem.monitor.StatusTable.COLUMNS)
-    assert text[1].split() == ["middle", "output", "4", "50", "32", "1", "random", "0", "0", "2", "0"]
+    assert text[1].split() == ["middle", "output", "4", "50", "32", "1", "random", "0", "0", "2", "0", "0", "yes"]
     assert str(frem.status(HandUNet())).startswith("no FREM")
 
 
@@ -71,7 +71,7 @@ def test_a_hook_on_a_layer_the_forward_never_calls_warns_at_the_next_redraw_nami
     assert redraw(net, 0) == []  # nothing trained yet
     steps(net, 2)
     (message,) = redraw(net, 1)
-    assert "layer 'spare' never ran" in message and "updated" in message and "frem.status" in message
+    assert "FREM at 'spare' never ran" in message and "gradients reached" in message and "frem.status" in message
     assert "'middle'" not in message
     steps(net, 2)
     assert redraw(net, 2) == []  # once a FREM, not every epoch
@@ -97,7 +97,7 @@ def test_a_wrapper_that_goes_around_the_hooks_is_caught():
     redraw(net, 0)
     steps(Bypass(net), 2)
     (message,) = redraw(net, 1)
-    assert "layer 'middle' never ran" in message
+    assert "FREM at 'middle' never ran" in message
 
 
 def test_training_in_eval_mode_warns_and_an_epoch_without_updates_does_not():
