@@ -10,7 +10,7 @@ Install it either way, then train as usual:
 
     nnUNetv2_train DATASET_ID 3d_fullres FOLD -tr nnUNetTrainerFREM
 
-FREM comes from ``frem.nnunet.FREMMixin``, which adds it to any trainer
+FREM comes from ``frem.integrations.nnunet.FREMMixin``, which adds it to any trainer
 class: ``class MyTrainer(FREMMixin, nnUNetTrainerDA5)`` keeps that variant's
 loss, schedule and augmentation and adds FREM (put such classes in this file,
 or in one of your own beside it). FREM is attached when the network is built,
@@ -42,7 +42,7 @@ Run as a script, this file shows the attachment on the networks
 
 try:  # nnU-Net imports every file in its trainer folders: a missing frem must not break that
     import frem
-    from frem.nnunet import FREMMixin
+    from frem.integrations.nnunet import FREMMixin
 except ImportError:  # pragma: no cover - exercised only where frem is not installed
     frem = FREMMixin = None
 

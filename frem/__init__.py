@@ -7,8 +7,8 @@
         ...train...
 
 The library needs torch (and triton for the CUDA kernel) and nothing else;
-``frem.lightning`` and ``frem.monai`` hold the callbacks for those frameworks;
-the cell-segmentation application lives in ``frem.seg``.
+``frem.integrations`` holds the glue for Lightning, MONAI, nnU-Net, the Hugging
+Face Trainer and Cellpose; the cell-segmentation application lives in ``frem.seg``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ _NAMES = {
     "Site": "frem.bottleneck", "candidates": "frem.bottleneck", "find_bottleneck": "frem.bottleneck",
     "locate_bottleneck": "frem.bottleneck",
 }
-# The framework glue imports its framework, so it loads when first named too:
-# frem.lightning.FREMResample() and frem.monai.FREMResample() work after `import frem`.
-FRAMEWORKS = ("lightning", "monai")
+# The framework glue (frem.integrations: Lightning, MONAI, nnU-Net, the Hugging Face Trainer, Cellpose)
+# imports its framework, so it loads when first named: frem.integrations.lightning.FREMResample() works
+# after `import frem`. frem.diagnostics and frem.search load when first named too.
+SUBMODULES = ("integrations", "diagnostics", "search")
 
 __all__ = sorted(_NAMES)
 
@@ -48,10 +49,10 @@ def __getattr__(name):
         value = getattr(importlib.import_module(_NAMES[name]), name)
         globals()[name] = value  # once: later lookups are plain attribute reads
         return value
-    if name in FRAMEWORKS:
+    if name in SUBMODULES:
         return importlib.import_module(f"frem.{name}")
     raise AttributeError(f"module 'frem' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_NAMES) | set(FRAMEWORKS))
+    return sorted(set(globals()) | set(_NAMES) | set(SUBMODULES))

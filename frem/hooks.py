@@ -306,6 +306,7 @@ def disabled(model: nn.Module):
     modules = _every_frem(model, "disable")
     for module in modules:
         module._paused += 1
+        module._idle["paused"] = True  # an epoch that had FREM off by choice is not an idle FREM
     try:
         yield modules
     finally:

@@ -74,7 +74,8 @@ dense blocks, Swin-UNet's tokens, ResUNet++, CE-Net, SegNet, UNet 3+, UNeXt,
    a higher resolution after the pick (a head at L with no decoder: PSPNet,
    DeepLab, FCN, whose encoder end no structure shows); and when the pick is
    handed over by no module and taken in by several (a pre-hook on one would
-   leave the others the unscaled map).
+   leave the others the unscaled map; modules nested in one another are one
+   consumer, the outermost: TernausNet's ``center``, ``center.0``, ...).
 
 A refusal is a ``BottleneckNotFound`` naming the candidates; ``frem.candidates``
 prints the whole table, and ``layer=`` settles it.
@@ -343,6 +344,9 @@ def _refuse_if_handed_to_several(pick: FeatureMap, found: Survey, model_name: st
     if pick.site is None or pick.site.at != "input":
         return
     takers = sorted({s.layer for s in pick.sites if s.at == "input" and s.layer not in found.dead_ends})
+    # A module inside another that takes the map in is covered by a pre-hook on the outer one (TernausNet's
+    # center, center.0, center.0.0 are one consumer).
+    takers = [t for t in takers if not any(t.startswith(outer + ".") for outer in takers if outer != t)]
     if len(takers) > 1:
         pick.note = "taken in by several modules, handed over by none"
         raise BottleneckNotFound(

@@ -154,13 +154,13 @@ def test_label_pngs_show_the_class_colours_and_keep_the_indices(trained_run, dro
 
 
 def test_frem_lightning_works_after_import_frem_and_names_its_extra_when_missing():
-    assert frem.lightning.FREMResample().__class__.__name__ == "FREMResample"
+    assert frem.integrations.lightning.FREMResample().__class__.__name__ == "FREMResample"
     code = ("import sys; sys.modules['lightning'] = None; sys.modules['pytorch_lightning'] = None\n"
             "import frem\n"
-            "try:\n    frem.lightning\nexcept ModuleNotFoundError as e:\n"
+            "try:\n    frem.integrations.lightning\nexcept ModuleNotFoundError as e:\n"
             "    print(repr(str(e)), e.__cause__ is None and e.__suppress_context__)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.stdout.strip() == (f"'frem.lightning needs Lightning: pip install -e \"{ROOT}[lightning]\" "
+    assert done.stdout.strip() == (f"'frem.integrations.lightning needs Lightning: pip install -e \"{ROOT}[lightning]\" "
                                    "(or pip install lightning)' True"), done.stderr
 
 

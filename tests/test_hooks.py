@@ -2,6 +2,7 @@
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import segmentation_models_pytorch as smp
 import timm
@@ -481,3 +482,83 @@ def test_example_input_may_be_keyword_arguments_as_forward_takes_them():
     assert handle.layer == "unet.middle" and "unet.middle" in str(frem.candidates(model, {"image": x}))
     model.train()(image=x)
     assert handle._steps_on_draw == 1
+
+
+def test_example_input_measures_the_width_and_b_is_refused_at_attach_with_nothing_attached():
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2, padding=1),
+                        nn.ReLU(), nn.Upsample(scale_factor=2), nn.Conv2d(16, 2, 1))
+    with pytest.raises(ValueError, match=r"B=40 is larger than the 16 channels of layer '3'"):
+        frem.attach(net, "3", B=40, X=5.0, example_input=torch.randn(2, 1, 16, 16))
+    assert not frem.attached(net)
+    assert frem.attach(net, "3", B=4, X=5.0, example_input=torch.randn(2, 1, 16, 16)).num_channels == 16
+
+
+def test_a_channels_last_map_named_by_the_user_gets_its_measured_layout():
+    """attach(m, name, example_input=x) on an (N, H, W, C) map: the measured dim, not dim 1 (which would
+    scale rows); a dim that contradicts the measurement is refused naming both."""
+    class NHWC(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+            self.mix = nn.Linear(8, 12)
+            self.up = nn.ConvTranspose2d(12, 2, 2, stride=2)
+
+        def forward(self, x):
+            return self.up(self.mix(self.down(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+    model, x = NHWC(), torch.randn(2, 1, 16, 32)
+    handle = frem.attach(model, "mix", B=3, X=50.0, example_input=x)
+    assert handle.dim == -1 and handle.num_channels == 12
+    frem.detach(model)
+    with pytest.raises(ValueError, match=r"dim=1 for mix output, but its tensor \(2, 8, 16, 12\) measured on "
+                                         r"example_input is NHWC \(channels in dim -1\): FREM would scale dim 1 "
+                                         r"\(8 rows, columns or tokens\) instead of its 12 channels"):
+        frem.attach(model, "mix", B=3, X=50.0, example_input=x, dim=1)
+    assert not frem.attached(model)
+
+
+def test_a_module_named_bottleneck_is_not_confused_with_the_finder():
+    class Named(nn.Module):  # MONAI's HoVerNet names a narrowing transition "bottleneck"
+        def __init__(self):
+            super().__init__()
+            self.down = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU())
+            self.deep = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+            self.bottleneck = nn.Conv2d(16, 16, 1)
+            self.side = nn.Conv2d(16, 16, 1)
+            self.up = nn.Sequential(nn.Upsample(scale_factor=4), nn.Conv2d(16, 2, 1))
+
+        def forward(self, x):
+            deep = self.deep(self.down(x))
+            return self.up(self.bottleneck(deep) + self.side(deep))
+
+    model, x = Named(), torch.randn(2, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"Named has a module named 'bottleneck', and frem finds the bottleneck "
+                                         r"elsewhere \(up input\[0\]\).*Pass layer=model.bottleneck"):
+        frem.attach(model, "bottleneck", B=2, X=5.0, example_input=x)
+    assert frem.attach(model, model.bottleneck, B=2, X=5.0, example_input=x).layer == "bottleneck"
+
+
+def test_example_input_that_holds_no_tensor_is_one_line_naming_it():
+    model = HandUNet()
+    for bad, kind in (("a string", "str"), (np.zeros((1, 1, 16, 16), np.float32), "ndarray"), (None, "NoneType")):
+        with pytest.raises(TypeError, match=rf"^example_input must be one batch as the model's forward takes it: "
+                                            rf"a tensor.*got {kind}$"):
+            frem.attach(model, "bottleneck", B=2, X=5.0, example_input=bad) if bad is not None else \
+                frem.candidates(model, bad)
+    assert not frem.attached(model)
+
+
+def test_a_dict_example_input_for_a_forward_that_takes_one_dict_says_how_to_pass_it():
+    class TakesADict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = HandUNet()
+
+        def forward(self, batch):
+            return self.net(batch["image"])
+
+    model, batch = TakesADict(), {"image": torch.randn(2, 1, 16, 16)}
+    with pytest.raises(TypeError, match=r"example_input is a dict, which frem passes as keyword arguments .*"
+                                        r"pass example_input=\(batch,\)"):
+        frem.attach(model, "bottleneck", B=2, X=5.0, example_input=batch)
+    assert frem.attach(model, "bottleneck", B=2, X=5.0, example_input=(batch,)).layer == "net.middle"

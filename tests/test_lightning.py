@@ -8,7 +8,7 @@ from torch import nn
 import frem
 
 lightning = pytest.importorskip("lightning")
-from frem.lightning import FREMResample  # noqa: E402
+from frem.integrations.lightning import FREMResample  # noqa: E402
 
 
 class Segmenter(lightning.LightningModule):
@@ -66,7 +66,7 @@ def test_diagnostics_log_the_premise_to_the_trainers_logger_every_epoch(tmp_path
 
     from lightning.pytorch.loggers import CSVLogger
 
-    from frem.lightning import FREMDiagnostics
+    from frem.integrations.lightning import FREMDiagnostics
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(8, 1, 16, 16), torch.randint(0, 2, (8, 16, 16)))
     model = Segmenter()

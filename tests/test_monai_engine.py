@@ -1,4 +1,4 @@
-"""FREM in MONAI's own training engine: SupervisedTrainer with frem.monai.FREMResample, two epochs on CPU."""
+"""FREM in MONAI's own training engine: SupervisedTrainer with frem.integrations.monai.FREMResample, two epochs on CPU."""
 
 import os
 
@@ -38,7 +38,7 @@ def test_the_engine_redraws_at_every_epoch_start_and_frem_acts_in_its_iterations
         def __call__(self, engine):
             seen.append((engine.state.epoch, handle.epoch, handle.channels.tolist(), handle.training))
 
-    trainer = make_trainer(network, 2, [frem.monai.FREMResample(), Record()])
+    trainer = make_trainer(network, 2, [frem.integrations.monai.FREMResample(), Record()])
     trainer.run()
     assert [s[:2] for s in seen] == [(1, 0)] * 3 + [(2, 1)] * 3  # ignite counts from 1, frem from 0
     for _, epoch, channels, training in seen:
@@ -49,7 +49,7 @@ def test_the_engine_redraws_at_every_epoch_start_and_frem_acts_in_its_iterations
 def test_a_handler_given_the_network_works_when_the_engine_holds_a_wrapper():
     network = UNet(2, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2))
     handle = frem.attach(network, "bottleneck", B=8, X=250.0)
-    trainer = make_trainer(torch.nn.DataParallel(network), 1, [frem.monai.FREMResample(network)])
+    trainer = make_trainer(torch.nn.DataParallel(network), 1, [frem.integrations.monai.FREMResample(network)])
     trainer.run()
     assert handle.epoch == 0 and handle._resampled
 
@@ -59,7 +59,7 @@ def test_status_after_the_engine_ran_and_a_frem_off_the_forward_path_warns():
     frem.attach(network, "bottleneck", B=8, X=250.0)
     network.spare = torch.nn.Conv2d(32, 32, 1)  # built, never called by the forward
     frem.attach(network, "spare", B=4, X=50.0)
-    trainer = make_trainer(network, 2, [frem.monai.FREMResample()])
+    trainer = make_trainer(network, 2, [frem.integrations.monai.FREMResample()])
     with pytest.warns(RuntimeWarning, match="layer 'spare' never ran"):
         trainer.run()
     bottleneck, spare = frem.status(network)
@@ -70,8 +70,8 @@ def test_diagnostics_put_the_premise_into_the_engines_metrics_and_plot_it(tmp_pa
     import math
     network = UNet(2, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2))
     frem.attach(network, "bottleneck", B=8, X=250.0)
-    diagnostics = frem.monai.FREMDiagnostics(torch.randn(1, 1, 32, 32))
-    trainer = make_trainer(network, 2, [frem.monai.FREMResample(), diagnostics])
+    diagnostics = frem.integrations.monai.FREMDiagnostics(torch.randn(1, 1, 32, 32))
+    trainer = make_trainer(network, 2, [frem.integrations.monai.FREMResample(), diagnostics])
     trainer.run()
     assert [row["epoch"] for row in diagnostics.history] == [0, 1]
     assert diagnostics.premise.skip.layer == "model.1.submodule.1.submodule.0"
@@ -87,10 +87,10 @@ def test_without_ignite_the_handler_names_the_install_line(monkeypatch):
     import sys
     from frem.extras import install_command
     monkeypatch.setitem(sys.modules, "ignite.engine", None)
-    for handler in (frem.monai.FREMResample(), frem.monai.FREMDiagnostics(torch.randn(1, 1, 32, 32))):
-        with pytest.raises(ModuleNotFoundError, match="frem.monai needs MONAI's engines and pytorch-ignite: "):
+    for handler in (frem.integrations.monai.FREMResample(), frem.integrations.monai.FREMDiagnostics(torch.randn(1, 1, 32, 32))):
+        with pytest.raises(ModuleNotFoundError, match="frem.integrations.monai needs MONAI's engines and pytorch-ignite: "):
             handler.attach(object())
-    assert install_command("monai") in str(pytest.raises(ModuleNotFoundError, frem.monai.FREMResample().attach,
+    assert install_command("monai") in str(pytest.raises(ModuleNotFoundError, frem.integrations.monai.FREMResample().attach,
                                                          object()).value)
 
 
@@ -103,7 +103,7 @@ def test_a_tpe_search_whose_trials_are_engine_runs_with_pruning(tmp_path):
     def objective(trial):
         network = UNet(2, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2))
         frem.search.attach_trial(network, trial)  # MONAI's UNet: the bottleneck and its width by name
-        trainer = make_trainer(network, 3, [frem.monai.FREMResample()])
+        trainer = make_trainer(network, 3, [frem.integrations.monai.FREMResample()])
 
         @trainer.on(Events.EPOCH_COMPLETED)
         def report(engine):  # the user's validation, handed to the pruner each epoch
@@ -150,7 +150,7 @@ def test_two_sites_and_an_epoch_with_frem_disabled_in_the_engine():
                 self.off.__exit__(None, None, None)
             calls.append([row.calls for row in frem.status(network)])
 
-    trainer = make_trainer(network, 3, [frem.monai.FREMResample(), OffInEpochTwo()])
+    trainer = make_trainer(network, 3, [frem.integrations.monai.FREMResample(), OffInEpochTwo()])
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the disabled epoch is not an idle FREM
         trainer.run()

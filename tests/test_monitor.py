@@ -197,3 +197,94 @@ def test_several_sites_have_their_own_setting_and_are_redrawn_together():
     steps(net, 2)
     assert [(r.layer, r.B, r.X, r.seed, r.calls) for r in frem.status(net)] == [
         ("middle", 8, 50.0, 1, 2), ("enc2", 3, 4.0, 2, 2)]
+
+
+def test_an_epoch_inside_disabled_does_not_silence_the_next_real_idle_epoch():
+    net = HandUNet()
+    net.spare = nn.Conv2d(32, 32, 1)  # built, never called by forward
+    frem.attach(net, "spare", B=4, X=50.0)
+    redraw(net, 0)
+    with frem.disabled(net):
+        steps(net, 2)
+    assert redraw(net, 1) == []  # an epoch off is the user's choice
+    steps(net, 2)
+    (message,) = redraw(net, 2)  # the next epoch it is idle for real
+    assert "FREM at 'spare' never ran" in message
+
+
+def test_parameters_updated_by_hand_still_count_as_training():
+    """p.data.add_() moves no version counter: the gradients say the network trained."""
+    net = HandUNet()
+    frem.attach(net, "middle", B=4, X=50.0)
+    net.spare = nn.Conv2d(32, 32, 1)
+    frem.attach(net, "spare", B=4, X=50.0)
+    redraw(net, 0)
+    for _ in range(2):
+        net.zero_grad()
+        net(torch.randn(2, 1, 16, 16)).square().mean().backward()
+        with torch.no_grad():
+            for p in net.parameters():
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-1e-3)
+    (message,) = redraw(net, 1)
+    assert "FREM at 'spare' never ran" in message
+
+
+def test_validation_in_train_mode_without_gradients_is_enhanced_counted_apart_and_said_once():
+    net = HandUNet()
+    handle = frem.attach(net, "middle", B=4, X=50.0)
+    x = torch.randn(2, 1, 16, 16)
+    with pytest.warns(RuntimeWarning, match=r"train mode with gradients off.*Call model.eval\(\) first"):
+        with torch.no_grad():
+            validated = net.train()(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            net(x)
+    with torch.no_grad():
+        assert not torch.equal(validated, net.eval()(x))  # enhanced, as train mode asks
+    row = frem.status(net)[0]
+    assert (row.calls, row.nograd) == (0, 2) and handle._steps_on_draw == 0
+
+
+def test_redraw_at_every_train_call_needs_no_call_from_the_loop():
+    net = HandUNet()
+    handle = frem.attach(net, "middle", B=4, X=50.0, redraw="train", example_input=torch.randn(1, 1, 16, 16))
+    drawn = []
+    for epoch in range(3):
+        net.train()  # what a loop does at each epoch's start (Cellpose's train_seg does)
+        drawn.append(handle.channels.tolist())
+        steps(net, 2)
+        net.eval()
+    assert drawn == [frem.select_channels(32, 4, 0, e).tolist() for e in range(3)] and handle.epoch == 2
+    assert "redraw='train'" in repr(handle)
+
+
+def test_redraw_every_n_steps():
+    net = HandUNet()
+    handle = frem.attach(net, "middle", B=4, X=50.0, redraw=3, example_input=torch.randn(1, 1, 16, 16))
+    seen = []
+    for _ in range(7):
+        steps(net, 1)
+        seen.append((handle.epoch, int(handle.calls)))
+    assert seen == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (2, 1)]
+    for bad in (0, -1, "epoch", True, 2.5):
+        with pytest.raises(ValueError, match="redraw says who re-draws"):
+            frem.attach(HandUNet(), "middle", B=4, X=5.0, redraw=bad)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="redraw=3"):
+        compiled(torch.randn(2, 1, 16, 16))
+
+
+def test_disabled_and_resample_on_a_submodule_reach_the_frems_attached_inside_it():
+    net = HandUNet()
+    deep = frem.attach(net, "middle", B=4, X=50.0)
+    skip = frem.attach(net, "enc2", B=2, X=5.0)
+    with frem.disabled(net.middle) as modules:
+        assert modules == [deep] and deep._paused and not skip._paused
+    assert frem.resample(net.enc2, 3) == [skip] and skip.epoch == 3 and deep.epoch == 0
+    with pytest.raises(ValueError, match=r"Sequential has no FREM to disable, and none is attached to a layer "
+                                         r"inside it"):
+        with frem.disabled(net.dec1):
+            pass

@@ -367,7 +367,7 @@ def test_the_nnunet_example_attaches_at_the_last_encoder_stage():
     spec = importlib.util.spec_from_file_location("nnunet_trainer", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    from frem.nnunet import FREMMixin
+    from frem.integrations.nnunet import FREMMixin
 
     class Builder:  # what the mixin wraps: nnU-Net's static build_network_architecture
         @staticmethod

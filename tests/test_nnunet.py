@@ -74,7 +74,7 @@ class nnUNetTrainerFREMTest(nnUNetTrainerFREM):
         super().on_train_end()
 
 
-from frem.nnunet import FREMMixin
+from frem.integrations.nnunet import FREMMixin
 from nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerCELoss import nnUNetTrainerCELoss
 
 

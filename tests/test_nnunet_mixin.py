@@ -1,4 +1,4 @@
-"""frem.nnunet.FREMMixin on stand-ins of nnU-Net's trainer hooks (the real nnUNetv2_train: test_nnunet.py)."""
+"""frem.integrations.nnunet.FREMMixin on stand-ins of nnU-Net's trainer hooks (the real nnUNetv2_train: test_nnunet.py)."""
 
 import inspect
 import json
@@ -9,7 +9,7 @@ import torch
 from models import HandUNet
 
 import frem
-from frem.nnunet import FREMMixin
+from frem.integrations.nnunet import FREMMixin
 
 
 class Trainer:  # the parts of nnU-Net's trainer the mixin meets

@@ -3,7 +3,7 @@
     import frem
 
     frem.attach(lit_module.net, "bottleneck", B=8, X=250, example_input=batch)
-    trainer = lightning.Trainer(callbacks=[frem.lightning.FREMResample()])
+    trainer = lightning.Trainer(callbacks=[frem.integrations.lightning.FREMResample()])
 
 Works with ``lightning`` or ``pytorch_lightning`` (``pip install "frem[lightning]"``).
 The draw is a pure function of (seed, epoch), so a resumed fit and every DDP
@@ -24,7 +24,7 @@ except ImportError:
     try:  # the older package name
         from pytorch_lightning import Callback
     except ImportError:
-        raise ModuleNotFoundError(f"frem.lightning needs Lightning: {install_command('lightning')} "
+        raise ModuleNotFoundError(f"frem.integrations.lightning needs Lightning: {install_command('lightning')} "
                                   "(or pip install lightning)") from None
 
 import frem

@@ -4,7 +4,7 @@
 
     frem.attach(network, "bottleneck", B=8, X=250, example_input=batch)
     trainer = monai.engines.SupervisedTrainer(..., network=network,
-                                              train_handlers=[frem.monai.FREMResample(), ...])
+                                              train_handlers=[frem.integrations.monai.FREMResample(), ...])
 
 A MONAI-style event handler (``attach(engine)``, then called by the engine):
 at ``Events.EPOCH_STARTED`` it calls ``frem.resample(engine.network, epoch)``
@@ -35,7 +35,7 @@ class FREMResample:
         try:
             from ignite.engine import Events
         except ImportError:
-            raise ModuleNotFoundError("frem.monai needs MONAI's engines and pytorch-ignite: "
+            raise ModuleNotFoundError("frem.integrations.monai needs MONAI's engines and pytorch-ignite: "
                                       + install_command("monai")) from None
         engine.add_event_handler(Events.EPOCH_STARTED, self)
 
@@ -51,7 +51,7 @@ class FREMDiagnostics(PerEpoch):
         try:
             from ignite.engine import Events
         except ImportError:
-            raise ModuleNotFoundError("frem.monai needs MONAI's engines and pytorch-ignite: "
+            raise ModuleNotFoundError("frem.integrations.monai needs MONAI's engines and pytorch-ignite: "
                                       + install_command("monai")) from None
         engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.start(e.network, getattr(e.state, "device", None)))
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.completed)

@@ -1,6 +1,6 @@
 """FREM in nnU-Net v2: a mixin that adds FREM to any nnU-Net trainer class.
 
-    from frem.nnunet import FREMMixin
+    from frem.integrations.nnunet import FREMMixin
     from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5 import nnUNetTrainerDA5
 
     class nnUNetTrainerDA5FREM(FREMMixin, nnUNetTrainerDA5):
