@@ -255,10 +255,12 @@ def attach(model: nn.Module, layer="bottleneck", B: int | float = 162, X: float 
         n += 1
         child_name = f"{base}_{n}"
     hook = _Enhance(module, site.entry)
+    # First among the layer's hooks: FREM acts as part of the layer, so what other hooks take from it (the
+    # hidden states transformers' output recorders collect, a user's feature hook) is the enhanced tensor.
     if site.at == "output":
-        target.register_forward_hook(hook)
+        target.register_forward_hook(hook, prepend=True)
     else:
-        target.register_forward_pre_hook(hook)
+        target.register_forward_pre_hook(hook, prepend=True)
     holder.add_module(child_name, module)
     module.applied_by_hook = True
     module._holder_ref, module._target_ref = weakref.ref(holder), weakref.ref(target)

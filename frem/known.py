@@ -100,7 +100,30 @@ def _torchvision_segmentation(model):
     return None
 
 
-RULES = (_smp, _timm_features, _monai_unet, _monai_dynunet, _monai_unetr, _nnunet, _torchvision_segmentation)
+def _transformers_dpt(model):
+    # DPT's neck reassembles the ViT's hidden states at backbone_out_indices (the deepest at 1/32, by a strided
+    # conv inside the neck): the bottleneck is the last of those layers' output, tokens (N, 1 + L, C).
+    config = getattr(model, "config", None)
+    layers = getattr(getattr(getattr(model, "dpt", None), "encoder", None), "layer", None)
+    indices = getattr(config, "backbone_out_indices", None)
+    if (_library(model, "transformers") and type(model).__name__.startswith("DPTFor") and indices
+            and isinstance(layers, nn.ModuleList) and max(indices) < len(layers)):
+        return Site(f"dpt.encoder.layer.{max(indices)}", channels=int(config.hidden_size), dim=-1)
+    return None
+
+
+def _transformers_backbone(model):
+    # transformers' backbones (ResNetBackbone, ConvNextBackbone, SwinBackbone, ... what UperNet, MaskFormer,
+    # Mask2Former and OneFormer build on) return BackboneOutput(feature_maps=(...)), NCHW, deepest last.
+    channels = getattr(model, "channels", None)
+    if (_library(model, "transformers") and type(model).__name__.endswith("Backbone")
+            and isinstance(channels, (list, tuple)) and channels and hasattr(model, "out_features")):
+        return Site("", entry=("feature_maps", -1), channels=int(channels[-1]))
+    return None
+
+
+RULES = (_smp, _timm_features, _monai_unet, _monai_dynunet, _monai_unetr, _nnunet, _torchvision_segmentation,
+         _transformers_dpt, _transformers_backbone)
 
 
 def known_bottleneck(model: nn.Module) -> Site | None:

@@ -123,7 +123,8 @@ def probe_site(model: nn.Module, site: Site, args: tuple, kwargs: dict, entry_of
         return replace_entry(value, entry or (), probed)
 
     output, flags = None, {module: module.training for module in model.modules()}
-    handle = (target.register_forward_hook if site.at == "output" else target.register_forward_pre_hook)(hook)
+    handle = (target.register_forward_hook if site.at == "output" else target.register_forward_pre_hook)(
+        hook, prepend=True)  # where FREM's own hook goes: first
     try:
         model.eval()
         with torch.enable_grad():
@@ -153,7 +154,8 @@ def _changes_outputs(model, target, site: Site, args, kwargs, entry_of, first, p
         return replace_entry(value, entry, get_entry(value, entry) * 2)
 
     flags = {module: module.training for module in model.modules()}
-    handle = (target.register_forward_hook if site.at == "output" else target.register_forward_pre_hook)(hook)
+    handle = (target.register_forward_hook if site.at == "output" else target.register_forward_pre_hook)(
+        hook, prepend=True)  # where FREM's own hook goes: first
     try:
         model.eval()
         second = model(*args, **kwargs)

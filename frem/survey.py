@@ -173,6 +173,7 @@ class Survey(list):
         self.module_outputs: dict = {}  # module name -> its output, as returned
         self.made_by: dict = {}       # node -> (the torch function's name, [(input node, input shape)])
         self.dead_ends: set = set()   # modules whose outputs all stop at a gate: nothing they make is live
+        self.aliased: set = set()     # (layer, at, entry) of a tensor that one call also holds at another entry
         self.input_tensors: list = []
 
 
@@ -414,9 +415,11 @@ def survey(model: nn.Module, example_input) -> Survey:
     open_calls: dict[int, list[ModuleCall]] = {}
 
     def before(name):
-        def hook(module, args):
+        def hook(module, args, kwargs):
+            # keyword arguments too (transformers calls most modules so): what the module takes, for its
+            # resolutions; its sites stay positional (FREM's pre-hook replaces a positional argument)
             clock[0] += 1
-            call = ModuleCall(name, clock[0], inputs=[t for _, t in tensor_entries(args)])
+            call = ModuleCall(name, clock[0], inputs=[t for _, t in tensor_entries((args, kwargs))])
             open_calls.setdefault(id(module), []).append(call)
             events.extend((name, "input", path, t, t.grad_fn) for path, t in tensor_entries(args))
         return hook
@@ -439,7 +442,7 @@ def survey(model: nn.Module, example_input) -> Survey:
     handles = []
     for name, module in model.named_modules():
         if name:
-            handles += [module.register_forward_pre_hook(before(name)),
+            handles += [module.register_forward_pre_hook(before(name), with_kwargs=True),
                         module.register_forward_hook(after(name))]
     flags = {module: module.training for module in model.modules()}
     try:
@@ -537,6 +540,14 @@ def _mark_sub_pixel(result: Survey, recorder: _Recorder, node) -> None:
 
 
 def _add_sites(result: Survey, events, calls_by_name, layouts: _Layouts) -> None:
+    # A tensor at two entries of one module's output (or input) is an alias: FREM on one entry leaves the
+    # other unscaled, and a model may read the other (SegFormer returns its last hidden state as
+    # 'last_hidden_state' and inside 'hidden_states', which its decode head reads). Such sites go last.
+    entries: dict = {}
+    for name, at, path, t, node in events:
+        entries.setdefault((name, at, id(t)), set()).add(path)
+    result.aliased = {(name, at, path) for (name, at, _), paths in entries.items() if len(paths) > 1
+                      for path in paths}
     for name, at, path, t, node in events:
         # A module called more than once has no single place for a hook.
         layout = layouts.of(t) if node is not None and calls_by_name.get(name, 1) == 1 else None
@@ -551,7 +562,7 @@ def _add_sites(result: Survey, events, calls_by_name, layouts: _Layouts) -> None
         if site not in fmap.sites:
             fmap.sites.append(site)
     for fmap in result.maps.values():
-        fmap.sites.sort(key=_preference)
+        fmap.sites.sort(key=lambda site: ((site.layer, site.at, site.entry) in result.aliased, _preference(site)))
 
 
 def _prefer_live_consumers(result: Survey) -> None:
@@ -560,7 +571,8 @@ def _prefer_live_consumers(result: Survey) -> None:
     result.dead_ends = {c.name for c in result.calls if c.output_nodes
                         and all(n in result.maps and not result.maps[n].live for n in c.output_nodes)}
     for fmap in result.maps.values():
-        fmap.sites.sort(key=lambda site: (site.at != "output", site.layer in result.dead_ends))
+        fmap.sites.sort(key=lambda site: ((site.layer, site.at, site.entry) in result.aliased, site.at != "output",
+                                          site.layer in result.dead_ends))
 
 
 def _preference(site: Site):

@@ -25,9 +25,9 @@ def test_bottleneck_of_every_smp_architecture_is_the_deepest_encoder_feature(arc
     torch.manual_seed(0)
     model = architecture(encoder_name="resnet18", encoder_weights=None, in_channels=1, classes=2)
     raw, enhanced = [], []
-    capture(model.encoder, raw)  # registered first: sees the encoder's own output
+    capture(model.encoder, enhanced)  # registered before attach: FREM's hook goes first, as part of the layer
     module = frem.attach(model, "bottleneck", B=16, X=100.0)
-    capture(model.encoder, enhanced)  # registered after FREM: sees what the decoder gets
+    model.encoder.register_forward_hook(lambda m, i, o: raw.append(o), prepend=True)  # the encoder's own output
     assert module.layer == "encoder" and module.num_channels == model.encoder.out_channels[-1]
     model.train()(torch.randn(2, 1, 64, 64))
     *shallow_raw, deep_raw = raw[0]

@@ -54,7 +54,7 @@ def test_status_after_fit_and_a_frem_off_the_forward_path_warns_during_fit(tmp_p
     model.net.spare = nn.Conv2d(32, 32, 1)  # built, never called by the forward
     frem.attach(model.net, "spare", B=4, X=50.0)
     trainer = quiet_trainer(tmp_path, 2, [FREMResample()])
-    with pytest.warns(RuntimeWarning, match="layer 'spare' never ran"):
+    with pytest.warns(RuntimeWarning, match=r"FREM at '(net\.)?spare' never ran"):
         trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
     bottleneck, spare = frem.status(model)
     assert (bottleneck.calls, bottleneck.epoch, spare.calls) == (2, 1, 0)  # two batches in the last epoch

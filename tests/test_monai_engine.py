@@ -60,7 +60,7 @@ def test_status_after_the_engine_ran_and_a_frem_off_the_forward_path_warns():
     network.spare = torch.nn.Conv2d(32, 32, 1)  # built, never called by the forward
     frem.attach(network, "spare", B=4, X=50.0)
     trainer = make_trainer(network, 2, [frem.integrations.monai.FREMResample()])
-    with pytest.warns(RuntimeWarning, match="layer 'spare' never ran"):
+    with pytest.warns(RuntimeWarning, match=r"FREM at '(net\.)?spare' never ran"):
         trainer.run()
     bottleneck, spare = frem.status(network)
     assert (bottleneck.calls, bottleneck.epoch, spare.calls) == (3, 1, 0)  # three iterations in the last epoch
