@@ -31,7 +31,7 @@ _NAMES = {
 # The framework glue (frem.integrations: Lightning, MONAI, nnU-Net, the Hugging Face Trainer, Cellpose)
 # imports its framework, so it loads when first named: frem.integrations.lightning.FREMResample() works
 # after `import frem`. frem.diagnostics and frem.search load when first named too.
-SUBMODULES = ("integrations", "diagnostics", "search")
+SUBMODULES = ("integrations", "diagnostics", "search", "reach")
 
 __all__ = sorted(_NAMES)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from frem.known import known_bottleneck
+from frem.known import known_bottleneck, known_refusal
 from frem.rule import BottleneckNotFound, choose
 from frem.sites import Site, deepest_entry, format_entry, get_entry, replace_entry, tensor_entries
 from frem.survey import FeatureMap, Survey, survey
@@ -32,6 +32,10 @@ def locate_bottleneck(model: nn.Module, example_input=None, *, with_survey: bool
     """The bottleneck's site (layer, output or input, entry, channels): by name where a
     library names it, else measured on ``example_input``. ``with_survey``: (site, the survey or None)."""
     model = unwrap(model)
+    reason = known_refusal(model)
+    if reason is not None:
+        raise BottleneckNotFound(f"{type(model).__name__} has no bottleneck for FREM: {reason}. To put FREM on a "
+                                 "layer of it anyway, pass layer=<module name>")
     site = known_bottleneck(model)
     if site is not None:
         return (site, None) if with_survey else site

@@ -122,8 +122,37 @@ def _transformers_backbone(model):
     return None
 
 
+def _cellpose_cpnet(model):
+    # Cellpose 3's U-Net: downsample returns its four levels, the last the deepest (make_style pools it into the
+    # style vector, upsample decodes from it with the others as skips).
+    nbase = getattr(model, "nbase", None)
+    if (_library(model, "cellpose") and type(model).__name__ in ("CPnet", "CPnetBioImageIO")
+            and isinstance(getattr(model, "downsample", None), nn.Module) and isinstance(nbase, (list, tuple))):
+        return Site("downsample", entry=(-1,), channels=int(nbase[-1]))
+    return None
+
+
 RULES = (_smp, _timm_features, _monai_unet, _monai_dynunet, _monai_unetr, _nnunet, _torchvision_segmentation,
-         _transformers_dpt, _transformers_backbone)
+         _transformers_dpt, _transformers_backbone, _cellpose_cpnet)
+
+# Library models with no bottleneck in the paper's sense, and why: frem refuses "bottleneck" there by name.
+NO_DECODER = {
+    ("cellpose", "CPSAM"): "Cellpose-SAM (what Cellpose 4 trains) is a ViT encoder read out by a transposed "
+                           "convolution: it has no decoder and no skip connections, so the paper's premise (the "
+                           "decoder leans on the skips and leaves the bottleneck's channels unused, and FREM makes "
+                           "it use them) does not apply. Train Cellpose 3's CPnet, a U-Net, with FREM",
+    ("cellpose", "CPDINO"): "Cellpose's DINO model is a ViT encoder read out by a transposed convolution: it has no "
+                            "decoder and no skip connections, so the paper's premise does not apply",
+}
+
+
+def known_refusal(model: nn.Module) -> str | None:
+    """Why a library model has no bottleneck for FREM, where frem knows it by name; else None."""
+    for module in model.modules():
+        reason = NO_DECODER.get((type(module).__module__.split(".")[0], type(module).__name__))
+        if reason is not None:
+            return reason
+    return None
 
 
 def known_bottleneck(model: nn.Module) -> Site | None:

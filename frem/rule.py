@@ -18,7 +18,8 @@ dense blocks, Swin-UNet's tokens, ResUNet++, CE-Net, SegNet, UNet 3+, UNeXt,
    they are), made from the input, that reach the output without passing a
    *gate* (a map that enters a multiply by broadcasting: squeeze-excitation,
    attention coefficients). Context is not a level of the encoder: maps that
-   descend from a global or adaptive pool (SE squeezes, PSP/ASPP context),
+   descend from a global or adaptive pool (SE squeezes, PSP/ASPP context, a
+   fixed-kernel pool whose kernel covers its input: Cellpose's style vector),
    and *pyramid* branches, two or more fixed-kernel pools of one map each
    brought straight back up beside it (CE-Net's RMP), where a U-Net's level
    pools a map once and goes on. A map is a gate or context by what made it

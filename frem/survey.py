@@ -20,7 +20,8 @@
   features to the output.
 
 Maps are also marked *pooled* when they descend from a global or adaptive
-pool (SE squeezes, PSP and ASPP context branches): context, not a level of
+pool (SE squeezes, PSP and ASPP context branches, a fixed-kernel pool whose
+kernel covers its whole input: Cellpose's style vector): context, not a level of
 the encoder's resolution hierarchy; *pyramid* when they lie on one of two or
 more branches that pool the same map with fixed kernels and bring it straight
 back up to that map's grid (CE-Net's residual multi-kernel pooling): context
@@ -283,7 +284,7 @@ class _Recorder(TorchFunctionMode):
             node = t.grad_fn
             if node is None:
                 continue
-            pooled = self._pooled(name, lineage, args, kwargs)
+            pooled = self._pooled(name, lineage, args, kwargs) or _global_pool(name, lineage, t, rank)
             self.pooled[node] = pooled
             self.made_by[node] = (name, [(n, tuple(i.shape)) for i, n in lineage])
             if t.dim() in (rank, rank - 1) and t.is_floating_point():  # maps, and maybe tokens: decided at the end
@@ -324,6 +325,14 @@ class _Recorder(TorchFunctionMode):
         fmap = self.survey.maps.get(start)
         if fmap is not None and out.dim() == rank == fmap.tensor.dim() and _is_shuffle(fmap.tensor, out):
             self.shuffled.add(start)
+
+
+def _global_pool(name: str, lineage, out: torch.Tensor, rank: int) -> bool:
+    """A fixed-kernel pool whose kernel covers its whole input (``F.avg_pool2d(x, x.shape[2:])``, as Cellpose's
+    CPnet makes its style vector): global context, as an adaptive pool's, not a level of the encoder."""
+    maps = [t for t, _ in lineage if t.dim() == rank]
+    return (name in FIXED_POOLS and out.dim() == rank and math.prod(out.shape[2:]) == 1 and bool(maps)
+            and _spatial(maps[0]) > 1)
 
 
 def _broadcast_into(operand: torch.Tensor, result: torch.Tensor) -> bool:
