@@ -15,6 +15,7 @@ import torch
 
 import frem
 import frem.integrations.cellpose
+from frem.bottleneck import BottleneckNotFound, choose, survey
 
 if os.environ.get("CI"):
     import cellpose  # noqa: F401  (CI installs the cellpose extra: run, never skip)
@@ -59,7 +60,7 @@ def test_cellpose3_train_seg_redraws_each_epoch_with_frem_acting(tmp_path):
     handle = frem.integrations.cellpose.attach(net, B=4, X=50.0, example_input=x)
     # known by name: the deepest level of downsample, which both the style vector and the decoder read
     assert (handle.layer, handle.num_channels, handle.redraw) == ("downsample", 32, "train")
-    assert frem.bottleneck.choose(frem.bottleneck.survey(net, x)).site.describe() == "downsample output[3]"
+    assert choose(survey(net, x)).site.describe() == "downsample output[3]"  # measured alone: the same
     drawn, resample = [], handle.resample
 
     def spy(epoch):
@@ -89,7 +90,7 @@ def test_cellpose4_sam_is_refused_by_name_with_the_reason(monkeypatch):
     net = vit.CPSAM(ps=8, nout=3, bsize=64)
     x = torch.randn(2, 3, 64, 64)
     assert net.eval()(x)[0].shape == (2, 3, 64, 64)
-    with pytest.raises(frem.bottleneck.BottleneckNotFound,
+    with pytest.raises(BottleneckNotFound,
                        match=r"^CPSAM has no bottleneck for FREM: Cellpose-SAM .* no decoder and no skip connections, "
                              r"so the paper's premise .* does not apply"):
         frem.integrations.cellpose.attach(net, B=4, X=50.0, example_input=x)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import frem
+from frem.reach import EffectDoesNotReach
 
 if os.environ.get("CI"):
     import accelerate  # noqa: F401  (CI installs the hf extra: run, never skip)
@@ -65,6 +66,6 @@ def test_the_trainers_fractional_epoch_is_read_as_whole_epochs_done():
 def test_the_returned_hidden_state_trap_is_refused_not_trained():
     """FREM on SegFormer's returned last_hidden_state changes nothing its decode head reads."""
     model = tiny_segformer()
-    with pytest.raises(frem.reach.EffectDoesNotReach, match=r"segformer output\['last_hidden_state'\] would run"):
+    with pytest.raises(EffectDoesNotReach, match=r"segformer output\['last_hidden_state'\] would run"):
         frem.attach(model, "segformer", entry="last_hidden_state", B=4, X=50.0,
                     example_input={"pixel_values": torch.randn(2, 3, 64, 64)})
