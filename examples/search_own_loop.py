@@ -3,9 +3,12 @@
 Your training function stays yours: ``frem.search.attach_trial`` puts FREM at
 the bottleneck with the trial's B (of the layer's width) and X,
 ``frem.search.report`` hands each validation score to the pruner, and the
-study lives in a SQLite file, so running this again continues the search
-(a killed run loses only the trial it was in). Here the data are synthetic
-discs in noise and the network a small U-Net, so it runs on a CPU in a minute.
+study lives in a SQLite file (``frem.search.create_study``), so running this
+again continues the search with settings it has not tried, and so do several
+copies run at once on the same file; a killed worker's trial is retried by
+the next worker that starts a trial once its heartbeat is missed. Here the
+data are synthetic discs in noise and the network a small U-Net, so it runs
+on a CPU in a minute.
 
     python examples/search_own_loop.py --trials 8 --storage sqlite:///frem-search.db
 """
@@ -88,12 +91,15 @@ def main():
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--storage", default="sqlite:///frem-search.db", help="any Optuna storage URL")
     parser.add_argument("--study", default="frem-own-loop")
+    parser.add_argument("--heartbeat", type=int, default=frem.search.HEARTBEAT_S,
+                        help="seconds between a running trial's heartbeats; twice that without one: dead")
     args = parser.parse_args()
 
     data = discs(32, seed=0), discs(16, seed=1)
-    study = optuna.create_study(direction="maximize", storage=args.storage, study_name=args.study,
-                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=0),
-                                pruner=frem.search.pruner("hyperband", args.epochs))
+    # resumable, parallel-safe: no setting twice, a dead worker's trial retried (frem.search's docstring)
+    study = frem.search.create_study(args.storage, args.study, seed=0,
+                                     pruner=frem.search.pruner("hyperband", args.epochs),
+                                     heartbeat=args.heartbeat)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     before = len(study.trials)
     started = time.perf_counter()

@@ -14,17 +14,15 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shlex
 import socket
 import sys
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
@@ -44,30 +42,22 @@ SUMMARY = "tune_summary.json"
 SCHEMA_LOCK = 0x6672656D  # "frem": the PostgreSQL advisory lock key for creating the schema and the study
 
 
-@contextmanager
-def _stable_despite_label():
-    """Heartbeats, retries and stale-trial checks have worked since Optuna 2.9 but are
-    still labelled experimental; the label's warning only adds noise for a user."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
+_stable_despite_label = frem.search._stable_despite_label
 
 
 def open_storage(url: str | None, out: Path):
     """SQLite file by default; ``journal:PATH`` for Optuna's journal file; any RDB URL (postgresql://...)."""
     if url is None:
         out.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{(out / 'study.db').resolve()}"
+        url = frem.search.sqlite_url(out / "study.db")
     if url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
-    with _stable_despite_label():
-        try:
-            return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S,
-                              heartbeat_stale_trial_callback=_retry_callback())
-        except ImportError as error:
-            raise _missing_driver(url, error) from None
+    try:
+        return frem.search.storage(url, HEARTBEAT_S)
+    except ImportError as error:
+        raise _missing_driver(url, error) from None
 
 
 def _missing_driver(url: str, error: ImportError) -> ValueError:
@@ -103,9 +93,8 @@ def _schema_lock(url: str):
         engine.dispose()
 
 
-def _retry_callback() -> RetryHeartbeatStaleTrialCallback:
-    with _stable_despite_label():
-        return RetryHeartbeatStaleTrialCallback(max_retry=3, inherit_intermediate_values=True)
+def _retry_callback():
+    return frem.search.retry_callback()[1]
 
 
 def open_study(storage: str | None, out: Path, study_name: str, pruner, *, seed: int) -> optuna.Study:
@@ -155,10 +144,15 @@ def _store_file(storage: str | None, out: Path) -> Path | None:
 def _unusable_store(storage: str | None, out: Path, error: BaseException) -> str:
     reason = (str(getattr(error, "orig", None) or error).splitlines() or [type(error).__name__])[0]
     where = _store_file(storage, out)
+    if where is not None and "locked" in reason:  # SQLite's "database is locked": another process holds it
+        return (f"the study store {where} is locked by another process (another frem tune on it, or a program "
+                "that holds it open): the study is fine; wait for that process to finish, or stop it, then run "
+                "the same command again")
     if where is not None:
         return (f"the study store {where} is damaged ({reason}): move it aside to start a new search there "
                 "(the trials' runs in --out are kept), or restore it from a copy")
-    shown = re.sub(r"//([^:@/]+):[^@/]*@", r"//\1:***@", storage)  # never print a password
+    shown = frem.search.redact(storage)  # never print a password
+    reason = reason.replace(storage, shown)
     return f"cannot use the study store {shown} ({reason}): check that the database server is up and the URL right"
 
 
@@ -248,9 +242,9 @@ def tune(base: TrainConfig, *, trials: int, study_name: str, storage: str | None
     sampler_seed = base.seed
     base = base.with_(seed=study.user_attrs["train_seed"])
     recover_killed_trials(study)
-    # Seeded, and offset by the trials already there, so a resumed or a second
-    # worker does not replay the first worker's random start-up points.
-    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.trials))
+    # Seeded per trial by its number, which the storage hands out once: a resumed or a parallel worker draws
+    # settings of its own, and no setting twice (frem.search.sampler).
+    study.sampler = frem.search.sampler(sampler_seed)
     study.set_user_attr("variant", base.variant)
     study.set_user_attr("epochs", base.epochs)
 
