@@ -25,7 +25,10 @@ recording, nothing otherwise.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -150,6 +153,7 @@ class Premise:
             deep, shallow = deep or found_deep, shallow or found_shallow
         self.deep, self.shallow = deep, shallow
         self.history: list[dict] = []
+        self._frozen_said: set = set()
         self.reset()
 
     def __repr__(self) -> str:
@@ -160,6 +164,26 @@ class Premise:
         self._sums = {key: 0.0 for key in KEYS}
         self._counts = {key: 0 for key in KEYS}
         self._channel_sum = None
+        self._frem_start = self._frem_counts()
+
+    def _frem_counts(self) -> tuple | None:
+        """(re-draws, training calls since the last, calls made inside frem.disabled) of the FREM, or None."""
+        m = self.frem
+        if m is None:
+            return None
+        return m._redraws, (int(m.calls) if not m.calls.is_meta else 0) + m._counts["transformed"], m._counts["paused"]
+
+    def _frem_state(self) -> str:
+        """Whether FREM acted since the last reset: "on", "off" (every training call inside frem.disabled),
+        "partly" (some), "idle" (no training call), or "none" (no FREM attached)."""
+        now = self._frem_counts()
+        if now is None:
+            return "none"
+        redraws, calls, paused = now
+        start = self._frem_start or (redraws, 0, paused)
+        enhanced = calls if redraws != start[0] else calls - start[1]
+        off = paused - start[2]
+        return "partly" if enhanced and off else "on" if enhanced else "off" if off else "idle"
 
     # ---- recording
 
@@ -168,10 +192,14 @@ class Premise:
         """Hooks on while inside: forwards add activations, backwards add gradients (train or eval)."""
         handles = [self._hook(self.bottleneck, self._bottleneck), self._hook(self.skip, self._skip)]
         for key, name in (("grad_deep", self.deep), ("grad_shallow", self.shallow)):
-            for p in self.model.get_submodule(name).parameters():
-                if p.requires_grad:
-                    handles.append(p.register_hook(lambda g, key=key: self._add(key, g.detach().abs().sum(),
-                                                                                  g.numel())))
+            trainable = [p for p in self.model.get_submodule(name).parameters() if p.requires_grad]
+            if not trainable and name not in self._frozen_said:
+                self._frozen_said.add(name)
+                warnings.warn(f"the {key.removeprefix('grad_')} stage {name!r} has no trainable parameters (frozen): "
+                              "no gradient reaches it, so the gradient ratio is not measured (NaN). Pass "
+                              "deep= and shallow= (module names) of stages that train", RuntimeWarning, stacklevel=3)
+            for p in trainable:
+                handles.append(p.register_hook(lambda g, key=key: self._add(key, g.detach().abs().sum(), g.numel())))
         try:
             yield self
         finally:
@@ -222,8 +250,9 @@ class Premise:
         return stats
 
     def epoch_end(self, epoch: int) -> dict:
-        """Append this epoch's summary (with its epoch) to ``history``, reset, and return it."""
-        row = {"epoch": int(epoch), **self.summary()}
+        """Append this epoch's summary (with its epoch, and ``frem``: "on", "off" inside ``frem.disabled``,
+        "partly", "idle" or "none") to ``history``, reset, and return it."""
+        row = {"epoch": int(epoch), "frem": self._frem_state(), **self.summary()}
         self.history.append(row)
         self.reset()
         return row
@@ -277,39 +306,62 @@ class PerEpoch:
         return self.premise.epoch_end(epoch)
 
 
+def numbers(row: dict) -> dict:
+    """A history row as numbers, for a framework's logger: its measurements, and ``frem_off`` (1.0 where FREM
+    was off for some of the epoch's training, ``frem.disabled``), without the epoch."""
+    numeric = {key: value for key, value in row.items() if key not in ("epoch", "frem")}
+    return {**numeric, "frem_off": float(row.get("frem") in ("off", "partly"))}
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b and not (math.isnan(a) or math.isnan(b)) else math.nan
 
 
 def plot(history: list[dict], path, title: str | None = None):
     """Fig. 2 and Fig. 9 of the paper for your run: activations (bottleneck, skip, enhanced, other) and the
-    gradient ratio over epochs, saved to ``path``. Needs matplotlib."""
+    gradient ratio over epochs, saved to ``path``; epochs with FREM off (``frem.disabled``) shaded. Needs
+    matplotlib. Drawn on a figure of its own in matplotlib's default style: the caller's backend, pyplot
+    state and rcParams (a notebook's inline figures, seaborn's font scale) stay as they were."""
     try:
         import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         raise ModuleNotFoundError("frem.diagnostics.plot needs matplotlib: pip install matplotlib") from None
     if not history:
         raise ValueError("history is empty: call Premise.epoch_end(epoch) once an epoch while recording")
     epochs = [row["epoch"] for row in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key, label, style in (("bottleneck", "bottleneck", "-o"), ("skip", "skip it meets", "-s"),
-                              ("enhanced", "bottleneck, FREM's channels", "--^"),
-                              ("other", "bottleneck, other channels", "--v")):
-        values = [row[key] for row in history]
-        if not all(math.isnan(v) for v in values):
-            left.plot(epochs, values, style, label=label, markersize=4)
-    left.set(xlabel="epoch", ylabel="mean |activation|", title="features (paper Fig. 2, 9)")
-    left.legend(fontsize=8)
-    ratios = [row["gradient_ratio"] for row in history]
-    right.plot(epochs, ratios, "-o", markersize=4, color="tab:red")
-    right.axhline(1.0, color="grey", lw=0.8, ls=":")
-    right.set_yscale("log")  # the ratio spans orders of magnitude; 1 (dotted) is no imbalance
-    right.set(xlabel="epoch", ylabel="deep / shallow", title="mean |gradient| of the stages' weights")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with matplotlib.rc_context(matplotlib.rcParamsDefault):
+        fig = Figure(figsize=(10, 3.8))  # no pyplot: nothing registered, no backend chosen or changed
+        left, right = fig.subplots(1, 2)
+        off = [row["epoch"] for row in history if row.get("frem") in ("off", "partly")]
+        for axes in (left, right):
+            for epoch in off:
+                axes.axvspan(epoch - 0.5, epoch + 0.5, color="0.88", lw=0, zorder=0)
+        for key, label, style in (("bottleneck", "bottleneck", "-o"), ("skip", "skip it meets", "-s"),
+                                  ("enhanced", "bottleneck, FREM's channels", "--^"),
+                                  ("other", "bottleneck, other channels", "--v")):
+            values = [row[key] for row in history]
+            if not all(math.isnan(v) for v in values):
+                left.plot(epochs, values, style, label=label, markersize=4)
+        if off:
+            left.fill_between([], [], color="0.88", label="FREM off (frem.disabled)")
+        left.set(xlabel="epoch", ylabel="mean |activation|", title="features (paper Fig. 2, 9)")
+        left.legend(fontsize=8)
+        ratios = [row["gradient_ratio"] for row in history]
+        right.plot(epochs, ratios, "-o", markersize=4, color="tab:red")
+        right.axhline(1.0, color="grey", lw=0.8, ls=":")
+        if any(r > 0 for r in ratios if not math.isnan(r)):
+            right.set_yscale("log")  # the ratio spans orders of magnitude; 1 (dotted) is no imbalance
+        right.set(xlabel="epoch", ylabel="deep / shallow", title="mean |gradient| of the stages' weights")
+        if title:
+            fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        # whole or not at all: a temporary file beside it, renamed over it (a kill mid-write leaves no half PNG)
+        path = Path(path)
+        part = path.with_name(f".{path.name}.part")
+        try:
+            fig.savefig(part, dpi=120, format=path.suffix.lstrip(".").lower() or "png")
+            os.replace(part, path)
+        finally:
+            part.unlink(missing_ok=True)
     return path

@@ -122,3 +122,71 @@ def test_a_network_without_a_skip_is_refused_with_what_to_pass():
 def test_sites_can_be_named():
     premise = Premise(HandUNet(), x16(), skip="enc1", shallow="enc2")
     assert (premise.skip.layer, premise.shallow, premise.deep) == ("enc1", "enc2", "middle")
+
+
+def train_epoch(net, premise, epoch, steps=2):
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    with premise.recording():
+        for _ in range(steps):
+            opt.zero_grad()
+            net.train()(x16(2)).square().mean().backward()
+            opt.step()
+    return premise.epoch_end(epoch)
+
+
+def test_epochs_with_frem_off_are_marked_in_the_history_and_shaded_in_the_plot(tmp_path):
+    torch.manual_seed(0)
+    net = HandUNet()
+    frem.attach(net, "middle", B=4, X=50.0)
+    premise = Premise(net, x16())
+    states = []
+    for epoch in range(3):
+        frem.resample(net, epoch)
+        if epoch == 1:
+            with frem.disabled(net):
+                states.append(train_epoch(net, premise, epoch)["frem"])
+        else:
+            states.append(train_epoch(net, premise, epoch)["frem"])
+    assert states == ["on", "off", "on"] and [row["frem"] for row in premise.history] == states
+    assert Premise(HandUNet(), x16()).epoch_end(0)["frem"] == "none"
+    figure = plot(premise.history, tmp_path / "premise.png")
+    import matplotlib.image
+    pixels = matplotlib.image.imread(figure)
+    grey = (abs(pixels[..., :3] - 0.88) < 0.01).all(-1)
+    assert grey.mean() > 0.01  # the off epoch's band is drawn
+
+
+def test_plot_leaves_the_callers_matplotlib_as_it_was_and_ignores_its_styles(tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+    backend, rc = matplotlib.get_backend(), dict(matplotlib.rcParams)
+    matplotlib.rcParams.update({"font.size": 25.0, "axes.titlesize": 40.0, "lines.linewidth": 9.0})
+    try:
+        figures = plt.get_fignums()
+        history = [{"epoch": e, "frem": "on", "bottleneck": 1.0 + e, "skip": 2.0, "enhanced": math.nan,
+                    "other": math.nan, "gradient_ratio": 0.5} for e in range(3)]
+        plot(history, tmp_path / "a.png")
+        assert matplotlib.get_backend() == backend and plt.get_fignums() == figures
+        assert matplotlib.rcParams["font.size"] == 25.0  # the caller's settings, untouched
+        styled = matplotlib.image.imread(tmp_path / "a.png")
+    finally:
+        matplotlib.rcParams.update(rc)
+    plot(history, tmp_path / "b.png")
+    assert (styled == matplotlib.image.imread(tmp_path / "b.png")).all()  # drawn as with default settings
+    assert not list(tmp_path.glob(".*.part"))
+
+
+def test_a_frozen_stage_is_said_not_left_as_a_silent_nan():
+    net = HandUNet()
+    for p in net.enc1.parameters():
+        p.requires_grad_(False)
+    premise = Premise(net, x16())
+    with pytest.warns(RuntimeWarning, match=r"the shallow stage 'enc1' has no trainable parameters \(frozen\)"):
+        row = train_epoch(net, premise, 0)
+    assert math.isnan(row["gradient_ratio"]) and row["grad_deep"] > 0
+
+
+def test_an_example_input_that_is_not_a_batch_is_one_line_naming_it():
+    for bad in ("a string", __import__("numpy").zeros((1, 1, 16, 16), "float32")):
+        with pytest.raises(TypeError, match=r"^example_input must be one batch"):
+            Premise(HandUNet(), bad)

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 import frem
+import frem.search
 
 if os.environ.get("CI"):
     import nnunetv2  # noqa: F401  (CI must run this test, not skip it)
@@ -214,9 +215,10 @@ def test_nnunet_trains_with_frem_redrawn_each_epoch_and_predicts_like_the_bare_n
                             f"{calls} training calls, 0 capped" for e, calls in ((0, 0), (1, 2))]  # epoch 0: off
     assert logged[2::3] == [f"FREM at encoder.stages.{stages - 2}: B=2 of {second}, X=5, epoch {e}'s draw, "
                             f"{calls} training calls, 0 capped" for e, calls in ((0, 0), (1, 2))]
-    assert len(logged) == 7 and all(line.startswith("FREM premise: bottleneck ") for line in logged[3::3])
+    assert len(logged) == 7 and [line.split(": bottleneck ")[0] for line in logged[3::3]] == [
+        "FREM premise (FREM off this epoch)", "FREM premise (FREM on this epoch)"]
     premise = json.loads((fold / "frem_premise.json").read_text())  # the paper's Fig. 2 for nnU-Net's network
-    assert [row["epoch"] for row in premise] == [0, 1]
+    assert [(row["epoch"], row["frem"]) for row in premise] == [(0, "off"), (1, "on")]
     assert all(0 < row["grad_deep"] and 0 < row["bottleneck"] and 0 < row["skip"] for row in premise)
     assert (fold / "frem_premise.png").stat().st_size > 10_000
 
@@ -236,9 +238,18 @@ def test_nnunet_trains_with_frem_redrawn_each_epoch_and_predicts_like_the_bare_n
         assert trained["X"] == setting["X"] and len(trained["channels"]) == setting["B"]
         return json.loads((folder / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"]
 
-    study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path / 'study.db'}",
-                                sampler=optuna.samplers.TPESampler(seed=0))
+    study = frem.search.create_study(f"sqlite:///{tmp_path / 'study.db'}", "nnunet", seed=0)
     study.optimize(objective, n_trials=2)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert all(1 <= t.params["B"] <= width and 0 <= t.value <= 1 for t in study.trials)
+    # a bad setting in the environment: one line from nnUNetv2_train, naming the variable, nothing trained
+    for variable, value in (("FREM_B", "abc"), ("FREM_X", "-1"), ("FREM_X", "nan"), ("FREM_SEED", "1.5")):
+        out = tmp_path / "bad"
+        done = subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_train"), "123", "2d", "0", "-tr", "nnUNetTrainerCELossFREMTest",
+                               "-device", "cpu"], env={**env, "nnUNet_results": str(out), variable: value},
+                              capture_output=True, text=True, timeout=600)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 1 and lines[-1].startswith(f"nnUNetv2_train: {variable}={value!r} in the "
+                                                             "environment is not"), done.stderr[-2000:]
+        assert "Traceback" not in done.stderr and not list(out.rglob("checkpoint_*.pth"))
     shutil.rmtree(preprocessed)  # the largest part; the rest goes with tmp_path

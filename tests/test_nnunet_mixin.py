@@ -71,7 +71,7 @@ def test_epochs_redraw_and_the_status_and_the_premise_go_into_the_log(tmp_path):
     assert trainer.log[2] == "FREM premise: Premise(bottleneck='middle output', skip='enc2 output', deep='middle', " \
                              "shallow='enc1')"
     assert trainer.log[4] == "FREM at middle: B=4 of 32, X=50, epoch 0's draw, 1 training calls, 0 capped"
-    assert trainer.log[5].startswith("FREM premise: bottleneck ") and "gradient_ratio" in trainer.log[5]
+    assert trainer.log[5].startswith("FREM premise (FREM on this epoch): bottleneck ") and "gradient_ratio" in trainer.log[5]
     assert trainer.log[6] == ("epoch", 1) and trainer.log[-1] == "ended training"
     history = json.loads((tmp_path / "frem_premise.json").read_text())
     assert [row["epoch"] for row in history] == [0, 1] and all(row["grad_deep"] > 0 for row in history)
@@ -134,11 +134,15 @@ def test_the_environment_sets_a_search_trials_B_X_and_seed(monkeypatch):
     assert (handle._B_spec, handle.X, handle.seed) == (3, 12.5, 4)
     monkeypatch.setenv("FREM_B", "0.25")
     assert TrainerFREM.frem_setting()["B"] == 0.25
-    monkeypatch.setenv("FREM_X", "big")
-    with pytest.raises(ValueError, match="FREM_X='big' in the environment is not a number"):
-        TrainerFREM.build_network_architecture("a", {}, 1, 2)
-    for name in ("FREM_B", "FREM_X", "FREM_SEED"):
+    for name, value, wanted in (("FREM_X", "big", "a finite number > 0"), ("FREM_X", "-1", "a finite number > 0"),
+                                ("FREM_X", "nan", "a finite number > 0"), ("FREM_B", "abc", "an integer count"),
+                                ("FREM_B", "0", "an integer count"), ("FREM_SEED", "1.5", "an integer")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=rf"^{name}='{value}' in the environment is not {wanted}.*unset it"):
+            TrainerFREM.build_network_architecture("a", {}, 1, 2)
         monkeypatch.delenv(name)
+    for name in ("FREM_B", "FREM_X", "FREM_SEED"):
+        monkeypatch.delenv(name, raising=False)
     assert TrainerFREM.frem_setting() == {"B": 4, "X": 50.0, "seed": 0}
 
 

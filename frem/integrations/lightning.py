@@ -28,7 +28,7 @@ except ImportError:
                                   "(or pip install lightning)") from None
 
 import frem
-from frem.diagnostics import PerEpoch
+from frem.diagnostics import PerEpoch, numbers
 
 
 class FREMResample(Callback):
@@ -48,5 +48,5 @@ class FREMDiagnostics(PerEpoch, Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         row = self.end(trainer.current_epoch)
         if row is not None:
-            pl_module.log_dict({f"frem/{key}": value for key, value in row.items() if key != "epoch"},
+            pl_module.log_dict({f"frem/{key}": value for key, value in numbers(row).items()},
                                on_step=False, on_epoch=True)

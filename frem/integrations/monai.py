@@ -21,7 +21,7 @@ MONAI's ``StatsHandler`` prints and its TensorBoard handler writes).
 from __future__ import annotations
 
 import frem
-from frem.diagnostics import PerEpoch
+from frem.diagnostics import PerEpoch, numbers
 from frem.extras import install_command
 
 
@@ -59,4 +59,4 @@ class FREMDiagnostics(PerEpoch):
     def completed(self, engine) -> None:
         row = self.end(engine.state.epoch - 1)  # frem's epochs count from 0, ignite's from 1
         if row is not None:
-            engine.state.metrics.update({f"frem_{key}": value for key, value in row.items() if key != "epoch"})
+            engine.state.metrics.update({f"frem_{key}": value for key, value in numbers(row).items()})

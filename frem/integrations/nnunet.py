@@ -36,12 +36,33 @@ import functools
 import inspect
 import json
 import os
+import sys
 
 import torch
 
 import frem
 
 PREMISE = "frem_premise"  # the fold folder's frem_premise.json and .png
+
+
+WANTED = {"FREM_B": "an integer count of channels (8) or a fraction of them in (0, 1] (0.3)",
+          "FREM_X": "a finite number > 0 (250)", "FREM_SEED": "an integer (0)"}
+
+
+def _from_environment(variable: str, text: str):
+    """The value of ``FREM_B``, ``FREM_X`` or ``FREM_SEED``, checked as FREM checks its arguments."""
+    from frem.module import FREM
+    try:
+        if variable == "FREM_SEED":
+            return int(text)
+        value = float(text) if variable == "FREM_X" or "." in text or "e" in text.lower() else int(text)
+        FREM(value if variable == "FREM_B" else 1, value if variable == "FREM_X" else 1.0)  # FREM's own checks
+        return value
+    except (TypeError, ValueError) as error:
+        detail = f" ({error})" if isinstance(error, ValueError) and "invalid literal" not in str(error) \
+            and "could not convert" not in str(error) else ""
+        raise ValueError(f"{variable}={text!r} in the environment is not {WANTED[variable]}{detail}: set it to "
+                         "one, or unset it to use the trainer's own setting") from None
 
 
 class FREMMixin:
@@ -67,8 +88,14 @@ class FREMMixin:
 
         @functools.wraps(build)
         def build_network_architecture(*args, **kwargs):
+            try:
+                setting = cls.frem_setting()
+            except ValueError as error:
+                if os.path.basename(sys.argv[0]).startswith("nnUNetv2_"):  # nnU-Net's command: one line, no trace
+                    raise SystemExit(f"{os.path.basename(sys.argv[0])}: {error}") from None
+                raise
             network = build(*args, **kwargs)
-            frem.attach(network, cls.frem_layer, mode=cls.frem_mode, **cls.frem_setting())
+            frem.attach(network, cls.frem_layer, mode=cls.frem_mode, **setting)
             for site in cls.frem_also:  # more sites, each with its own setting
                 frem.attach(network, **{"mode": cls.frem_mode, **site})
             return network
@@ -79,18 +106,14 @@ class FREMMixin:
     @classmethod
     def frem_setting(cls) -> dict:
         """B, X and seed: the class's, or ``FREM_B``, ``FREM_X``, ``FREM_SEED`` from the environment where set
-        (what a search driver sets for each ``nnUNetv2_train`` it runs; docs/study.md)."""
+        (what a search driver sets for each ``nnUNetv2_train`` it runs; docs/study.md). A value that is not one
+        is refused here, naming the variable, before nnU-Net builds anything."""
         setting = {"B": cls.frem_B, "X": cls.frem_X, "seed": cls.frem_seed}
-        for name, kind in (("B", None), ("X", float), ("seed", int)):
-            text = os.environ.get(f"FREM_{name.upper()}")
-            if text is None:
-                continue
-            try:
-                setting[name] = kind(text) if kind else (float(text) if "." in text else int(text))
-            except ValueError:
-                raise ValueError(f"FREM_{name.upper()}={text!r} in the environment is not a number: "
-                                 f"{'an integer count or a fraction like 0.3' if name == 'B' else 'a number'}, "
-                                 "or unset it to use the trainer's own") from None
+        for name in ("B", "X", "seed"):
+            variable = f"FREM_{name.upper()}"
+            text = os.environ.get(variable)
+            if text is not None:
+                setting[name] = _from_environment(variable, text.strip())
         return setting
 
     def on_train_start(self):
@@ -119,9 +142,12 @@ class FREMMixin:
                                    f"epoch {row.epoch}'s draw, {row.calls} training calls, {row.capped} capped")
         row = self._frem_premise.end(self.current_epoch) if getattr(self, "_frem_premise", None) else None
         if row is not None:
-            self.print_to_log_file("FREM premise: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
-            with open(os.path.join(self.output_folder, PREMISE + ".json"), "w") as f:
+            self.print_to_log_file(f"FREM premise (FREM {row['frem']} this epoch): "
+                                   + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "frem")))
+            path = os.path.join(self.output_folder, PREMISE + ".json")
+            with open(path + ".part", "w") as f:  # whole or not at all: renamed over the last epoch's
                 json.dump(self._frem_premise.history, f, indent=1)
+            os.replace(path + ".part", path)
 
     def on_train_end(self):
         premise = getattr(self, "_frem_premise", None)
