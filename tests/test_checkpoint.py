@@ -54,11 +54,25 @@ def test_a_failed_write_names_the_file_and_the_cause(tmp_path):
         raise PermissionError("not allowed\nsecond line")
 
     with pytest.raises(WriteError) as raised:
-        atomic_write(tmp_path / "last.pt", refused)
+        atomic_write(tmp_path / "last.pt", refused, checkpoint.RESUME)
     message = str(raised.value)
     assert message.startswith(f"could not write {tmp_path / 'last.pt'}: PermissionError: not allowed.")
-    assert "second line" not in message and "--resume" in message
+    assert "second line" not in message and message.endswith("run the same command with --resume to continue")
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(WriteError, match=r"free some space and run the same command again$"):  # not a training run
+        atomic_write(tmp_path / "labels.png", refused)
+
+
+def test_a_file_written_at_a_path_is_whole_or_absent(tmp_path):
+    target = tmp_path / "a.png"
+    with checkpoint.atomic_path(target) as part:
+        part.write_bytes(b"whole")
+        assert not target.exists() and part.name.startswith(".a.png.")
+    assert target.read_bytes() == b"whole" and sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+    with pytest.raises(KeyboardInterrupt), checkpoint.atomic_path(target) as part:
+        part.write_bytes(b"half")
+        raise KeyboardInterrupt  # Ctrl-C mid-write
+    assert target.read_bytes() == b"whole" and sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
 
 
 def test_a_full_disk_is_named_as_such(tmp_path):

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from frem.extras import ROOT
@@ -126,7 +127,8 @@ def test_an_interrupted_command_says_how_to_continue(monkeypatch, capsys):
         raise KeyboardInterrupt
     monkeypatch.setattr(train, "train", interrupted)
     assert main(["train", "--quick", "--out", "R"]) == 130
-    assert capsys.readouterr().err == "frem train: interrupted; `--resume` continues a training run\n"
+    assert capsys.readouterr().err == ("frem train: interrupted; run the same command with --resume to continue the "
+                                       "run from its last epoch\n")
 
 
 def test_a_mistyped_option_is_the_commands_error_with_the_option_meant(capsys):
@@ -364,3 +366,17 @@ def test_outside_an_installed_frem_nothing_is_reported_missing(monkeypatch):
     assert cli.missing_requirements() == []
     monkeypatch.setattr(metadata, "requires", lambda name: None)  # installed without requirements
     assert cli.missing_requirements() == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with a CUDA GPU has the device asked for")
+def test_a_cuda_device_on_a_machine_without_one_is_one_line_in_every_command(trained_run, tmp_path, capsys):
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(image)
+    for argv in (["train", "--quick", "--device", "cuda", "--out", str(tmp_path / "run")],
+                 ["evaluate", str(trained_run), "--device", "cuda"],
+                 ["predict", "--checkpoint", str(trained_run / "best.pt"), str(image), "--out", str(tmp_path / "p"),
+                  "--device", "cuda:1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "there is no CUDA GPU on this machine" in err and "--device cpu" in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "p").exists()  # refused before anything was made

@@ -323,6 +323,20 @@ def test_a_download_never_waits_forever_on_a_silent_server(tmp_path, monkeypatch
     assert waited and all(t is not None and 0 < t <= 300 for t in waited)
 
 
+def test_an_offline_download_is_one_line_with_the_advice_of_its_command_and_leaves_nothing(tmp_path, capsys):
+    """No folder, no empty progress bar before the error; `frem data download` has --dest and --url, not --data."""
+    from frem.seg.cli import main
+    dest = tmp_path / "cache" / "drosophila-vnc"
+    assert main(["data", "download", "drosophila", "--dest", str(dest), "--url", "http://127.0.0.1:9/nothing"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "file/s" not in err and "--data" not in err
+    assert f"copy the data set into {dest} from a machine that has it (or point --url at a mirror" in err
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(DataError, match=r"Without internet, point --data DIR or FREM_DATA=DIR"):
+        dro.download(dest, "http://127.0.0.1:9/nothing")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_a_split_without_masks_names_the_mask_it_expected(tmp_path):
     root = make_folder_dataset(tmp_path / "d")
     shutil.rmtree(root / "test" / "masks")

@@ -183,14 +183,65 @@ def test_an_rgb_overlay_keeps_its_colours_where_nothing_was_found():
 
 
 def test_an_overlay_colours_every_class_but_background_wherever_background_comes():
-    from frem.seg.predict import PALETTE, overlay
+    from frem.seg.predict import BLUE, ORANGE, overlay
     image = np.full((2, 3, 1), 100, np.uint8)
     labels = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
     shown = overlay(image, labels, ("background", "cell", "nucleus"))  # a folder data set's usual order
     assert np.array_equal(shown[labels == 0], np.full((2, 3), 100))
-    for index in (1, 2):
-        blend = np.round(0.55 * 100 + 0.45 * np.array(PALETTE[index], np.float32)).astype(int)
+    for index, colour in ((1, ORANGE), (2, BLUE)):
+        blend = np.round(0.55 * 100 + 0.45 * np.array(colour, np.float32)).astype(int)
         assert (shown[labels == index] == blend).all()
+
+
+@pytest.mark.parametrize("classes", [("membrane", "cell"), ("cell", "membrane"), ("background", "Membranes", "cell"),
+                                     ("cell_boundary", "cell")])
+def test_colours_follow_the_class_name_not_its_index(classes):
+    """Membrane is red wherever it stands in classes.txt (the docs' palette), in the overlay and the label PNG."""
+    from frem.seg.predict import RED, class_colours, overlay, palette_image
+    colours = class_colours(classes)
+    membrane = next(i for i, name in enumerate(classes) if "embrane" in name or "boundary" in name)
+    assert colours[membrane] == RED and len({c for c in colours if c is not None}) == len([c for c in colours if c])
+    labels = np.full((2, 2), membrane, np.uint8)
+    shown = overlay(np.full((2, 2, 1), 0, np.uint8), labels, classes)
+    assert (shown == np.round(0.45 * np.array(RED, np.float32)).astype(int)).all()
+    assert tuple(palette_image(labels, classes).convert("RGB").getpixel((0, 0))) == RED
+
+
+def test_colours_of_unnamed_classes_are_the_palettes_first_free_ones_in_class_order():
+    from frem.seg.predict import GREEN, PALETTE, RED, class_colours
+    assert class_colours(("foo", "membrane", "bar", "background")) == [GREEN, RED, PALETTE[2], None]
+    many = class_colours([f"class{i}" for i in range(12)])
+    assert many[:10] == PALETTE and many[10:] == PALETTE[:2]  # past the palette's ten: round again
+
+
+def test_an_interrupted_prediction_leaves_no_half_written_file(trained_run, monkeypatch, tmp_path):
+    """Ctrl-C while an image's overlay is being written: that file is absent, never truncated; the image before
+    it is whole, and a rerun writes everything and clears what the interruption left."""
+    from PIL import Image
+
+    from frem.seg import predict as predictor
+    for name in ("a", "b"):
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    real_save = Image.Image.save
+
+    def interrupted_save(self, fp, format=None, **params):
+        if "b_overlay" in str(fp):
+            real_save(self, fp, format=format, **params)
+            with open(fp, "r+b") as f:
+                f.truncate(100)  # half of it on disk ...
+            raise KeyboardInterrupt  # ... when Ctrl-C comes
+        return real_save(self, fp, format=format, **params)
+    monkeypatch.setattr(Image.Image, "save", interrupted_save)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        predictor.predict(trained_run / "best.pt", [tmp_path / "a.png", tmp_path / "b.png"], out)
+    assert sorted(p.name for p in out.iterdir()) == ["a_labels.png", "a_overlay.png", "b_labels.png"]
+    Image.open(out / "a_overlay.png").load()  # whole
+    monkeypatch.undo()
+    (out / ".b_overlay.png.killed.tmp").write_bytes(b"what a SIGKILL leaves")
+    predictor.predict(trained_run / "best.pt", [tmp_path / "a.png", tmp_path / "b.png"], out)
+    assert sorted(p.name for p in out.iterdir()) == ["a_labels.png", "a_overlay.png", "b_labels.png",
+                                                      "b_overlay.png"]
 
 
 def test_autocast_is_bfloat16_on_cuda_and_full_precision_on_the_cpu():

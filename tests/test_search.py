@@ -438,3 +438,63 @@ def test_a_trial_that_keeps_killing_its_worker_is_retried_three_times_then_left_
             break
         trial = study.ask()  # the retry, taken by the next worker, which dies too
     assert [t.state for t in study.trials] == [TrialState.FAIL] * 4  # the first run and three retries
+
+
+def test_ctrl_c_in_a_search_is_one_line_and_the_trial_is_queued_again_to_resume(tmp_path, monkeypatch, capsys):
+    from frem.seg.cli import main
+
+    def interrupted(config, data, on_validation=None):
+        on_validation(0, 0.3)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tuner, "train", interrupted)
+    monkeypatch.setattr(TrainConfig, "load_data", lambda self: Data())
+    assert main(["tune", "--quick", "--trials", "2", "--out", str(tmp_path / "t"), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["frem tune: interrupted; run the same command again to continue the search: "
+                                        "the interrupted trial is queued again and resumes from its last checkpoint"]
+    study = optuna.load_study(study_name="frem", storage=tuner.open_storage(None, tmp_path / "t"))
+    failed, queued = study.trials
+    assert (failed.state, queued.state) == (TrialState.FAIL, TrialState.WAITING)
+    assert queued.params == failed.params and queued.user_attrs["run_dir"] == failed.user_attrs["run_dir"]
+    assert queued.intermediate_values == {0: 0.3}
+    monkeypatch.setattr(tuner, "train", instant_training)
+    assert main(["tune", "--quick", "--trials", "2", "--out", str(tmp_path / "t"), "--no-progress"]) == 0
+    study = optuna.load_study(study_name="frem", storage=tuner.open_storage(None, tmp_path / "t"))
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+
+
+@pytest.mark.parametrize("name", ["runs %41", "runs ?mode=ro", "a#b"])
+def test_a_study_folder_with_url_characters_in_its_name_holds_the_study(tmp_path, monkeypatch, name):
+    monkeypatch.setattr(tuner, "train", instant_training)
+    monkeypatch.setattr(TrainConfig, "load_data", lambda self: Data())
+    from frem.seg.cli import main
+    out = tmp_path / name
+    assert main(["tune", "--quick", "--trials", "1", "--out", str(out), "--no-progress"]) == 0
+    assert (out / "study.db").stat().st_size > 0 and sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_a_study_store_locked_by_another_process_is_said_to_be_locked_not_damaged(tmp_path):
+    import sqlite3
+    out = tmp_path / "t"
+    tuner.open_study(None, out, "s", None, seed=0)
+    holder = sqlite3.connect(out / "study.db", timeout=0)
+    holder.execute("BEGIN EXCLUSIVE")  # another program holds the file
+    try:
+        with pytest.raises(tuner.StudyError, match=r"^the study store .*study.db is locked by another process .*: "
+                                                    r"the study is fine; wait"):
+            tuner.open_study(None, out, "s", None, seed=0)
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_an_unreachable_server_with_a_slash_in_its_password_never_prints_it(tmp_path, capsys, monkeypatch):
+    if not os.environ.get("CI"):
+        pytest.importorskip("psycopg", reason='needs the postgres extra: pip install -e ".[postgres]"')
+    monkeypatch.setattr(TrainConfig, "load_data", lambda self: Data())
+    from frem.seg.cli import main
+    assert main(["tune", "--quick", "--trials", "1", "--out", str(tmp_path / "t"), "--no-progress",
+                 "--storage", "postgresql://frem:s3c/ret@127.0.0.1:9/frem"]) == 2
+    err = capsys.readouterr().err
+    assert "s3c" not in err and "ret@" not in err and "postgresql://frem:***@127.0.0.1:9/frem" in err
+    assert err.count("\n") == 1

@@ -74,24 +74,43 @@ class _Recorded:
         return self.file.flush()
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
+AGAIN = "run the same command again"        # what continues most commands after a failed write
+RESUME = "run the same command with --resume to continue"  # ... and a training run
+
+
+def atomic_write(path: Path, write, again: str = AGAIN) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``. ``again``: what the
+    user runs to continue, said where the write fails."""
+    with atomic_path(path, again) as tmp:
+        recorded = None
+        try:
+            with open(tmp, "wb") as f:
+                recorded = _Recorded(f)
+                write(recorded)
+        except BaseException:  # torch.save reports a full disk as a RuntimeError: the OSError underneath counts
+            if recorded is not None and recorded.error is not None:
+                raise recorded.error from None
+            raise
+
+
+@contextmanager
+def atomic_path(path: Path, again: str = AGAIN):
+    """A temporary path in ``path``'s folder to write a file at, by any means (Pillow, tifffile): synced and
+    renamed over ``path`` when the block ends, removed if it fails or is interrupted, so ``path`` is whole or
+    absent (a SIGKILL leaves only a ``.NAME.*.tmp``, which ``clean_stale_temporaries`` removes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    recorded = None
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            recorded = _Recorded(f)
-            write(recorded)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, _user_mode())  # mkstemp makes it 0600
         os.replace(tmp, path)
         _sync_folder(path.parent)
     except BaseException as error:
-        cause = recorded.error if recorded is not None and recorded.error is not None else error
-        message = _write_failure(path, cause) if isinstance(error, (OSError, RuntimeError)) else None
+        message = _write_failure(path, error, again) if isinstance(error, (OSError, RuntimeError)) else None
         Path(tmp).unlink(missing_ok=True)  # after looking at the free space: this frees it again
         if message is not None:
             raise WriteError(message) from None
@@ -103,15 +122,14 @@ FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "your disk quota is used
         errno.EFBIG: "the file is larger than this file system or process allows"}
 
 
-def _write_failure(path: Path, error: BaseException) -> str:
+def _write_failure(path: Path, error: BaseException, again: str = AGAIN) -> str:
     code = getattr(error, "errno", None)
     reason = FULL.get(code)
     if reason is None and code is None and shutil.disk_usage(path.parent).free < 2**20:
         reason = FULL[errno.ENOSPC]  # an error that lost its errno on a disk with under a mebibyte left
     if reason is None:
         reason = f"{type(error).__name__}: {str(error).splitlines()[0]}" if str(error) else type(error).__name__
-    return (f"could not write {path}: {reason}. The files written before it are intact: free some "
-            "space and run the same command with --resume to continue")
+    return f"could not write {path}: {reason}. The files written before it are intact: free some space and {again}"
 
 
 def clean_stale_temporaries(folder: Path) -> list[Path]:
@@ -122,8 +140,8 @@ def clean_stale_temporaries(folder: Path) -> list[Path]:
     return stale
 
 
-def save(obj, path: Path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
+def save(obj, path: Path, again: str = RESUME) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f), again)
 
 
 def strict_json(obj):
@@ -137,9 +155,9 @@ def strict_json(obj):
     return obj
 
 
-def save_json(obj, path: Path) -> None:
+def save_json(obj, path: Path, again: str = AGAIN) -> None:
     text = json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()), again)
 
 
 def load(path: Path, hint: str = "", required=REQUIRED) -> dict:

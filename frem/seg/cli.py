@@ -305,12 +305,24 @@ def run_predict(args) -> int:
 
 def run_download(args) -> int:
     from frem.seg.data.drosophila import download
-    print(f"downloaded and verified: {download(args.dest, args.url)}")
+    from frem.seg.data.drosophila import OFFLINE_DOWNLOAD
+    print(f"downloaded and verified: {download(args.dest, args.url, offline=OFFLINE_DOWNLOAD)}")
     return 0
 
 
 COMMANDS = {"train": run_train, "tune": run_tune, "reproduce": run_reproduce, "evaluate": run_evaluate,
             "predict": run_predict}
+# What continues each command after Ctrl-C: said in one line, no traceback.
+CONTINUES = {
+    "train": "run the same command with --resume to continue the run from its last epoch",
+    "tune": "run the same command again to continue the search: the interrupted trial is queued again and resumes "
+            "from its last checkpoint",
+    "reproduce": "run the same command again: finished runs are kept and the unfinished one resumes",
+    "evaluate": "nothing was written; run the same command again",
+    "predict": "the images finished before it are written whole, the one it was on not at all; run the same "
+               "command again",
+    "data": "run the same command again: the download continues where it stopped",
+}
 
 
 def main(argv=None) -> int:
@@ -325,12 +337,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handler = run_download if args.command == "data" else COMMANDS[args.command]
     try:
+        if getattr(args, "device", None) is not None:  # before anything is read, downloaded or written
+            from frem.seg.distributed import resolve_device
+            resolve_device(args.device)
         return handler(args)
     except (ValueError, TypeError, OSError) as error:
         print(f"frem {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"frem {args.command}: interrupted; `--resume` continues a training run", file=sys.stderr)
+        print(f"frem {args.command}: interrupted; {CONTINUES[args.command]}", file=sys.stderr)
         return 130
 
 

@@ -12,6 +12,7 @@ gives a stack of labels, written page by page.
 
 from __future__ import annotations
 
+import glob
 from collections import Counter
 from pathlib import Path
 
@@ -27,9 +28,27 @@ from frem.seg.data.images import display_range, display_window, normalize, read_
 from frem.seg.distributed import resolve_device
 from frem.seg.evaluate import autocast, model_from_checkpoint
 
-# One colour a class, in class order; classes named "background" stay uncoloured in overlays.
+# Colours follow the class, by its name in classes.txt (docs/segmentation.md, "Colours"): the names below
+# get their colour wherever they stand; any other class takes the first colour of PALETTE no named class took,
+# in class order. "background" stays uncoloured in overlays (dark in label images).
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+RED, GREEN, YELLOW, BLUE, ORANGE, PURPLE, CYAN = PALETTE[:7]
+NAMED = {"membrane": RED, "boundary": RED, "cell boundary": RED, "edge": RED, "border": RED,
+         "mitochondria": GREEN, "mitochondrion": GREEN, "synapse": YELLOW, "nucleus": BLUE, "nuclei": BLUE,
+         "cell": ORANGE, "cytoplasm": PURPLE, "vesicle": CYAN}
+BACKGROUND = (30, 30, 30)
+
+
+def class_colours(classes) -> list:
+    """The colour of each class by its name (None for background: uncoloured in an overlay)."""
+    def key(name: str) -> str:
+        name = str(name).strip().lower().replace("_", " ")
+        return name if name in NAMED or not name.endswith("s") else name[:-1]  # membranes -> membrane
+    named = [NAMED.get(key(name)) for name in classes]
+    free = iter([colour for colour in PALETTE if colour not in named] + PALETTE * len(classes))
+    return [None if key(name) == "background" else colour if colour is not None else next(free)
+            for name, colour in zip(classes, named)]
 MULTIPLE = 32  # the U-Net halves the resolution five times
 TILE = 1024    # output pixels a forward pass; a multiple of MULTIPLE
 MARGIN = 64    # context read around each tile and discarded
@@ -69,7 +88,7 @@ def predict_image(model, image: np.ndarray, normalization: dict, device, tile: i
 def palette_image(labels: np.ndarray, classes) -> Image.Image:
     """Class indices as a palette PNG: the values stay 0..K-1, a viewer shows the class colours."""
     image = Image.frombytes("P", (labels.shape[1], labels.shape[0]), np.ascontiguousarray(labels).tobytes())
-    colours = [(30, 30, 30) if name == "background" else PALETTE[i % len(PALETTE)] for i, name in enumerate(classes)]
+    colours = [BACKGROUND if colour is None else colour for colour in class_colours(classes)]
     image.putpalette([value for colour in colours for value in colour])
     return image
 
@@ -78,8 +97,9 @@ def overlay(image: np.ndarray, labels: np.ndarray, classes, alpha: float = 0.45)
     """The image (stretched to 8 bits by ``display_window``) with every class but background blended
     in its colour: (H, W, 3) uint8, drawn in blocks of rows."""
     window = display_window(image)
-    colours = np.array([PALETTE[i % len(PALETTE)] for i in range(len(classes))], np.float32)
-    coloured = np.array([name != "background" for name in classes] + [False] * (256 - len(classes)))
+    named = class_colours(classes)
+    colours = np.array([BACKGROUND if colour is None else colour for colour in named], np.float32)
+    coloured = np.array([colour is not None for colour in named] + [False] * (256 - len(classes)))
     out = np.empty(image.shape[:2] + (3,), np.uint8)
     for top, rows in row_blocks(image):
         shown = display_range(rows, window).astype(np.float32)
@@ -111,23 +131,38 @@ def predict(checkpoint_path, images, out_dir, device="auto", tile: int = TILE) -
     paths = [Path(p) for p in images]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    names = output_names(paths)
+    _clean_stale_parts(out_dir, names)
     written = []
-    for path, name in zip(paths, output_names(paths)):
+    for path, name in zip(paths, names):
         pages = read_pages(path)  # one file at a time
         if pages[0].shape[-1] != state["in_channels"]:
             raise DataError(f"{path} is {colour_name(pages[0].shape[-1])}, but the model was trained on "
                             f"{colour_name(state['in_channels'])} images")
+        # Each file is written at a temporary name and renamed when whole: an interrupted prediction (Ctrl-C,
+        # a kill, a full disk) leaves earlier images' files whole and none of the image it was on half-written.
         if len(pages) == 1:
             targets = [out_dir / f"{name}_labels.png", out_dir / f"{name}_overlay.png"]
             labels = predict_image(model, pages[0], state["normalization"], device, tile)
-            palette_image(labels, state["classes"]).save(targets[0])
-            Image.fromarray(overlay(pages[0], labels, state["classes"])).save(targets[1])
+            with checkpoint.atomic_path(targets[0]) as part:
+                palette_image(labels, state["classes"]).save(part, format="PNG")
+            with checkpoint.atomic_path(targets[1]) as part:
+                Image.fromarray(overlay(pages[0], labels, state["classes"])).save(part, format="PNG")
         else:  # page by page: a stack's labels and overlays are never all in memory
             targets = [out_dir / f"{name}_labels.tif", out_dir / f"{name}_overlay.tif"]
-            with tifffile.TiffWriter(targets[0]) as label_file, tifffile.TiffWriter(targets[1]) as overlay_file:
+            with checkpoint.atomic_path(targets[0]) as label_part, checkpoint.atomic_path(targets[1]) as overlay_part, \
+                    tifffile.TiffWriter(label_part) as label_file, tifffile.TiffWriter(overlay_part) as overlay_file:
                 for page in pages:
                     labels = predict_image(model, page, state["normalization"], device, tile)
                     label_file.write(labels, photometric="minisblack", contiguous=True)  # pages, not one RGB image
                     overlay_file.write(overlay(page, labels, state["classes"]), photometric="rgb", contiguous=True)
         written += targets
     return written
+
+
+def _clean_stale_parts(out_dir: Path, names: list[str]) -> None:
+    """Remove what a killed earlier prediction of these images left half-written (``.NAME_labels.png.*.tmp``)."""
+    for name in names:
+        for stale in out_dir.glob(f".{glob.escape(name)}_*.tmp"):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)

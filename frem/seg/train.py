@@ -261,7 +261,7 @@ def _train(config, settings, data, normalization, model, context, device, on_val
         "history": state["history"],
     }
     if context.is_main:
-        checkpoint.save_json(metrics, out / checkpoint.METRICS)
+        checkpoint.save_json(metrics, out / checkpoint.METRICS, checkpoint.RESUME)
         if config.keep == "best":  # last.pt (with the optimiser state) only serves to continue the run
             last_path.unlink(missing_ok=True)
     return metrics, model

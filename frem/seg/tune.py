@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shlex
 import socket
@@ -271,10 +272,14 @@ def tune(base: TrainConfig, *, trials: int, study_name: str, storage: str | None
     bar = tqdm(total=target, initial=len(study.get_trials(states=FINISHED)), unit="trial", desc="TPE search",
                disable=not progress, file=sys.stderr)
     try:
-        while len(study.get_trials(states=FINISHED)) < target or study.get_trials(states=(TrialState.WAITING,)):
-            study.optimize(objective, callbacks=[StopWhenDone(target, bar)], catch=(), gc_after_trial=True)
-            if not wait_for_other_workers(study, storage):
-                break
+        with _interrupt_said_once():
+            while len(study.get_trials(states=FINISHED)) < target or study.get_trials(states=(TrialState.WAITING,)):
+                study.optimize(objective, callbacks=[StopWhenDone(target, bar)], catch=(), gc_after_trial=True)
+                if not wait_for_other_workers(study, storage):
+                    break
+    except KeyboardInterrupt:
+        requeue_interrupted(study)  # the same command continues it, resuming its training
+        raise
     finally:
         bar.close()
     summary = summarize(study, base)
@@ -283,6 +288,47 @@ def tune(base: TrainConfig, *, trials: int, study_name: str, storage: str | None
 
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class _NotTheInterrupt(logging.Filter):
+    """Optuna logs a trial stopped by Ctrl-C as failed, with the KeyboardInterrupt's traceback: frem's one line
+    says what happened and what continues it instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, KeyboardInterrupt) and "KeyboardInterrupt" not in record.getMessage()
+
+
+@contextmanager
+def _interrupt_said_once():
+    quiet = _NotTheInterrupt()
+    handlers = logging.getLogger("optuna").handlers
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
+def requeue_interrupted(study: optuna.Study) -> list[int]:
+    """Queue again, with their settings, the trials this process was running when it was interrupted (Optuna
+    marks them failed): the next run of the same command resumes their training from the last checkpoint."""
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    retried = {n for t in study.get_trials(deepcopy=False) for n in t.system_attrs.get("retry_history", [])}
+    queued = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL, TrialState.RUNNING)):
+        if trial.user_attrs.get("worker") != me or trial.number in retried:
+            continue
+        if trial.state == TrialState.RUNNING:  # still running in the storage: mark it failed first
+            try:
+                study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
+        _retry_callback()(study, study._storage.get_trial(trial._trial_id))
+        queued.append(trial.number)
+    return queued
 
 
 class StopWhenDone:

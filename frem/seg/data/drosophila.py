@@ -221,46 +221,63 @@ def _write(dest: Path, relative: str, write) -> str:
     return relative
 
 
-def download(dest=None, base_url: str | None = None, progress: bool = True) -> list[str]:
+OFFLINE = ("Without internet, point --data DIR or FREM_DATA=DIR at a copy of the data set; with it, run the command "
+           "again to continue where it stopped")
+OFFLINE_DOWNLOAD = ("Without internet, copy the data set into {dest} from a machine that has it (or point --url at a "
+                    "mirror you can reach); with internet, run the command again to continue where it stopped")
+
+
+def download(dest=None, base_url: str | None = None, progress: bool = True, offline: str = OFFLINE) -> list[str]:
     """Fetch every missing file of the data set into ``dest``, verified; return those fetched.
 
     Resumable at two levels: files already present with the right checksum
     are kept, and a partly downloaded file (``*.part``) continues where it
     stopped (an HTTP range request). A file is renamed into place only once
-    its checksum matches, so nothing half-written is ever read as data.
+    its checksum matches, so nothing half-written is ever read as data. No
+    folder is made and no progress is shown before the first file arrives, so
+    a machine without internet is told so in one line and left as it was.
+    ``offline``: what to do without internet (``{dest}`` is filled in).
     """
     dest = Path(dest).expanduser() if dest is not None else default_root()
     base_url = (base_url or os.environ.get("FREM_DROSOPHILA_URL") or DOWNLOAD_URL).rstrip("/")
     sums = checksums()
     todo = [(relative, digest) for relative, digest in sorted(sums.items())
             if not ((dest / relative).is_file() and sha256(dest / relative) == digest)]
-    fetched = []
-    with tqdm(todo, desc="Drosophila VNC", unit="file", disable=not progress or not todo,
-              file=sys.stderr) as bar:
-        for relative, digest in bar:
-            bar.set_postfix_str(relative)
+    fetched, bar = [], None
+    try:
+        for relative, digest in todo:
             target = dest / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
             part = target.with_name(target.name + ".part")
-            _fetch(f"{base_url}/{relative}", part)
+            _fetch(f"{base_url}/{relative}", part, offline.format(dest=dest))
             if sha256(part) != digest:
                 part.unlink()
                 raise DataError(f"downloaded {base_url}/{relative} does not match its SHA-256; "
                                 "try again later")
             os.replace(part, target)
             fetched.append(relative)
+            if bar is None:  # the first file is in: from here on a bar is news, not noise
+                bar = tqdm(total=len(todo), initial=1, desc="Drosophila VNC", unit="file", disable=not progress,
+                           file=sys.stderr)
+            else:
+                bar.update(1)
+            bar.set_postfix_str(relative)
+    finally:
+        if bar is not None:
+            bar.close()
     (dest / "SHA256SUMS").write_text(_CHECKSUMS.read_text())
     (dest / "CITATION.txt").write_text(CITATION + "\n")
     return fetched
 
 
-def _fetch(url: str, part: Path) -> None:
-    """Download ``url`` into ``part``, continuing a partial file with a range request."""
+def _fetch(url: str, part: Path, offline: str = OFFLINE) -> None:
+    """Download ``url`` into ``part``, continuing a partial file with a range request; ``part``'s folder is made
+    once the server answers."""
     have = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             resumed = have and getattr(response, "status", None) == 206
+            part.parent.mkdir(parents=True, exist_ok=True)
             with open(part, "ab" if resumed else "wb") as f:
                 shutil.copyfileobj(response, f)
     except urllib.error.HTTPError as error:
@@ -268,6 +285,4 @@ def _fetch(url: str, part: Path) -> None:
             return
         raise DataError(f"could not download {url}: {error}") from None
     except OSError as error:
-        raise DataError(f"could not download {url}: {error}. Without internet, point --data DIR or "
-                        "FREM_DATA=DIR at a copy of the data set; with it, run the command again to continue "
-                        "where it stopped") from None
+        raise DataError(f"could not download {url}: {error}. {offline}") from None
