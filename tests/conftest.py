@@ -22,8 +22,16 @@ import pytest  # noqa: E402
 # Real data on every machine: an excerpt of the Drosophila data set (sections 0, 1, 2, 12, 13, 15, 16 and
 # stack 2's 00, cropped to 256x256; tests/data/drosophila-excerpt/README.md has its license and citation).
 EXCERPT = Path(__file__).resolve().parent / "data" / "drosophila-excerpt"
-# The whole data set, for the few tests of what only it has (its 120 files, 1024x1024 sections).
+# The whole data set, for the few tests of what only it has (its 120 files, 1024x1024 sections): FREM_DATA, or
+# where the project's own machines keep it beside the clone.
 DATA = Path(os.environ.get("FREM_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "drosophila-vnc")
+GET_DATA = ("set FREM_DATA=DIR at the whole Drosophila data set (frem data download drosophila --dest DIR "
+            "fetches it, 43 MB)")
+
+
+def _where_data() -> str:
+    """Where the whole data set was looked for, said to a user only where they named it (FREM_DATA)."""
+    return f" at {DATA}" if os.environ.get("FREM_DATA") else ""
 TINY_SECTIONS = {"train": (0,), "val": (12,), "test": (15,)}
 
 
@@ -38,7 +46,7 @@ def full_drosophila_root() -> Path:
     if not (DATA / "SHA256SUMS").is_file():
         if os.environ.get("CI"):
             pytest.fail(f"CI must have the Drosophila data at {DATA} (FREM_DATA)")
-        pytest.skip(f"needs the whole Drosophila data set at {DATA}: set FREM_DATA")  # said in the summary
+        pytest.skip(f"needs the whole Drosophila data set{_where_data()}: {GET_DATA}")  # said in the summary
     return DATA
 
 
@@ -81,8 +89,10 @@ def tests_write_only_into_temporary_folders():
     yield
     after = _working_tree_paths()
     if before is not None and after is not None and after - before:
-        pytest.fail(f"the tests wrote into the working tree: {sorted(after - before)}; "
-                    "tests must write only into temporary folders (tmp_path)")
+        pytest.fail(f"the working tree gained {', '.join(sorted(after - before))} while the tests ran: tests must "
+                    "write only into temporary folders (tmp_path). If you wrote there yourself meanwhile (a "
+                    "prediction into predictions/, say), it may not be the tests': move it and run them again",
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -105,12 +115,12 @@ def copy_of_trained_run(trained_run, tmp_path) -> Path:
 
 def pytest_report_header(config):
     whole = f"the whole data set at {DATA}" if (DATA / "SHA256SUMS").is_file() else \
-        f"no whole data set at {DATA} (the few tests that need it skip; set FREM_DATA)"
+        f"no whole data set{_where_data()} (the few tests that need it skip; {GET_DATA})"
     return [f"Drosophila data: the excerpt in {EXCERPT.relative_to(REPO)}; {whole}"]
 
 
 def pytest_terminal_summary(terminalreporter):
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if "whole Drosophila data" in str(r.longrepr)]
     if skipped:
-        terminalreporter.write_line(f"{len(skipped)} tests skipped for want of the whole Drosophila data set at "
-                                    f"{DATA}: set FREM_DATA to run them", yellow=True)
+        terminalreporter.write_line(f"{len(skipped)} tests skipped for want of the whole Drosophila data "
+                                    f"set{_where_data()}: {GET_DATA} to run them", yellow=True)

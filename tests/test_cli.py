@@ -89,10 +89,10 @@ def test_tune_passes_its_options_and_prints_the_command_apart(monkeypatch, capsy
     from frem.seg import tune
     calls = recorder(monkeypatch, tune, "tune", {"best_value": 0.5, "train_command": "frem train --B 3"})
     assert main(["tune", "--quick", "--trials", "4", "--study", "s", "--storage", "journal:j", "--pruner", "median",
-                 "--out", "O", "--no-progress", "--epochs", "2", "--device", "cuda:1"]) == 0
+                 "--out", "O", "--no-progress", "--epochs", "2", "--device", "cpu"]) == 0
     (base,), kwargs = calls[0]
     assert kwargs == {"trials": 4, "study_name": "s", "storage": "journal:j", "out": "O", "pruner": "median",
-                      "progress": False} and (base.epochs, base.device) == (2, "cuda:1")
+                      "progress": False} and (base.epochs, base.device) == (2, "cpu")
     out = capsys.readouterr().out
     assert out.split("\n\n")[0] == '{\n  "best_value": 0.5\n}'
     assert out.endswith("Train the best setting in full with:\n  frem train --B 3\n")
@@ -103,8 +103,8 @@ def test_predict_evaluate_and_download_pass_what_they_were_given(monkeypatch, ca
     from frem.seg import evaluate, predict
     from frem.seg.data import drosophila
     predicted = recorder(monkeypatch, predict, "predict", [tmp_path / "a_labels.png"])
-    assert main(["predict", "--checkpoint", "c.pt", "x.tif", "y.png", "--out", "O", "--device", "cuda:1"]) == 0
-    assert predicted == [(("c.pt", ["x.tif", "y.png"], "O"), {"device": "cuda:1"})]
+    assert main(["predict", "--checkpoint", "c.pt", "x.tif", "y.png", "--out", "O", "--device", "cpu"]) == 0
+    assert predicted == [(("c.pt", ["x.tif", "y.png"], "O"), {"device": "cpu"})]
     evaluated = recorder(monkeypatch, evaluate, "evaluate_run", {"miou": 0.25})
     assert main(["evaluate", "R", "--data", "D"]) == 0
     assert evaluated == [(("R",), {"device": "auto", "data_root": "D", "split": "test"})]  # every command: auto
@@ -116,7 +116,7 @@ def test_predict_evaluate_and_download_pass_what_they_were_given(monkeypatch, ca
     assert predicted[-1] == (("c.pt", ["x.tif"], "O"), {"device": "auto"})
     downloaded = recorder(monkeypatch, drosophila, "download", tmp_path)
     assert main(["data", "download", "drosophila", "--dest", "D", "--url", "U"]) == 0
-    assert downloaded == [(("D", "U"), {})]
+    assert downloaded == [(("D", "U"), {"offline": drosophila.OFFLINE_DOWNLOAD})]  # its own offline advice
     assert capsys.readouterr().out.splitlines()[-1] == f"downloaded and verified: {tmp_path}"
 
 
@@ -193,10 +193,10 @@ FINISHED = {"test": {"miou": 0.5}, "best_epoch": 2, "best_val_miou": 0.25, "devi
 EVERY_TRAIN_OPTION = ["--dataset", "folder", "--data", "D", "--encoder", "resnet18", "--epochs", "3",
                       "--batch-size", "5", "--lr", "0.002", "--seed", "7", "--crop", "96", "--tiles-per-section", "6",
                       "--val-every", "2", "--val-fraction", "0.25", "--split-seed", "3", "--normalize", "dataset",
-                      "--keep", "best", "--device", "cuda:1", "--no-progress"]
+                      "--keep", "best", "--device", "cpu", "--no-progress"]
 GIVEN = {"dataset": "folder", "data": "D", "encoder": "resnet18", "epochs": 3, "batch_size": 5, "lr": 0.002, "seed": 7,
          "crop": 96, "tiles_per_section": 6, "val_every": 2, "val_fraction": 0.25, "split_seed": 3,
-         "normalize": "dataset", "keep": "best", "device": "cuda:1", "progress": False}
+         "normalize": "dataset", "keep": "best", "device": "cpu", "progress": False}
 
 
 def settings(config, names):

@@ -751,14 +751,30 @@ def test_a_folder_without_val_holds_out_whole_training_images_seeded_and_recorde
     assert len(val_images) == 2 and len(train_images) == 8 and not val_images & train_images  # by image
     assert len(data.val) == 2 * 4 and len(data.test) == 2 * 4  # every crop of a held-out image validates
     assert data.identity()["split"] == {"val": "held out from train/ by image (fraction 0.2, seed 0)",
-                                        "val_images": sorted(n.removeprefix("train/") for n in val_images)}
+                                        "val_images": sorted(n.removeprefix("train/") for n in val_images),
+                                        "fraction": 0.2, "seed": 0}
+    assert capsys.readouterr().err == ""  # loading says nothing: training says it (evaluation need not)
+    data.announce()
     assert "has no val/: validating on 2 of its 10 training images" in capsys.readouterr().err
     again = load_dataset("folder", root, crop=32)
     assert again.val.names == data.val.names and again.split == data.split  # reproducible
+    again.announce()
     assert capsys.readouterr().err == ""  # said once a process
     other = load_dataset("folder", root, crop=32, split_seed=1, val_fraction=0.3)
     assert len(other.split["val_images"]) == 3 and other.split != data.split
     assert other.differs_from(data.identity()) and not again.differs_from(data.identity())
+
+
+def test_quick_caps_a_folder_at_its_first_images_of_each_split(tmp_path):
+    from frem.seg.config import QUICK, TrainConfig
+    root = _without_val(make_folder_dataset(tmp_path / "d", size=128, count=2), count=20)
+    data = TrainConfig.build(quick=True, data=str(root)).load_data()
+    per_split = {name: sorted({n.split("@")[0] for n in split.names}) for name, split in data.splits().items()}
+    assert {name: len(images) for name, images in per_split.items()} == QUICK["images"] == {"train": 3, "val": 1,
+                                                                                             "test": 1}
+    assert len(data.train) == 3 * 4 and data.train.images.shape[-1] == 64  # 128 px at crop 64: 4 tiles an image
+    whole = TrainConfig.build(data=str(root), crop=64).load_data()
+    assert len({n.split("@")[0] for n in whole.train.names}) == 16 and data.checksum == whole.checksum
 
 
 def test_a_held_out_split_refuses_what_it_cannot_do(tmp_path):

@@ -152,6 +152,30 @@ def test_folder_dataset_trains(colour, tmp_path):
     assert checkpoint.load(tmp_path / "run" / "best.pt")["in_channels"] == (3 if colour else 1)
 
 
+def test_a_run_on_a_folder_says_its_size_and_an_estimate_and_evaluate_after_val_was_deleted_only_refuses(
+        tmp_path, capsys):
+    """Training says how many images and tiles it uses, and how long an epoch will take, before it is long
+    under way; evaluation of a run whose folder lost its val/ says only that the data changed."""
+    import shutil
+
+    from frem.seg.cli import main
+    root = make_folder_dataset(tmp_path / "cells", size=128, count=4)
+    assert main(["train", "--quick", "--data", str(root), "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    said = [line.strip() for line in re.split(r"[\r\n]", capsys.readouterr().err) if "frem train:" in line]
+    assert said[0] == ("frem train: 3 training images (12 tiles of 64x64 px), 1 validation image (4 tiles of "
+                       "64x64 px), 1 test image (4 tiles of 64x64 px); 2 steps of 8 an epoch, 1 epoch to go")
+    assert re.search(r"an epoch takes about \d+ s here \(from its first 2 steps, which include warming up\)",
+                     said[1])
+    shutil.rmtree(root / "val")
+    assert main(["train", "--quick", "--data", str(root), "--epochs", "1", "--out", str(tmp_path / "held")]) == 0
+    recorded = json.loads((tmp_path / "held" / "metrics.json").read_text())
+    assert recorded["config"]["val_fraction"] == recorded["data"]["split"]["fraction"] == 0.2  # said, not null
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("frem evaluate: error: the data at") and "is not the data" in line
+
+
 def test_resume_loads_the_checkpoint_on_the_cpu_whatever_the_training_device(tiny_config, monkeypatch):
     """On CUDA, RNG states loaded onto the GPU make torch.set_rng_state fail; here a meta
     device stands in for the GPU, and the checkpoint must still be read onto the CPU."""

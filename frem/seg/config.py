@@ -16,13 +16,15 @@ from frem.seg.data.drosophila import SPLIT
 from frem.seg.data.images import NORMALIZATIONS
 from frem.seg.variants import DEFAULT_ENCODER, VARIANT_DEFAULTS, variant_settings
 
-# --quick: a whole run in about a minute on a 2-core CPU. A subset of the real
-# split (still by section), small crops spread over each section, resnet18.
+# --quick: a whole run in about a minute on a 2-core CPU, on the Drosophila data or a folder of one's own.
+# A subset of the real split (by section; by image for a folder: its first 3 training images, 1 validation,
+# 1 test), small crops spread over each section or image, resnet18.
 QUICK = {
     "encoder": "resnet18",
     "crop": 64,
     "tiles_per_section": 32,
     "sections": {"train": SPLIT["train"][:3], "val": SPLIT["val"][:1], "test": SPLIT["test"][:1]},
+    "images": {"train": 3, "val": 1, "test": 1},
     "epochs": 8,
     "batch_size": 8,
     "lr": 1e-3,
@@ -50,6 +52,7 @@ class TrainConfig:
     crop: int | None = 256
     tiles_per_section: int | None = None
     sections: dict | None = None
+    images: dict | None = None  # a folder data set: at most this many images (pages) of each split
     val_every: int = 1
     val_fraction: float | None = None  # a folder without val/: the share of training images held out
     split_seed: int = 0
@@ -128,7 +131,7 @@ class TrainConfig:
         """The data this run trains on: its data set, tiled and split as the run says (``root``
         in place of ``data`` where the folder moved)."""
         return load_dataset(self.dataset, root or self.data, crop=self.crop,
-                            tiles_per_section=self.tiles_per_section, sections=self.sections,
+                            tiles_per_section=self.tiles_per_section, sections=self.sections, images=self.images,
                             val_fraction=self.val_fraction, split_seed=self.split_seed)
 
 

@@ -226,6 +226,7 @@ def reproduce(base: TrainConfig, *, seeds, out, results_dir, tune_trials: int, p
               variants=VARIANTS, progress: bool = True) -> dict:
     out, results_dir = Path(out), Path(results_dir)
     data = base.load_data()
+    data.announce()
     base = base.with_(data=data.root or base.data)
     results = run_all(base, seeds, out, data, variants, progress)
     rows = summarize(results, data.classes, seeds, variants)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -124,8 +125,12 @@ def run_training(config: TrainConfig, data: SegmentationData | None = None, on_v
     check_run_folder(config)
     if data is None:
         data = config.load_data()
-    # The run remembers where its data was: evaluate and predict need the run folder alone.
+    data.announce()
+    # The run remembers where its data was: evaluate and predict need the run folder alone; and the share of
+    # training images it held out for validation where the folder has no val/ (the default, said explicitly).
     config = config.with_(data=data.root or config.data)
+    if (data.split or {}).get("fraction") is not None and config.val_fraction is None:
+        config = config.with_(val_fraction=data.split["fraction"])
     normalization = fit_normalization(data.train, config.normalize)
     torch.manual_seed(config.seed)
     model = build_model(config.variant, encoder=config.encoder, in_channels=data.in_channels,
@@ -181,7 +186,13 @@ def _train(config, settings, data, normalization, model, context, device, on_val
     classes = data.classes
     lambda_ = settings.get("lambda_")
     epochs = range(state["epoch"] + 1, config.epochs)
-    bar = tqdm(epochs, desc=f"{config.variant}", disable=not (config.progress and context.is_main),
+    talk = config.progress and context.is_main
+    steps_per_epoch = -(-(len(train_split) // context.world_size) // rank_batch)
+    if talk:  # what this run will train on, before the first step: a run sized wrongly is stopped at once
+        print(f"frem train: {size_line(data)}; {steps_per_epoch} steps of {config.batch_size} an epoch, "
+              f"{len(epochs)} epoch{'s' if len(epochs) != 1 else ''} to go", file=sys.stderr)
+    estimate_after = min(ESTIMATE_STEPS, steps_per_epoch)
+    bar = tqdm(epochs, desc=f"{config.variant}", disable=not talk,
                initial=state["epoch"] + 1, total=config.epochs, unit="epoch")
     for epoch in bar:
         epoch_start = time.perf_counter()
@@ -209,6 +220,11 @@ def _train(config, settings, data, normalization, model, context, device, on_val
             optimizer.step()
             loss_sum += loss.detach()
             steps += 1
+            if talk and epoch == epochs.start and steps == estimate_after:
+                seconds = (time.perf_counter() - epoch_start) / steps * steps_per_epoch
+                tqdm.write(f"frem train: an epoch takes about {_duration(seconds)} here (from its first {steps} "
+                           f"steps, which include warming up), so about {_duration(seconds * len(epochs))} for "
+                           f"the {len(epochs)} to go, validation not counted", file=sys.stderr)
         record = {"epoch": epoch, "train_loss": float(loss_sum) / max(steps, 1),  # one sync per epoch
                   "train_time_s": time.perf_counter() - epoch_start, "train_images": len(order)}
         if not math.isfinite(record["train_loss"]):
@@ -265,6 +281,28 @@ def _train(config, settings, data, normalization, model, context, device, on_val
         if config.keep == "best":  # last.pt (with the optimiser state) only serves to continue the run
             last_path.unlink(missing_ok=True)
     return metrics, model
+
+
+ESTIMATE_STEPS = 5  # training steps timed for the first estimate of an epoch
+
+
+def size_line(data: SegmentationData) -> str:
+    """How many images and tiles each split has: "3 training images (96 tiles of 64x64 px), 1 validation ..."."""
+    parts = []
+    for name, label in (("train", "training"), ("val", "validation"), ("test", "test")):
+        split = data.splits()[name]
+        images = len({tile.split("@")[0] for tile in split.names})
+        height, width = split.images.shape[-2:]
+        parts.append(f"{images} {label} image{'s' if images != 1 else ''} ({len(split)} tiles of {height}x{width} px)")
+    return ", ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _model_state(config, model, data, normalization, epoch) -> dict:

@@ -235,6 +235,7 @@ def tune(base: TrainConfig, *, trials: int, study_name: str, storage: str | None
         raise ValueError(f"--variant {base.variant} has nothing to tune: choose one of {', '.join(TUNABLE)}")
     out = Path(out)
     data = data or base.load_data()
+    data.announce()
     channels = bottleneck_channels(build_model(base.variant, encoder=base.encoder,
                                                in_channels=data.in_channels, classes=len(data.classes),
                                                B=1, X=1.0))

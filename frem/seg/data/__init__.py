@@ -21,10 +21,12 @@ def load_dataset(name: str, root=None, *, val_fraction: float | None = None, spl
         if val_fraction is not None:
             raise DataError("--val-fraction is for a folder of your own without val/; the Drosophila data's "
                             "split is fixed (sections 0-11 train, 12-14 validation, 15-19 test)")
+        options.pop("images", None)  # its --quick subset is by section
         return load_drosophila(root, **options)
     if name == "folder":
         if root is None:
             raise DataError("--dataset folder needs --data DIR (a folder with train/, val/, test/)")
+        options.pop("sections", None)  # a folder's split is its sub-folders
         return load_folder(root, val_fraction=val_fraction, split_seed=split_seed, **options)
     raise DataError(f"unknown dataset {name!r}: use 'drosophila' or 'folder'")
 

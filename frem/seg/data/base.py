@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -29,6 +31,9 @@ class Split:
         return Split(self.images.to(device), self.masks.to(device), self.names, self.stats.to(device))
 
 
+_ANNOUNCED: set = set()
+
+
 @dataclass
 class SegmentationData:
     classes: tuple[str, ...]
@@ -39,6 +44,14 @@ class SegmentationData:
     root: str = ""        # the folder it was read from (a run remembers it)
     checksum: str = ""    # what identifies the content wherever it lies
     split: dict | None = None  # how the splits were made where the data does not say (a held-out val)
+    notice: str = ""           # what a training run says first about the data (which images validate)
+
+    def announce(self) -> None:
+        """Say ``notice`` on stderr, once a process (a search loads the data for every trial). Training says
+        it; evaluation, which only checks the data is the run's, does not."""
+        if self.notice and self.notice not in _ANNOUNCED:
+            _ANNOUNCED.add(self.notice)
+            print(self.notice, file=sys.stderr)
 
     @property
     def in_channels(self) -> int:

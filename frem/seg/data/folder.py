@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-import sys
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,6 @@ def read_classes(root: Path) -> tuple[str, ...]:
 
 
 DEFAULT_VAL_FRACTION = 0.2  # without val/: one in five training images, as one fold of nnU-Net's five
-_announced: set = set()
 
 
 def looks_like_folder(root) -> bool:
@@ -101,14 +100,14 @@ def held_out(files: list[Path], fraction: float, seed: int) -> list[Path]:
     return sorted(random.Random(f"frem-val:{seed}").sample(sorted(files), count))
 
 
-def load_folder(root, *, crop: int | None = None, tiles_per_section=None, sections=None,
+def load_folder(root, *, crop: int | None = None, tiles_per_section=None, images: dict | None = None,
                 val_fraction: float | None = None, split_seed: int = 0) -> SegmentationData:
     """Load a folder data set; ``crop`` tiles every image into non-overlapping crops.
 
     Without ``val/``, ``val_fraction`` of the training files (default 0.2) validate instead,
-    drawn with ``split_seed``; the data's identity records which.
+    drawn with ``split_seed``; the data's identity records which. ``images`` caps each split at its first
+    so many images (a stack's pages count one each): ``--quick``'s small run on any folder.
     """
-    del sections  # a folder's split is its sub-folders
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist")
@@ -126,27 +125,20 @@ def load_folder(root, *, crop: int | None = None, tiles_per_section=None, sectio
         files["train"] = [p for p in files["train"] if p not in chosen]
         files["val"] = chosen
         split = {"val": f"held out from train/ by image (fraction {fraction:g}, seed {split_seed})",
-                 "val_images": [p.name for p in chosen]}
-        _announce(root, split, len(chosen) + len(files["train"]))
-    splits = {name: make_split(list(_pairs(root, "train" if split and name == "val" else name, len(classes),
-                                           files[name])), crop, tiles_per_section, name)
+                 "val_images": [p.name for p in chosen], "fraction": fraction, "seed": split_seed}
+    splits = {name: make_split(list(islice(_pairs(root, "train" if split and name == "val" else name, len(classes),
+                                                  files[name]), (images or {}).get(name))), crop, tiles_per_section, name)
               for name in ("train", "val", "test")}
     kinds = {(split.images.shape[1], split.images.dtype) for split in splits.values()}
     if len(kinds) > 1:
         raise DataError(f"{root} mixes kinds of images across its splits (greyscale/colour, 8-bit/"
                         "16-bit/float); convert them to one kind")
     count, digest = content_checksum(root)
+    notice = (f"frem: {root} has no val/: validating on {len(split['val_images'])} of its "
+              f"{len(split['val_images']) + len(files['train'])} training images, {split['val']}: "
+              f"{', '.join(split['val_images'])}" if split else "")
     return SegmentationData(classes, source=f"folder '{root.name}' ({count} files, SHA-256 of contents {digest})",
-                            root=str(root.resolve()), checksum=digest, split=split, **splits)
-
-
-def _announce(root: Path, split: dict, total: int) -> None:
-    """Say once a process which training images validate (a search loads the data for every trial)."""
-    key = (str(root.resolve()), split["val"])
-    if key not in _announced:
-        _announced.add(key)
-        print(f"frem: {root} has no val/: validating on {len(split['val_images'])} of its {total} training images, "
-              f"{split['val']}: {', '.join(split['val_images'])}", file=sys.stderr)
+                            root=str(root.resolve()), checksum=digest, split=split, notice=notice, **splits)
 
 
 def content_checksum(root: Path) -> tuple[int, str]:
