@@ -97,3 +97,23 @@ def test_non_editable_install_ships_the_kernels_and_the_application_data(tmp_pat
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True,
                          cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": ""}).stdout.split()
     assert out[0].startswith(str(target)) and out[1] == "True"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", ["seg", "test"])
+def test_the_extras_keep_the_torch_and_torchvision_installed(extra, tmp_path):
+    """The README has a CPU-only machine install torch and torchvision from PyTorch's CPU index first; the
+    commands after it must then install no other torch, torchvision or NVIDIA wheel (pip's resolution, as a dry
+    run against the package index, in this environment)."""
+    readme = (ROOT / "README.md").read_text()
+    cpu = next(line for line in readme.splitlines() if "download.pytorch.org/whl/cpu" in line)
+    assert cpu.split("#")[0].split() == ["pip", "install", "torch", "torchvision", "--index-url",
+                                         "https://download.pytorch.org/whl/cpu"]
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--disable-pip-version-check",
+                           "--report", str(report), "-e", f"{ROOT}[{extra}]"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import json
+    installs = [item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]]
+    assert not [name for name in installs if name in ("torch", "torchvision") or name.startswith("nvidia-")], installs
