@@ -137,3 +137,45 @@ def test_status_counter_overhead(benchmark):
                                 ratio=ms["counted"] / ms["uncounted"],
                                 noise_ratio=ms["uncounted_again"] / ms["uncounted"])
     benchmark.pedantic(step(counted), rounds=3, warmup_rounds=1)
+
+
+def test_reach_check_cost(benchmark):
+    """frem.reach's check that FREM's effect reaches the outputs: the first training step of a FREM attached
+    without example_input (its output probed, the autograd graph walked once its forward returns) against a
+    steady step of the same model, interleaved; and attach with example_input (one probed pass) against attach
+    without. Every later step carries nothing: the check removed itself."""
+    from frem.reach import FirstTrainingCall
+
+    model = default_model().train()
+    handle = frem.attach(model, "bottleneck", B=162, X=632)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(BATCH, 1, SIZE, SIZE, device=DEVICE)
+    if ON_GPU:
+        x = x.contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 4, (BATCH, SIZE, SIZE), device=DEVICE)
+    step = training_step(model, optimizer, x, target)
+
+    def first_step():
+        handle._reach.clear()
+        handle._reach.update(state=None, detail="")  # as attach leaves it: unverified, its check registered
+        model.register_forward_hook(FirstTrainingCall(handle))
+        step()
+        assert handle._reach["state"] == "yes" and not model._forward_hooks
+
+    step()
+    ms = interleaved_ms({"steady": step, "first": first_step, "steady_again": step},
+                        repeat=2 if SMALL else 20 if ON_GPU else 6, warmup=0)
+    benchmark.pedantic(first_step, rounds=3, warmup_rounds=1)
+
+    example = x[:1]
+
+    def attach_with(example_input):
+        def run():
+            frem.detach(model)
+            frem.attach(model, "bottleneck", B=162, X=632, example_input=example_input)
+        return run
+    attach_ms = interleaved_ms({"without": attach_with(None), "with_example": attach_with(example)},
+                               repeat=2 if SMALL else 5, warmup=1)
+    benchmark.extra_info.update(device=device_name(), batch=BATCH, size=SIZE, ms=ms, attach_ms=attach_ms,
+                                first_step_ratio=ms["first"] / ms["steady"],
+                                noise_ratio=ms["steady_again"] / ms["steady"])
