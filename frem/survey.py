@@ -209,7 +209,9 @@ class _Layouts:
         if not t.is_floating_point():
             return None
         if t.dim() == self.rank:
-            if tuple(t.shape[2:]) in self.grids:
+            # (N, C, *spatial) with the input's batch: an attention tensor of folded patches or windows ((N * P,
+            # heads, L, L): MobileViT, Swin) may end in a grid's sides, but its batch is not the input's
+            if tuple(t.shape[2:]) in self.grids and (self.batch is None or t.shape[0] == self.batch):
                 return 1, tuple(t.shape[2:])
             if t.dim() >= 3 and t.shape[0] == self.batch and self._known(tuple(t.shape[1:-1])):
                 return -1, tuple(t.shape[1:-1])
@@ -284,7 +286,7 @@ class _Recorder(TorchFunctionMode):
             node = t.grad_fn
             if node is None:
                 continue
-            pooled = self._pooled(name, lineage, args, kwargs) or _global_pool(name, lineage, t, rank)
+            pooled = self._pooled(name, lineage, args, kwargs) or _global_pool(name, lineage, t, rank, args, kwargs)
             self.pooled[node] = pooled
             self.made_by[node] = (name, [(n, tuple(i.shape)) for i, n in lineage])
             if t.dim() in (rank, rank - 1) and t.is_floating_point():  # maps, and maybe tokens: decided at the end
@@ -327,12 +329,17 @@ class _Recorder(TorchFunctionMode):
             self.shuffled.add(start)
 
 
-def _global_pool(name: str, lineage, out: torch.Tensor, rank: int) -> bool:
-    """A fixed-kernel pool whose kernel covers its whole input (``F.avg_pool2d(x, x.shape[2:])``, as Cellpose's
-    CPnet makes its style vector): global context, as an adaptive pool's, not a level of the encoder."""
+def _global_pool(name: str, lineage, out: torch.Tensor, rank: int, args, kwargs) -> bool:
+    """A fixed-kernel pool whose kernel is its whole input (``F.avg_pool2d(x, x.shape[2:])``, as Cellpose's
+    CPnet makes its style vector): global context, as an adaptive pool's, not a level of the encoder. Not a
+    U-Net's 2x2 pool of a 2x2 map (a small example input's last level): the input must be wider than 2."""
     maps = [t for t, _ in lineage if t.dim() == rank]
-    return (name in FIXED_POOLS and out.dim() == rank and math.prod(out.shape[2:]) == 1 and bool(maps)
-            and _spatial(maps[0]) > 1)
+    if name not in FIXED_POOLS or out.dim() != rank or math.prod(out.shape[2:]) != 1 or not maps:
+        return False
+    grid = tuple(maps[0].shape[2:])
+    kernel = kwargs.get("kernel_size", args[1] if len(args) > 1 else None)
+    kernel = tuple(kernel) if isinstance(kernel, (tuple, list, torch.Size)) else (kernel,) * len(grid)
+    return kernel == grid and max(grid) > 2
 
 
 def _broadcast_into(operand: torch.Tensor, result: torch.Tensor) -> bool:

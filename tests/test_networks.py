@@ -338,7 +338,9 @@ def test_the_table_starts_at_the_lowest_resolution_of_the_features_not_of_pyrami
     table = frem.candidates(model, x, limit=None)
     pyramid = [i for i, m in enumerate(table) if m.pyramid]
     assert table[0].grid == (6, 6) and pyramid and min(pyramid) > table.index(table.chosen)
-    assert all(table[i].note.startswith("pyramid context") for i in pyramid)
+    # the branch whose kernel covers the whole 6x6 map is global context, the others pyramid context
+    assert all(table[i].note.startswith(("pyramid context", "global context")) for i in pyramid)
+    assert any(table[i].note.startswith("pyramid context") for i in pyramid)
 
 
 def test_the_pick_always_shows_however_small_the_limit():
