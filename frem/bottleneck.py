@@ -16,9 +16,9 @@ from __future__ import annotations
 from torch import nn
 
 from frem.known import known_bottleneck, known_refusal
-from frem.rule import BottleneckNotFound, choose
+from frem.rule import BottleneckNotFound, _copies_of, choose
 from frem.sites import Site, deepest_entry, format_entry, get_entry, replace_entry, tensor_entries
-from frem.survey import FeatureMap, Survey, survey
+from frem.survey import FeatureMap, Survey, reach, survey
 from frem.wrappers import unwrap
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -36,8 +36,15 @@ def locate_bottleneck(model: nn.Module, example_input=None, *, with_survey: bool
     if reason is not None:
         raise BottleneckNotFound(f"{type(model).__name__} has no bottleneck for FREM: {reason}. To put FREM on a "
                                  "layer of it anyway, pass layer=<module name>")
-    site = known_bottleneck(model)
-    if site is not None:
+    known = known_bottleneck(model, inner_encoder=True)
+    if known is not None:
+        site, inner = known
+        if inner and example_input is not None:  # a library encoder inside: is it the whole encoder?
+            found = survey(model, example_input)
+            onward = _encoder_goes_on(found, site, type(model).__name__)
+            if onward is not None:
+                return (onward.site, found) if with_survey else onward.site
+            return (site, found) if with_survey else site
         return (site, None) if with_survey else site
     if example_input is None:
         example = _example_name(model)
@@ -48,6 +55,28 @@ def locate_bottleneck(model: nn.Module, example_input=None, *, with_survey: bool
     found = survey(model, example_input)
     site = choose(found, type(model).__name__).site
     return (site, found) if with_survey else site
+
+
+def _encoder_goes_on(found: Survey, site: Site, model_name: str) -> FeatureMap | None:
+    """The measured bottleneck where the network's encoder goes on past a library encoder inside it (a
+    TransUNet: a timm CNN's last feature, then a ViT at that resolution, folded back for the decoder): a map the
+    measured rule picks, at that resolution or lower, made from the library encoder's last map by layers with
+    weights outside it. None where the library encoder's last map is the encoder's end."""
+    known = _known_map(found, site)
+    try:
+        measured = choose(found, model_name)
+    except BottleneckNotFound:
+        return None
+    if known is None or measured is known or measured.site is None or measured.resolution > known.resolution:
+        return None
+    inside = site.layer + "."
+    outside = not (measured.site.layer == site.layer or measured.site.layer.startswith(inside))
+    made_from = measured.node in reach({known.node}, found.children)
+    if outside and made_from and measured.node not in _copies_of(known, found):
+        measured.note = (f"bottleneck: the encoder goes on past {site.describe()} (the library encoder's last "
+                         "feature), through layers with weights at its resolution")
+        return measured
+    return None
 
 
 def _example_name(model: nn.Module) -> str | None:
@@ -108,8 +137,12 @@ def candidates(model: nn.Module, example_input, limit: int | None = 12) -> Candi
         chosen = choose(found, type(model).__name__)
     except BottleneckNotFound as problem:
         error = str(problem).split(":")[0]
-    known = known_bottleneck(model)
-    if known is not None:
+    known = known_bottleneck(model, inner_encoder=True)
+    onward = _encoder_goes_on(found, known[0], type(model).__name__) if known is not None and known[1] else None
+    known = known[0] if known is not None else None
+    if onward is not None:  # a library encoder inside, and the network's encoder goes on past it
+        chosen, known, error = onward, None, None
+    elif known is not None:
         chosen = _known_map(found, known)
         if chosen is not None:
             chosen.note = "bottleneck (known by name)"

@@ -112,6 +112,32 @@ def _transformers_dpt(model):
     return None
 
 
+def _transformers_beit(model):
+    # BEiT and data2vec-vision semantic segmentation: the ViT's hidden states at out_indices become maps (CLS
+    # token dropped) for an FPN neck, whose last op max-pools the deepest to 1/32. FREM goes on that map as the
+    # neck takes it in (scaling commutes with the pool).
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not (_library(model, "transformers") and type(model).__name__ in ("BeitForSemanticSegmentation",
+                                                                          "Data2VecVisionForSemanticSegmentation")
+            and isinstance(hidden, int)):
+        return None
+    if isinstance(getattr(model, "fpn", None), nn.Module):  # one neck taking the four maps (transformers 5)
+        return Site("fpn", at="input", entry=(0, -1), channels=hidden)
+    if isinstance(getattr(model, "fpn4", None), nn.Module):  # four ops, one a map
+        return Site("fpn4", at="input", entry=(0,), channels=hidden)
+    return None
+
+
+def _monai_diffusion_unet(model):
+    # MONAI's diffusion U-Net: the down blocks push every block's output to the skip stack, and the middle block
+    # (residual blocks around attention) hands the up blocks their first input.
+    if type(model).__name__ == "DiffusionModelUNet" and _library(model, "monai") and \
+            isinstance(getattr(model, "middle_block", None), nn.Module):
+        channels = getattr(model, "block_out_channels", None)
+        return Site("middle_block", channels=int(channels[-1]) if isinstance(channels, (list, tuple)) else None)
+    return None
+
+
 def _transformers_backbone(model):
     # transformers' backbones (ResNetBackbone, ConvNextBackbone, SwinBackbone, ... what UperNet, MaskFormer,
     # Mask2Former and OneFormer build on) return BackboneOutput(feature_maps=(...)), NCHW, deepest last.
@@ -132,8 +158,8 @@ def _cellpose_cpnet(model):
     return None
 
 
-RULES = (_smp, _timm_features, _monai_unet, _monai_dynunet, _monai_unetr, _nnunet, _torchvision_segmentation,
-         _transformers_dpt, _transformers_backbone, _cellpose_cpnet)
+RULES = (_smp, _timm_features, _monai_unet, _monai_dynunet, _monai_unetr, _monai_diffusion_unet, _nnunet,
+         _torchvision_segmentation, _transformers_dpt, _transformers_beit, _transformers_backbone, _cellpose_cpnet)
 
 # Library models with no bottleneck in the paper's sense, and why: frem refuses "bottleneck" there by name.
 NO_DECODER = {
@@ -144,23 +170,37 @@ NO_DECODER = {
     ("cellpose", "CPDINO"): "Cellpose's DINO model is a ViT encoder read out by a transposed convolution: it has no "
                             "decoder and no skip connections, so the paper's premise does not apply",
 }
+# nnU-Net's Primus family (Primus, PrimusS/B/M/L/X, PrimusV2..., PrimusV3...): a ViT encoder and a patch decoder.
+PRIMUS = ("an EVA ViT encoder read out by a patch decoder (transposed convolutions): it has no skip connections, so "
+          "the paper's premise (the decoder leans on the skips and leaves the bottleneck's channels unused) does "
+          "not apply")
 
 
 def known_refusal(model: nn.Module) -> str | None:
     """Why a library model has no bottleneck for FREM, where frem knows it by name; else None."""
     for module in model.modules():
-        reason = NO_DECODER.get((type(module).__module__.split(".")[0], type(module).__name__))
+        library, name = type(module).__module__.split(".")[0], type(module).__name__
+        reason = NO_DECODER.get((library, name))
+        if reason is None and library == "dynamic_network_architectures" and name.startswith("Primus"):
+            reason = f"nnU-Net's {name} is {PRIMUS}"
         if reason is not None:
             return reason
     return None
 
 
-def known_bottleneck(model: nn.Module) -> Site | None:
-    """The bottleneck of a library that names it, at the model or in the outermost module that is one."""
+# Rules for a library encoder alone (its features, for a decoder someone else wrote): where one matches inside
+# a model, it names the bottleneck only if that encoder is the whole encoder, which frem checks by measuring.
+ENCODER_RULES = (_timm_features, _transformers_backbone)
+
+
+def known_bottleneck(model: nn.Module, *, inner_encoder: bool = False):
+    """The bottleneck of a library that names it, at the model or in the outermost module that is one.
+    ``inner_encoder=True``: (site, whether it is a library encoder inside the model), or None."""
     for prefix, module in model.named_modules():
         for rule in RULES:
             site = rule(module)
             if site is not None:
                 layer = ".".join(p for p in (prefix, site.layer) if p)
-                return Site(layer, site.at, site.entry, site.channels, site.dim)
+                found = Site(layer, site.at, site.entry, site.channels, site.dim)
+                return (found, bool(prefix) and rule in ENCODER_RULES) if inner_encoder else found
     return None

@@ -68,7 +68,11 @@ dense blocks, Swin-UNet's tokens, ResUNet++, CE-Net, SegNet, UNet 3+, UNeXt,
    projection after the encoder may be the encoder's last layer or the
    decoder's first, unless one module call brought the map to L, narrowed it
    and handed it on without making the output or upsampling (Quicknat's
-   dense block and its 1x1: the block's own); when maps as wide as the pick,
+   dense block and its 1x1: the block's own), or one module call was handed
+   the wider map, took it into three or more parallel branches with weights
+   and handed back the pick (a context block: PraNet's and HarDNet-MSEG's
+   receptive-field blocks, an ASPP without its pool, before a partial
+   decoder): then the wider map, where the encoder ended, is the pick; when maps as wide as the pick,
    made from it by layers with weights, feed the decoder on paths of their
    own (a ViT's later hidden states; a plain copy, as SegResNetDS2 hands its
    second decoder, is the pick itself); when no layer with weights works at
@@ -126,7 +130,7 @@ def choose(found: Survey, model_name: str = "the model") -> FeatureMap:
     chain = _main_path(deep, found, model_name)                       # 4
     boundaries = _block_boundaries(chain, found, model_name)          # 5
     pick = boundaries[-1]                                             # 6
-    _refuse_if_unsure(pick, boundaries, chain, deep, lowest, found, model_name)  # 7
+    pick = _refuse_if_unsure(pick, boundaries, chain, deep, lowest, found, model_name)  # 7
     pick.note = (f"bottleneck: the last map at the lowest resolution "
                  f"{'x'.join(map(str, pick.grid))} on the main path, where the decoder takes over")
     if pick.resolution > lowest:  # the input of a pool no module hands over (step 5)
@@ -294,7 +298,7 @@ def _pooled_from(m: FeatureMap, found: Survey) -> FeatureMap | None:
     return source
 
 
-def _refuse_if_unsure(pick, boundaries, chain, deep, lowest: int, found: Survey, model_name: str) -> None:
+def _refuse_if_unsure(pick, boundaries, chain, deep, lowest: int, found: Survey, model_name: str) -> FeatureMap:
     # Maps as wide as the pick, made from it and feeding the decoder on paths of their own: the
     # encoder may go on past the pick (a transformer's later hidden states, a dilated last stage
     # beside a same-resolution skip). A narrow side head (deep supervision) is no such map.
@@ -322,6 +326,15 @@ def _refuse_if_unsure(pick, boundaries, chain, deep, lowest: int, found: Survey,
     wider = [m for m in boundaries[:-1] if m is not entry and m.channels > pick.channels]
     if wider and _one_block(found, [entry, pick, *wider]) is not None:
         wider = []
+    context = _context_block(found, pick, wider[-1]) if wider else None
+    if context is not None:  # a multi-branch context block narrows the encoder's last map for the decoder
+        for m in wider[:-1]:
+            m.note = "upstream of the pick"
+        pick.note = (f"made by {context.name}, a context block of parallel branches over the encoder's last map, "
+                     "narrowed for the decoder")
+        wider[-1].note = ""
+        pick = wider[-1]
+        wider = []
     if wider:
         for m in wider:
             m.note = "wider than the last map: encoder or decoder?"
@@ -332,11 +345,36 @@ def _refuse_if_unsure(pick, boundaries, chain, deep, lowest: int, found: Survey,
             f"decoder's first projection. {_advice()}", [pick, *wider])
     if not _decoder_follows(pick, lowest, found):
         pick.note = "last map at the lowest resolution, but no decoder follows"
+        # a side head at L (torchvision's aux classifier on layer3) leaves the backbone's last map off the main
+        # path: it is listed too
+        beside = [m for m in deep if m not in chain and m.node in after and m.site is not None]
         raise BottleneckNotFound(
             f"frem cannot tell where the encoder of {model_name} ends: after its lowest resolution nothing "
             "with weights works at a higher resolution (a head at the lowest resolution, as in PSPNet, "
             f"DeepLab or FCN), so the encoder's last map and the head's first look alike "
-            f"({_describe(boundaries)}). {_advice()}", boundaries)
+            f"({_describe(boundaries + beside)}). {_advice()}", boundaries + beside)
+    return pick
+
+
+CONTEXT_BRANCHES = 3  # parallel weighted branches over one map that make a context block (RFB, ASPP, Inception)
+
+
+def _context_block(found: Survey, pick: FeatureMap, wide: FeatureMap):
+    """The module call that was handed ``wide`` and hands back the narrower ``pick``, taking ``wide`` into at
+    least ``CONTEXT_BRANCHES`` parallel layers with weights inside it (PraNet's and HarDNet-MSEG's receptive-field
+    blocks, an ASPP without its pool): context over the encoder's last map, narrowed for a (partial) decoder,
+    not the encoder's own last layer. A lone projection, a residual block's two paths, a pyramid of pools
+    are not one. None where there is no such call."""
+    takers = {s.layer for s in wide.sites if s.at == "input"}
+    for call in found.calls:
+        if call.name not in takers or pick.node not in call.output_nodes or call.upsamples:
+            continue
+        branches = [child for child in found.children.get(wide.node, ())
+                    if child in found.maps and call.made_inside(found.maps[child].order)
+                    and _param_node(child, found.input_nodes)]
+        if len(branches) >= CONTEXT_BRANCHES:
+            return call
+    return None
 
 
 def _refuse_if_handed_to_several(pick: FeatureMap, found: Survey, model_name: str) -> None:

@@ -237,6 +237,18 @@ class _Layouts:
                     return chosen.pop()
         return None
 
+    def grid_of(self, t: torch.Tensor):
+        """The grid ``t`` lies on where its readings disagree only on where its channels are ((N, 16, 16) on a
+        4x4 grid: tokens or a flattened map, either way 4x4): enough for a module's resolutions, not for FREM."""
+        layout = self.of(t)
+        if layout is not None:
+            return layout[1]
+        if t.is_floating_point() and t.dim() == self.rank - 1 >= 3 and t.shape[0] == self.batch:
+            grids = {g for length in (t.shape[1], t.shape[2]) for _, g in self._grids_of(length)}
+            if len(grids) == 1 and t.shape[1] == t.shape[2]:
+                return grids.pop()
+        return None
+
     def ambiguous(self, t: torch.Tensor) -> bool:
         """Both (N, C, *spatial) and (N, *spatial, C) read ``t`` as a map on a known grid (its channels and
         its grid's sides are alike: (2, 8, 8, 8)): its shape cannot tell where its channels are."""
@@ -476,21 +488,29 @@ def survey(model: nn.Module, example_input) -> Survey:
     grids = recorder.spatial_shapes | {tuple(t.shape[2:]) for t in images}
     layouts = _Layouts(result.rank, images[0].shape[0] if images else None, grids,
                        tuple(images[0].shape[2:]) if images else ())
-    for node, fmap in list(result.maps.items()):
-        layout = layouts.of(fmap.tensor)
+    for node, fmap in sorted(result.maps.items(), key=lambda item: item[1].order):
+        layout = _token_wise(fmap, recorder.made_by, result.maps) or layouts.of(fmap.tensor)
         if layout is None:
             del result.maps[node]  # attention matrices, window partitions, vectors: not feature maps
         else:
             fmap.dim, fmap.grid = layout
             fmap.ambiguous = layouts.ambiguous(fmap.tensor)
+    def layout_of(t):  # a map's resolved layout (a token-wise op's output inherits its input's), else read
+        fmap = result.maps.get(t.grad_fn) if t.grad_fn is not None else None
+        return (fmap.dim, fmap.grid) if fmap is not None and fmap.tensor is t else layouts.of(t)
+
+    def grid_of(t):
+        layout = layout_of(t)
+        return layout[1] if layout is not None else layouts.grid_of(t)
+
     for call in result.calls:
-        ins = [math.prod(lay[1]) for lay in map(layouts.of, call.inputs) if lay is not None]
-        outs = [math.prod(lay[1]) for lay in map(layouts.of, call.outputs) if lay is not None]
+        ins = [math.prod(grid) for grid in map(grid_of, call.inputs) if grid is not None]
+        outs = [math.prod(grid) for grid in map(grid_of, call.outputs) if grid is not None]
         call.input_resolutions, call.output_resolutions = tuple(ins), tuple(outs)
         call.inputs = call.outputs = ()  # read: let the tensors go with the survey's other references
     for node in recorder.shuffled:
         _mark_sub_pixel(result, recorder, node)
-    _add_sites(result, events, calls_by_name, layouts)
+    _add_sites(result, events, calls_by_name, layouts, layout_of)
     _build_graph(result, outputs, tensors, recorder.gate_edges)
     _prefer_live_consumers(result)
     result.made_by = recorder.made_by
@@ -498,6 +518,26 @@ def survey(model: nn.Module, example_input) -> Survey:
     result.extend(sorted((m for m in result.maps.values() if m.sites and m.distance is not None),
                          key=lambda m: m.order))
     return result
+
+
+# Act on the last dim alone, or on every element: the output keeps the token axis of its input tokens.
+TOKEN_WISE = {"linear", "gelu", "relu", "silu", "mish", "sigmoid", "tanh", "dropout", "layer_norm", "hardswish",
+              "__add__", "add", "__mul__", "mul", "clone", "contiguous"}
+
+
+def _token_wise(fmap: FeatureMap, made_by: dict, maps: dict):
+    """The layout a linear layer's output inherits from its input tokens (its positions are theirs): a ViT's MLP
+    widens (N, 1 + L, C) to (N, 1 + L, 4C), which read alone could pass for 1 + L channels on a grid of 4C
+    positions, finer than the tokens' (and then, wrongly, for a skip brought down to their resolution)."""
+    name, inputs = made_by.get(fmap.node, ("", []))
+    if name not in TOKEN_WISE:
+        return None
+    for node, shape in inputs:
+        source = maps.get(node)
+        if (source is not None and source.dim == -1 and source.grid and len(shape) == fmap.tensor.dim()
+                and tuple(shape[:-1]) == tuple(fmap.tensor.shape[:-1])):
+            return -1, source.grid
+    return None
 
 
 def _mark_pyramids(result: Survey) -> None:
@@ -555,7 +595,7 @@ def _mark_sub_pixel(result: Survey, recorder: _Recorder, node) -> None:
         node = same[0] if name in ELEMENTWISE_OPS and same else None
 
 
-def _add_sites(result: Survey, events, calls_by_name, layouts: _Layouts) -> None:
+def _add_sites(result: Survey, events, calls_by_name, layouts: _Layouts, layout_of) -> None:
     # A tensor at two entries of one module's output (or input) is an alias: FREM on one entry leaves the
     # other unscaled, and a model may read the other (SegFormer returns its last hidden state as
     # 'last_hidden_state' and inside 'hidden_states', which its decode head reads). Such sites go last.
@@ -566,7 +606,7 @@ def _add_sites(result: Survey, events, calls_by_name, layouts: _Layouts) -> None
                       for path in paths}
     for name, at, path, t, node in events:
         # A module called more than once has no single place for a hook.
-        layout = layouts.of(t) if node is not None and calls_by_name.get(name, 1) == 1 else None
+        layout = layout_of(t) if node is not None and calls_by_name.get(name, 1) == 1 else None
         if layout is None:
             continue
         fmap = result.maps.get(node)

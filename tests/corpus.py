@@ -22,6 +22,7 @@ from torch import nn
 
 import handwritten as hw
 import literature as lit
+import recent
 
 warnings.filterwarnings("ignore", category=UserWarning, module="monai")
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -74,6 +75,11 @@ def _torchvision(name):
     return lambda: getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=2)
 
 
+def _torchvision_aux(name):
+    from torchvision.models import segmentation
+    return lambda: getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=2, aux_loss=True)
+
+
 def _smp(arch, encoder, **kwargs):
     def build():
         import segmentation_models_pytorch as smp
@@ -116,6 +122,74 @@ def _timm_swinv2():
 def _timm_swin(**kwargs):
     return _timm("swin_tiny_patch4_window7_224", decoder=hw.ChannelsLastFeatureUNet, img_size=64, window_size=2,
                  embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), **kwargs)
+
+
+def _hf(model, config, **kwargs):
+    """A transformers model built from a tiny config of its own (random init: no weights are downloaded)."""
+    def build():
+        if not os.environ.get("CI"):
+            pytest.importorskip("transformers", reason='needs the hf extra: pip install -e ".[hf]"')
+        import transformers
+        options = dict(kwargs)
+        nested = {key: getattr(transformers, name)(**values) for key, (name, values) in options.pop("nested", {}).items()}
+        return getattr(transformers, model)(getattr(transformers, config)(**nested, **options))
+    return build
+
+
+def _swin(**kwargs):
+    return {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4, "image_size": 64,
+            "out_features": ["stage1", "stage2", "stage3", "stage4"], **kwargs}
+
+
+HF_VIT = {"image_size": 64, "patch_size": 16, "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
+          "intermediate_size": 64}
+
+
+def _resenc(dims=2, deep_supervision=False):
+    """nnU-Net's ResEnc preset shape (residual encoder, 1-3-4-6-6 blocks), tiny widths."""
+    def build():
+        if not os.environ.get("CI"):
+            pytest.importorskip("dynamic_network_architectures", reason='needs the nnunet extra: pip install -e ".[nnunet]"')
+        from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+        conv, norm = (nn.Conv2d, nn.InstanceNorm2d) if dims == 2 else (nn.Conv3d, nn.InstanceNorm3d)
+        n = 5 if dims == 2 else 4
+        return ResidualEncoderUNet(1, n, (4, 8, 16, 32, 32)[:n], conv, 3, (1, 2, 2, 2, 2)[:n], (1, 3, 4, 6, 6)[:n], 2,
+                                   (1,) * (n - 1), True, norm, {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU,
+                                   {"inplace": True}, deep_supervision=deep_supervision)
+    return build
+
+
+def _primus():
+    if not os.environ.get("CI"):
+        pytest.importorskip("dynamic_network_architectures", reason='needs the nnunet extra: pip install -e ".[nnunet]"')
+    from dynamic_network_architectures.architectures.primus import Primus
+    return Primus(1, 48, (8, 8, 8), 2, eva_depth=2, eva_numheads=2, input_shape=(32, 32, 32))
+
+
+def _cellpose_sam():
+    """Cellpose 4's Cellpose-SAM, its SAM ViT-L encoder built tiny (the same class, random init)."""
+    if not os.environ.get("CI"):
+        pytest.importorskip("cellpose.vit", reason='needs Cellpose 4: pip install -e ".[cellpose]"')
+    from cellpose import vit
+    from segment_anything.modeling import ImageEncoderViT
+
+    class TinySam:
+        def __init__(self, _checkpoint):
+            self.image_encoder = ImageEncoderViT(img_size=1024, patch_size=16, embed_dim=32, depth=2, num_heads=2,
+                                                 out_chans=16, window_size=0, global_attn_indexes=())
+    registry = dict(vit.sam_model_registry)
+    vit.sam_model_registry["vit_l"] = TinySam
+    try:
+        return vit.CPSAM(ps=8, nout=3, bsize=64)
+    finally:
+        vit.sam_model_registry.clear()
+        vit.sam_model_registry.update(registry)
+
+
+def _cellpose_cpnet():
+    """Cellpose 3's CPnet (its U-Net): only where Cellpose 3 is installed (.ci/run's side venv)."""
+    resnet_torch = pytest.importorskip("cellpose.resnet_torch", reason='needs Cellpose 3: pip install "cellpose>=3,<4"')
+    return resnet_torch.CPnet(nbase=[2, 8, 16, 24, 32], nout=3, sz=3)
 
 
 LAST = " (channels in dim -1)"  # a site whose channels are last: (N, H, W, C) maps, (N, L, C) tokens
@@ -292,6 +366,112 @@ CASES = {
     "timm-repvit-unet": Case(_timm("repvit_m1"), lambda: x2d(64), SMP, "channel-expanding blocks"),
     "timm-hgnetv2-unet": Case(_timm("hgnetv2_b0"), lambda: x2d(64), SMP, "concatenation"),
     "timm-coatnet-unet": Case(_timm("coatnet_nano_rw_224", img_size=64), lambda: x2d(64), SMP, "transformer"),
+    # ---- issue 35: the library models people train now, built from their configs; and the kinds of network
+    # where FREM ran without its effect reaching the loss, or frem refused clear structure
+    # transformers: semantic heads over MiT, ConvNeXt, Swin and ViT; instance and universal heads over Swin and
+    # ResNet backbones. SegFormer returns its last hidden state twice (as last_hidden_state, and in the
+    # hidden_states its head reads): the stage's own output is the site, the returned entry is refused.
+    "hf-segformer": Case(_hf("SegformerForSemanticSegmentation", "SegformerConfig", num_labels=3,
+                             hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2],
+                             decoder_hidden_size=32), lambda: x2d(64, 3), ("segformer.stages.3 output",),
+                         "returned twice"),
+    "hf-upernet-convnext": Case(_hf("UperNetForSemanticSegmentation", "UperNetConfig", num_labels=3,
+                                    hidden_size=16, use_auxiliary_head=True, auxiliary_in_channels=24,
+                                    auxiliary_channels=16, nested={"backbone_config": ("ConvNextConfig", {
+                                        "hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1],
+                                        "out_features": ["stage1", "stage2", "stage3", "stage4"]})}),
+                                lambda: x2d(64, 3), ("backbone output['feature_maps'][-1]",), "library"),
+    "hf-upernet-swin": Case(_hf("UperNetForSemanticSegmentation", "UperNetConfig", num_labels=3, hidden_size=16,
+                                use_auxiliary_head=False, nested={"backbone_config": ("SwinConfig", _swin())}),
+                            lambda: x2d(64, 3), ("backbone output['feature_maps'][-1]",), "transformer"),
+    "hf-dpt-vit": Case(_hf("DPTForSemanticSegmentation", "DPTConfig", num_labels=3, **HF_VIT,
+                           backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 24, 32],
+                           fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5], use_auxiliary_head=False),
+                       lambda: x2d(64, 3), ("dpt.encoder.layer.3 output" + LAST,), "transformer"),
+    "hf-beit": Case(_hf("BeitForSemanticSegmentation", "BeitConfig", num_labels=3, **HF_VIT, out_indices=[1, 2, 3, 4],
+                        use_auxiliary_head=False, pool_scales=[1, 2]), lambda: x2d(64, 3),
+                    ("fpn input[0][-1]",), "transformer"),
+    # measured: the deepest map max-pooled by the neck's last op, or that op's input (scaling commutes with it)
+    "hf-data2vec-vision": Case(_hf("Data2VecVisionForSemanticSegmentation", "Data2VecVisionConfig", num_labels=3,
+                                   **HF_VIT, out_indices=[1, 2, 3, 4], use_auxiliary_head=False, pool_scales=[1, 2]),
+                               lambda: x2d(64, 3), ("fpn4 input[0]",), "transformer",
+                               measured=("fpn4 output", "fpn4 input[0]")),
+    "hf-maskformer-swin": Case(_hf("MaskFormerForInstanceSegmentation", "MaskFormerConfig", num_labels=3,
+                                   fpn_feature_size=32, mask_feature_size=32, nested={
+                                       "backbone_config": ("SwinConfig", _swin()),
+                                       "decoder_config": ("DetrConfig", {
+                                           "d_model": 32, "encoder_layers": 1, "decoder_layers": 1,
+                                           "decoder_attention_heads": 2, "encoder_attention_heads": 2,
+                                           "decoder_ffn_dim": 32, "encoder_ffn_dim": 32, "num_queries": 16})}),
+                               lambda: x2d(64, 3), ("model.pixel_level_module.encoder output['feature_maps'][-1]",),
+                               "returned twice"),
+    "hf-mask2former-swin": Case(_hf("Mask2FormerForUniversalSegmentation", "Mask2FormerConfig", num_labels=3,
+                                    hidden_dim=32, num_queries=16, encoder_layers=1, decoder_layers=2,
+                                    mask_feature_size=32, feature_size=32, dim_feedforward=64,
+                                    encoder_feedforward_dim=64, num_attention_heads=2,
+                                    nested={"backbone_config": ("SwinConfig", _swin())}),
+                                lambda: x2d(64, 3), ("model.pixel_level_module.encoder output['feature_maps'][-1]",),
+                                "object queries"),
+    "hf-mask2former-resnet": Case(_hf("Mask2FormerForUniversalSegmentation", "Mask2FormerConfig", num_labels=3,
+                                      hidden_dim=32, num_queries=16, encoder_layers=1, decoder_layers=2,
+                                      mask_feature_size=32, feature_size=32, dim_feedforward=64,
+                                      encoder_feedforward_dim=64, num_attention_heads=2, nested={
+                                          "backbone_config": ("ResNetConfig", {
+                                              "embedding_size": 8, "hidden_sizes": [8, 16, 24, 32],
+                                              "depths": [1, 1, 1, 1], "layer_type": "basic",
+                                              "out_features": ["stage1", "stage2", "stage3", "stage4"]})}),
+                                  lambda: x2d(64, 3), ("model.pixel_level_module.encoder output['feature_maps'][-1]",),
+                                  "object queries"),
+    # a DeepLabV3 head (ASPP) on a MobileViT: no decoder, no bottleneck in the paper's sense
+    "hf-mobilevit-deeplab": Case(_hf("MobileViTForSemanticSegmentation", "MobileViTConfig", num_labels=3,
+                                     image_size=64, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
+                                     aspp_out_channels=16), lambda: x2d(64, 3), (), "head at the lowest resolution"),
+    # torchvision's segmentation models with their auxiliary heads (on the backbone's layer3, in training)
+    "torchvision-deeplabv3-aux": Case(_torchvision_aux("deeplabv3_resnet50"), lambda: x2d(64, 3),
+                                      ("backbone output['out']",), "head at the lowest resolution"),
+    "torchvision-fcn-aux": Case(_torchvision_aux("fcn_resnet50"), lambda: x2d(64, 3), ("backbone output['out']",),
+                                "head at the lowest resolution"),
+    "torchvision-deeplabv3-mobilenet": Case(_torchvision_aux("deeplabv3_mobilenet_v3_large"), lambda: x2d(64, 3),
+                                            ("backbone output['out']",), "head at the lowest resolution"),
+    # nnU-Net's residual encoder presets and its Primus transformer (no skips: refused by name, with the reason)
+    "nnunet-resenc-2d": Case(_resenc(2), lambda: x2d(64), ("encoder.stages.4 output",), "library"),
+    "nnunet-resenc-3d-deep-supervision": Case(_resenc(3, True), lambda: x3d(32), ("encoder.stages.3 output",),
+                                              "side branch"),
+    "nnunet-primus-3d": Case(_primus, lambda: x3d(32), (), "no skip connections"),
+    # Cellpose: CPnet's style vector is a pool whose kernel is the whole map (global context, not the
+    # bottleneck); Cellpose-SAM has no decoder and no skips (refused by name)
+    "cellpose-cpnet": Case(_cellpose_cpnet, lambda: x2d(64, 2), ("downsample output[-1]",), "global pool by kernel"),
+    "cellpose-sam": Case(_cellpose_sam, lambda: x2d(64, 3), (), "no skip connections"),
+    "cpnet-like": Case(recent.CPnetLike, x2d, ("downs.2 output",), "global pool by kernel"),
+    # MONAI networks the corpus lacked: the diffusion U-Net (known by name: its middle block), AHNet, SwinUNETR v2,
+    # 3-D attention U-Net, SegResNetDS and BasicUNet in 3-D
+    "monai-diffusion-unet": Case(_monai("DiffusionModelUNet", spatial_dims=2, in_channels=1, out_channels=1,
+                                        num_res_blocks=1, channels=(8, 16, 16), attention_levels=(False, False, True),
+                                        norm_num_groups=8, num_head_channels=8),
+                                 lambda: (x2d(32), torch.randint(0, 1000, (2,))), ("middle_block output",),
+                                 "library"),
+    "monai-ahnet-2d": Case(_monai("AHNet", spatial_dims=2, in_channels=1, out_channels=2, layers=(1, 1, 1, 1)),
+                           lambda: x2d(128), ("layer4 output",), "library"),
+    "monai-swinunetr-v2": Case(_monai("SwinUNETR", in_channels=1, out_channels=2, feature_size=12, spatial_dims=2,
+                                      depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), use_v2=True), lambda: x2d(64),
+                               ("encoder10 output",), "transformer"),
+    "monai-attention-unet-3d": Case(_monai("AttentionUnet", 3, 1, 2, channels=(4, 8, 16), strides=(2, 2)), x3d,
+                                    (MONAI_UNET_3D,), "attention gates"),
+    "monai-segresnetds-3d": Case(_monai("SegResNetDS", spatial_dims=3, init_filters=4, in_channels=1, out_channels=2,
+                                        blocks_down=(1, 1, 1)), x3d, ("encoder output[-1]",), "library"),
+    "monai-basicunet-3d": Case(_monai("BasicUNet", 3, 1, 2, features=(4, 4, 8, 16, 32, 4)), lambda: x3d(32),
+                               ("down_4 output",), "library"),
+    # hand-written kinds of the literature (tests/recent.py)
+    "timm-transunet": Case(recent.TimmTransUNet, lambda: x2d(64), ("fold output", "fold input[0]"),
+                           "library encoder inside"),
+    "ternausnet": Case(recent.TernausNet, x2d, ("center input[0]",), "nested consumers"),
+    "hardnet-mseg": Case(recent.HarDNetMSEG, lambda: x2d(64), ("stages.3 output",), "context block"),
+    # a MiT-like token stage whose blocks widen their tokens 4x in an MLP (a 4C that is a finer grid's size): the
+    # widened tokens are the block's inside, at the tokens' grid, not a finer map
+    "token-stage": Case(recent.TokenStageNet, lambda: x2d(64), ("up input[0]", "norm output" + LAST),
+                        "tokens"),
+    "monai-unetr-3d": Case(_monai("UNETR", 1, 2, img_size=(32, 32, 32), feature_size=4, hidden_size=48, mlp_dim=96,
+                                  num_heads=4, spatial_dims=3), lambda: x3d(32), ("decoder5 input[0]",), "transformer"),
 }
 
 # Where the measured rule alone refuses, each with a phrase of its reason: a structure it cannot read
@@ -303,13 +483,33 @@ MEASURED_REFUSALS = {
     # UNETR: its ViT's hidden states are token maps at the patch grid, each feeding a decoder path of its own
     "monai-unetr": "lie on parallel paths", "smp-pan-resnet": AS_WIDE, "timm-vit-dpt": AS_WIDE,
     "smp-dpt-vit": AS_WIDE,
-    "torchvision-deeplabv3": NARROWER, "torchvision-fcn": NARROWER, "smp-deeplabv3-resnet": NARROWER,
+    # DeepLabV3's ASPP is a context block over the backbone's map, so the backbone's map is the pick, and no
+    # decoder follows it: a head at the lowest resolution
+    "torchvision-deeplabv3": "nothing with weights works at a higher resolution", "torchvision-fcn": NARROWER,
+    "smp-deeplabv3-resnet": "nothing with weights works at a higher resolution",
     "flat-projection": NARROWER,
     "smp-pspnet-resnet": "nothing with weights works at a higher resolution",
     "two-encoders": "lie on parallel paths",
     "monai-highresnet": "never lowers the resolution", "no-downsampling": "never lowers the resolution",
     "unext": NARROWER, "monai-dints-2d": "lie on parallel paths", "hrnet-like": "lie on parallel paths",
+    # issue 35's: names settle what structure leaves open (a ViT's hidden states feed a neck of their own, a
+    # backbone's maps feed a pixel decoder beside object queries); without a decoder, nothing to pick
+    "hf-dpt-vit": AS_WIDE, "hf-beit": AS_WIDE, "monai-unetr-3d": AS_WIDE,
+    "hf-mask2former-swin": "lie on parallel paths", "hf-mask2former-resnet": "lie on parallel paths",
+    "hf-mobilevit-deeplab": "nothing with weights works at a higher resolution", "monai-diffusion-unet": AS_WIDE,
+    "torchvision-deeplabv3-aux": "nothing with weights works at a higher resolution",
+    "torchvision-fcn-aux": "nothing with weights works at a higher resolution",
+    "torchvision-deeplabv3-mobilenet": "nothing with weights works at a higher resolution",
 }
+
+
+# Refused by name, with the reason (no decoder or no skip connections: the paper's premise does not apply).
+NAMED_REFUSALS = {"nnunet-primus-3d": "no skip connections", "cellpose-sam": "no skip connections"}
+
+
+def layout(text: str) -> int:
+    """The channel dim a corpus site text says: -1 where it ends in ``LAST``, else 1."""
+    return -1 if text.endswith(LAST) else 1
 
 
 def resolve(found, text: str):
@@ -322,4 +522,15 @@ def resolve(found, text: str):
     entry = tuple(ast.literal_eval(key) for key in re.findall(r"\[([^\]]+)\]", rest))
     if at == "output" and layer in found.module_outputs:
         return found.maps.get(get_entry(found.module_outputs[layer], entry).grad_fn)
-    return next((m for m in found.maps.values() for s in m.sites if s.describe() in (text, full)), None)
+    exact = next((m for m in found.maps.values() for s in m.sites if s.describe() in (text, full)), None)
+    if exact is not None or not any(isinstance(key, int) and key < 0 for key in entry):
+        return exact
+    # a negative index into an input's list, counted from its end over the entries the survey saw
+    sites = [(m, s) for m in found.maps.values() for s in m.sites
+             if s.layer == layer and s.at == at and s.entry and len(s.entry) == len(entry)]
+    for m, s in sites:
+        if all(key == got or (isinstance(key, int) and key < 0 and got == 1 + key + max(
+                o.entry[i] for _, o in sites if o.entry[:i] == s.entry[:i] and isinstance(o.entry[i], int)))
+               for i, (key, got) in enumerate(zip(entry, s.entry))):
+            return m
+    return None
