@@ -67,7 +67,7 @@ check frem/seg/metrics.py 'reduction="none", zero_division=math.nan)' \
   'reduction="none", zero_division=math.nan) * 0 + tp / (tp + fp)' "tests/test_metrics.py"
 check frem/seg/metrics.py 'present = [v for v in iou.values() if not math.isnan(v)]' \
   'present = [0.0 if math.isnan(v) else v for v in iou.values()]' "tests/test_metrics.py"
-check frem/hooks.py '            self.entry = deepest_entry(value)' '            self.entry = (list(value)[-1],) if isinstance(value, dict) else (-1,)' \
+check frem/hooks.py '            self.entry = deepest_entry(value, self.frem.dim)' '            self.entry = (list(value)[-1],) if isinstance(value, dict) else (-1,)' \
   "tests/test_networks.py -k several_maps"
 # Code that runs once per process (the op's registration, loading Triton): mutmut ties it to the
 # first test that happened to trigger it, so its mutants are checked here against the tests that use it.
@@ -119,13 +119,50 @@ check frem/seg/tune.py 'direction="maximize"' 'direction="minimize"' "tests/test
 check frem/seg/tune.py '        return metrics["best_val_miou"]' \
   '        return [r for r in metrics["history"] if "val_miou" in r][-1]["val_miou"]' \
   "tests/test_tune.py tests/test_search.py"
-check frem/seg/tune.py 'trial.suggest_float("X", *X_RANGE, log=True)' 'trial.suggest_float("X", *X_RANGE)' \
-  "tests/test_tune.py tests/test_search.py"
+check frem/search.py 'trial.suggest_float(f"{prefix}X", *X_RANGE, log=True)' 'trial.suggest_float(f"{prefix}X", *X_RANGE)' \
+  "tests/test_search_helper.py tests/test_search.py"
 # Evaluation and prediction:
 check frem/seg/predict.py 'r0, c0 = max(top - margin, 0), max(left - margin, 0)' 'r0, c0 = top, left' \
   "tests/test_evaluation.py tests/test_robustness.py"
 check frem/seg/evaluate.py 'model.train(was_training)' 'model.train(True)' "tests/test_evaluation.py tests/test_train.py"
 # Files:
 check frem/seg/checkpoint.py '        Path(tmp).unlink(missing_ok=True)' '        pass' "tests/test_checkpoint.py tests/test_robustness.py"
+# Issue 35 (7): each one-line bug of the dim=-1 paths; and the functional pool stood for by a source read twice.
+check frem/module.py 'y = scale_channels(x.float(), self.scale, self.dim).clamp(' \
+  'y = scale_channels(x.float(), self.scale).clamp(' "tests/test_mixed_precision.py"
+check frem/search.py '**{k: attach_kwargs[k] for k in ("at", "entry", "dim") if k in attach_kwargs})' \
+  '**{k: attach_kwargs[k] for k in ("at", "entry") if k in attach_kwargs})' "tests/test_search_helper.py"
+check frem/diagnostics.py 'record(get_entry(value, entry or ()).detach(), site.dim)' \
+  'record(get_entry(value, entry or ()).detach(), 1)' "tests/test_diagnostics.py"
+check frem/hooks.py 'self.entry = deepest_entry(value, self.frem.dim)' 'self.entry = deepest_entry(value)' \
+  "tests/test_hooks.py"
+check frem/survey.py 'site = Site(name, at, path, int(t.shape[layout[0]]), layout[0])' \
+  'site = Site(name, at, path, int(t.shape[1]), 1)' "tests/test_networks.py"
+check frem/rule.py 'if source is None or source.site is None or found.children.get(source.node, []) != [m.node]:' \
+  'if source is None or source.site is None:' "tests/test_networks.py"
+# Issue 35 (1) and 36: the reach check, the copies' own state, the alarms, the search that never repeats itself.
+check frem/reach.py '    if itself and not around:' '    if itself:' "tests/test_reach.py"
+check frem/reach.py '    if not reached and _changes_outputs(' '    if False and _changes_outputs(' "tests/test_reach.py"
+check frem/module.py '        for name in STATE:
+            self.__dict__[name] = fn(self.__dict__[name])' '' "tests/test_module.py tests/test_model_operations.py"
+check frem/module.py '        if in_functorch_transform(x):  # torch.func.grad / vmap / functional_call under them' \
+  '        if False:' "tests/test_copies.py"
+check frem/module.py '        new._counts, new._float16_steps = _fresh_counters(), 0' '        new._float16_steps = 0' \
+  "tests/test_copies.py"
+check frem/module.py '        for name in ("calls", "capped", "overflowed"):
+            new.__dict__[name] = torch.zeros_like(new.__dict__[name])' '' "tests/test_copies.py"
+check frem/module.py '                or self._longest_draw >= STALE_DRAW_STEPS):' '                or self._resampled):' \
+  "tests/test_model_operations.py tests/test_module.py"
+check frem/monitor.py '        idle["grads"], idle["paused"] = 0, False' '        idle["grads"] = 0' "tests/test_monitor.py"
+check frem/monitor.py 'self.handles = [p().register_post_accumulate_grad_hook(_Trained(frem._idle)) for p in self.params]' \
+  'self.handles = []' "tests/test_monitor.py"
+check frem/hooks.py '        module._idle["paused"] = True  # an epoch that had FREM off by choice is not an idle FREM' '' \
+  "tests/test_monitor.py"
+check frem/hooks.py '    modules = every_frem(model)' '    modules = [m for m in unwrap(model).modules() if isinstance(m, FREM)]' \
+  "tests/test_monitor.py"
+check frem/search.py '                if not _taken(study, trial, {**trial.params, name: value}):' '                if True:' \
+  "tests/test_search_helper.py"
+check frem/search.py '                    seed=(int(seed) * 1_000_003 + trial.number * 101 + attempt) % 2**32, **tpe_kwargs)' \
+  '                    seed=(int(seed) + attempt) % 2**32, **tpe_kwargs)' "tests/test_search_helper.py"
 echo "$killed killed, $survived survived"
 exit "$survived"

@@ -472,6 +472,8 @@ CASES = {
                         "tokens"),
     "monai-unetr-3d": Case(_monai("UNETR", 1, 2, img_size=(32, 32, 32), feature_size=4, hidden_size=48, mlp_dim=96,
                                   num_heads=4, spatial_dims=3), lambda: x3d(32), ("decoder5 input[0]",), "transformer"),
+    # the deepest map pooled by code from a map that is also the skip: no site, and no stand-in (SegNet's is one)
+    "pool-read-twice": Case(recent.PoolReadTwice, x2d, (), "pool indices"),
 }
 
 # Where the measured rule alone refuses, each with a phrase of its reason: a structure it cannot read
@@ -492,6 +494,7 @@ MEASURED_REFUSALS = {
     "two-encoders": "lie on parallel paths",
     "monai-highresnet": "never lowers the resolution", "no-downsampling": "never lowers the resolution",
     "unext": NARROWER, "monai-dints-2d": "lie on parallel paths", "hrnet-like": "lie on parallel paths",
+    "pool-read-twice": "no module boundary on the main path",
     # issue 35's: names settle what structure leaves open (a ViT's hidden states feed a neck of their own, a
     # backbone's maps feed a pixel decoder beside object queries); without a decoder, nothing to pick
     "hf-dpt-vit": AS_WIDE, "hf-beit": AS_WIDE, "monai-unetr-3d": AS_WIDE,

@@ -181,3 +181,21 @@ class TokenStageNet(nn.Module):
             tokens = block(tokens, (h, w))
         deep = self.norm(tokens).transpose(1, 2).reshape(n, c, h, w)
         return self.head(self.dec(torch.cat([self.up(deep), skip], 1)))
+
+
+class PoolReadTwice(nn.Module):
+    """The deepest map made by a pool in the forward (no module hands it over) of an encoder map that is also the
+    decoder's skip: FREM cannot act on the pooled map, and its source is no stand-in (scaling it would scale
+    the skip too)."""
+
+    def __init__(self, w=8):
+        super().__init__()
+        self.enc1, self.enc2 = cbr(1, w), cbr(w, 2 * w)
+        self.dec = cbr(4 * w, w)
+        self.head = nn.Conv2d(w, 2, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(F.max_pool2d(e1, 2))
+        deep = F.interpolate(F.max_pool2d(e2, 2), scale_factor=2)  # pooled and brought back up by code
+        return self.head(F.interpolate(self.dec(torch.cat([deep, e2], 1)), scale_factor=2))

@@ -187,4 +187,10 @@ def test_a_deep_copy_of_a_model_holds_its_own_frem_and_a_frem_copied_alone_is_de
     assert copied._target_ref() is twin.middle and copied._root_ref() is twin and int(copied.calls) == 0
     alone = copy.deepcopy(handle)
     assert not alone.applied_by_hook and alone._root_ref is None
+    with pytest.warns(RuntimeWarning, match="gradients off"), torch.no_grad():
+        net.train()(torch.randn(2, 1, 16, 16))  # a train-mode pass without gradients, said and counted
+    later = copy.deepcopy(net)
+    assert frem.status(net)[0].nograd == 1 and frem.status(later)[0].nograd == 0  # the copy made none
+    with pytest.warns(RuntimeWarning, match="gradients off"), torch.no_grad():
+        later.train()(torch.randn(2, 1, 16, 16))  # and says it for itself
     assert frem.detach(twin) == 1 and frem.attached(net) == [handle]

@@ -190,3 +190,36 @@ def test_an_example_input_that_is_not_a_batch_is_one_line_naming_it():
     for bad in ("a string", __import__("numpy").zeros((1, 1, 16, 16), "float32")):
         with pytest.raises(TypeError, match=r"^example_input must be one batch"):
             Premise(HandUNet(), bad)
+
+
+def test_the_enhanced_and_other_channels_of_a_channels_last_bottleneck_are_split_along_its_channels():
+    """A FREM on (N, H, W, C) tokens: the premise's per-channel means run along dim -1, not over rows."""
+    class NHWC(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+            self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+            self.mix = nn.Linear(8, 12)
+            self.up = nn.ConvTranspose2d(12, 8, 2, stride=2)
+            self.head = nn.Conv2d(16, 2, 1)
+
+        def forward(self, x):
+            e = self.enc(x)
+            deep = self.mix(self.down(e).permute(0, 2, 3, 1))
+            return self.head(torch.cat([self.up(deep.permute(0, 3, 1, 2)), e], 1))
+
+    torch.manual_seed(0)
+    net, x = NHWC(), torch.randn(3, 1, 16, 24)
+    handle = frem.attach(net, "mix", B=4, X=100.0, example_input=x)
+    premise = Premise(net, x)
+    with torch.no_grad():
+        deep = net.eval().mix(net.down(net.enc(x)).permute(0, 2, 3, 1))  # eval: the bare features
+        with premise.recording():
+            net.train()(x)
+    per_channel = deep.abs().mean((0, 1, 2))  # (12,): over N, H, W
+    chosen = torch.zeros(12, dtype=torch.bool)
+    chosen[handle.channels] = True
+    stats = premise.summary()
+    assert handle.dim == -1 and premise.bottleneck.dim == -1
+    assert stats["enhanced"] == pytest.approx(float(per_channel[chosen].mean()), rel=1e-5)
+    assert stats["other"] == pytest.approx(float(per_channel[~chosen].mean()), rel=1e-5)

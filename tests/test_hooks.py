@@ -9,6 +9,7 @@ import timm
 import torch
 from models import HandUNet, tiny_unet
 from torch import nn
+from torch.nn import functional as F
 
 import frem
 
@@ -562,3 +563,22 @@ def test_a_dict_example_input_for_a_forward_that_takes_one_dict_says_how_to_pass
                                         r"pass example_input=\(batch,\)"):
         frem.attach(model, "bottleneck", B=2, X=5.0, example_input=batch)
     assert frem.attach(model, "bottleneck", B=2, X=5.0, example_input=(batch,)).layer == "net.middle"
+
+
+def test_a_layer_returning_channels_last_maps_gets_its_deepest_one_without_entry():
+    """A named layer that returns a list of (N, H, W, C) maps, dim=-1 and no entry=: FREM takes the deepest map
+    (lowest H x W, most channels) read along its last dim."""
+    class Pyramid(nn.Module):
+        def forward(self, x):
+            return [x.permute(0, 2, 3, 1), F.avg_pool2d(x, 2).permute(0, 2, 3, 1).repeat(1, 1, 1, 2)]
+
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), Pyramid())
+    handle = frem.attach(model, "1", B=2, X=10.0, dim=-1)
+    x = torch.randn(2, 1, 8, 16)
+    with torch.no_grad():
+        fine, deep = model.train()(x)
+        bare_fine, bare_deep = model.eval()(x)
+    assert handle.num_channels == 12 and torch.equal(fine, bare_fine)  # the 4x8x12 map, not the 8x16x6 one
+    scale = torch.ones(12)
+    scale[handle.channels] = 10.0
+    assert torch.allclose(deep, bare_deep * scale)

@@ -194,3 +194,14 @@ def test_bfloat16_and_float32_need_no_cap():
         y = module(torch.full((1, 2, 2, 2), 1.0, dtype=dtype))
         assert y.dtype == dtype and y.max() == torch.tensor(1e6, dtype=dtype)
     assert int(module.capped) == 0
+
+
+def test_float16_channels_last_is_scaled_along_its_channels():
+    """The float16 path (capped at its maximum) scales the channels in dim -1 as the float32 path does."""
+    module = frem.FREM(3, 4.0, dim=-1).train()
+    x = torch.randn(2, 5, 6, 8).half()  # (N, H, W, C): channels last, H and W unlike C
+    y = module(x)
+    scale = torch.ones(8)
+    scale[module.channels] = 4.0
+    assert module.num_channels == 8 and y.dtype == torch.float16
+    assert torch.equal(y, (x.float() * scale).half())

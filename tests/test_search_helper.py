@@ -9,6 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from torch import nn
 from models import HandUNet
 
 import frem
@@ -197,3 +198,20 @@ def test_a_sqlite_url_keeps_a_folder_name_as_it_is(tmp_path):
     for name in ("runs %41", "runs ?mode=ro", "a#b"):
         path = tmp_path / name / "study.db"
         assert make_url(frem.search.sqlite_url(path)).database == str(path)
+
+
+def test_a_channels_last_layers_width_is_its_last_dim():
+    """B's bound is the channel count in dim -1 of an (N, H, W, C) map, not its height."""
+    class ChannelsLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+            self.mix = nn.Linear(8, 12)
+            self.up = nn.ConvTranspose2d(12, 2, 2, stride=2)
+
+        def forward(self, x):
+            return self.up(self.mix(self.down(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+    _, trial = a_trial()
+    (handle,) = frem.search.attach_trial(ChannelsLast(), trial, "mix", example_input=torch.randn(1, 1, 16, 32))
+    assert trial.distributions["B"].high == 12 and handle.dim == -1  # not 8 (H) or 16 (W)
