@@ -156,3 +156,43 @@ def test_workers_starting_together_on_a_new_database_all_get_the_study(postgres_
     for process in processes:
         process.join(timeout=60)
     assert outcomes == [("ok", 0)] * 4, outcomes
+
+
+OWN_LOOP_WORKER = """
+import os, signal, sys, time
+import frem.search
+study = frem.search.create_study(sys.argv[1], "own", seed=0, heartbeat=1)
+def objective(trial):
+    setting = frem.search.suggest(trial, 32)
+    if sys.argv[2] == "die":
+        trial.report(0.25, 0)
+        os.kill(os.getpid(), signal.SIGKILL)  # killed mid-trial, as a lost machine would be
+    time.sleep(0.3)
+    return -abs(setting["B"] - 8)
+study.optimize(objective, n_trials=int(sys.argv[3]))
+"""
+
+
+def test_a_users_own_search_on_postgresql_retries_a_killed_workers_trial_and_never_repeats(postgres_url, tmp_path):
+    """frem.search.create_study in a user's own loop, on a PostgreSQL server: a worker killed mid-trial leaves its
+    trial running; the next workers fail it and run it again with its setting; two workers at once draw settings
+    of their own."""
+    import optuna
+    from optuna.trial import TrialState
+    url = new_database(postgres_url, "own")
+    killed = subprocess.run([sys.executable, "-c", OWN_LOOP_WORKER, url, "die", "1"], capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    (dead,) = optuna.load_study(study_name="own", storage=url).trials
+    assert dead.state == TrialState.RUNNING
+    time.sleep(2.5)  # two missed heartbeats
+    workers = [subprocess.Popen([sys.executable, "-c", OWN_LOOP_WORKER, url, "live", "3"], stderr=subprocess.PIPE,
+                                text=True) for _ in range(2)]
+    for worker in workers:
+        assert worker.wait(timeout=300) == 0, worker.stderr.read()[-2000:]
+    trials = optuna.load_study(study_name="own", storage=url).trials
+    assert trials[0].state == TrialState.FAIL
+    retried = [t for t in trials[1:] if t.params == dead.params]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE and retried[0].intermediate_values == {0: 0.25}
+    settings = [tuple(sorted(t.params.items())) for t in trials[1:]]
+    assert len(trials) == 7 and len(set(settings)) == 6  # the retry and five new settings, none twice
