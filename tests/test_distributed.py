@@ -79,7 +79,7 @@ def test_under_ddp_each_rank_counts_its_calls_and_a_channels_last_frem_enhances_
     expected = frem.select_channels(16, 5, 3, 1).tolist()
     for result in ranks:
         (row,) = result["status"]
-        assert row == ("0", "output", 5, 30.0, 16, -1, "random", 3, 1, 4, 0)  # 3 steps + the probe call
+        assert row == ("0", "output", 5, 30.0, 16, -1, "random", 3, 1, 4, 0, 0, "yes")  # 3 steps + the probe call
         assert result["channels"] == expected
         scale = torch.ones(16)
         scale[expected] = 30.0

@@ -84,6 +84,9 @@ def instant_training(config, data, on_validation=None):
 class Data:
     in_channels, classes = 1, ("a", "b", "c", "d")
 
+    def announce(self):  # the held-out split's line: nothing held out here
+        pass
+
 
 def run(tmp_path, monkeypatch, scores, pruner, trials=6, epochs=4, val_every=1, validations=None):
     seen = []
