@@ -166,10 +166,28 @@ def _primus():
     return Primus(1, 48, (8, 8, 8), 2, eva_depth=2, eva_numheads=2, input_shape=(32, 32, 32))
 
 
+def _cellpose(major: int):
+    """Skip where Cellpose ``major`` is not the one installed (3 and 4 cannot share an environment: .ci/run runs
+    each where it is); fail where FREM_CELLPOSE names this version (the environment CI set up for it) or CI
+    has no Cellpose at all."""
+    try:
+        from cellpose import version
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail('CI must have Cellpose: pip install -e ".[cellpose]"')
+        pytest.skip(f'needs Cellpose {major}: ' + ('pip install -e ".[cellpose]"' if major == 4
+                                                   else 'pip install "cellpose>=3,<4"'))
+    installed = int(str(getattr(version, "version", version)).split(".")[0])
+    if installed != major:
+        reason = f"needs Cellpose {major} (here {installed})"
+        if os.environ.get("FREM_CELLPOSE") == str(major):
+            pytest.fail(f"this environment must have {reason}")
+        pytest.skip(reason)
+
+
 def _cellpose_sam():
     """Cellpose 4's Cellpose-SAM, its SAM ViT-L encoder built tiny (the same class, random init)."""
-    if not os.environ.get("CI"):
-        pytest.importorskip("cellpose.vit", reason='needs Cellpose 4: pip install -e ".[cellpose]"')
+    _cellpose(4)
     from cellpose import vit
     from segment_anything.modeling import ImageEncoderViT
 
@@ -188,7 +206,8 @@ def _cellpose_sam():
 
 def _cellpose_cpnet():
     """Cellpose 3's CPnet (its U-Net): only where Cellpose 3 is installed (.ci/run's side venv)."""
-    resnet_torch = pytest.importorskip("cellpose.resnet_torch", reason='needs Cellpose 3: pip install "cellpose>=3,<4"')
+    _cellpose(3)
+    from cellpose import resnet_torch
     return resnet_torch.CPnet(nbase=[2, 8, 16, 24, 32], nout=3, sz=3)
 
 
