@@ -145,12 +145,16 @@ def test_a_small_space_is_drawn_again_before_a_setting_repeats():
 
 
 KILLED = """
-import os, signal, sys
+import os, signal, sys, time
 import frem.search
 study = frem.search.create_study(sys.argv[1], "s", seed=0, heartbeat=1)
 def dies(trial):
     frem.search.suggest(trial, 32)
     trial.report(0.5, 0)
+    # Optuna fails a dead worker's trial by its last heartbeat, which its thread writes as the
+    # trial starts; a worker killed before that write leaves no heartbeat, and a running trial
+    # without one is never failed. Real training lasts; here, give the thread its moment.
+    time.sleep(1.5)
     os.kill(os.getpid(), signal.SIGKILL)  # killed mid-trial
 study.optimize(dies, n_trials=1)
 """
@@ -162,7 +166,7 @@ def test_a_killed_workers_trial_is_retried_with_its_setting_by_the_next_worker(t
     assert killed.returncode == -9
     (dead,) = optuna.load_study(study_name="s", storage=url).trials
     assert dead.state == optuna.trial.TrialState.RUNNING  # left running: no one said otherwise
-    time.sleep(2.5)  # two missed heartbeats
+    time.sleep(3.5)  # past the 2 s grace, counted in SQLite's whole seconds
     seen = []
     study = frem.search.create_study(url, "s", seed=0, heartbeat=1)
     study.optimize(lambda trial: seen.append(frem.search.suggest(trial, 32)) or 1.0, n_trials=1)
