@@ -23,7 +23,7 @@ from frem.bottleneck import CONTAINERS, BottleneckNotFound, _known_map, locate_b
 from frem.compile_guard import ensure_hook_guards
 from frem.module import FREM, in_functorch_transform
 from frem.monitor import check_fired, every_frem, watch
-from frem.reach import OWN_OUTPUT, REACHES, EffectDoesNotReach, FirstTrainingCall, probe_first_call, probe_site
+from frem.reach import OWN_OUTPUT, REACHES, EffectDoesNotReach, arm, probe_first_call, probe_site
 from frem.sites import Site, deepest_entry, format_entry, get_entry, replace_entry
 from frem.survey import call_arguments, calling, survey
 from frem.wrappers import unwrap
@@ -267,8 +267,8 @@ def attach(model: nn.Module, layer="bottleneck", B: int | float = 162, X: float 
     module._root_ref = weakref.ref(model)
     module._child_name, module._at = child_name, site.at
     module._reach["state"] = verdict
-    if verdict is None:
-        model.register_forward_hook(FirstTrainingCall(module))  # verified at the first training call
+    if verdict is None and model.training:
+        arm(module)  # verified at the first training call; model.train() arms it where the model is in eval now
     watch(module, model)  # "did the network train?" for the never-ran warning (frem.monitor)
     return module
 

@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from frem.kernels.scale_channels import scale_channels
+from frem.reach import arm, disarm
 from frem.selection import resolve_count, select_channels, validate_count_spec
 
 MODES = ("random", "fixed")
@@ -192,7 +193,9 @@ class FREM(LazyModuleMixin, nn.Module):
         return self._draw() if self.num_channels is not None else self
 
     def train(self, mode: bool = True) -> "FREM":
-        # model.train() reaches every submodule: redraw="train" re-draws here, with the next epoch's channels.
+        # model.train() reaches every submodule: redraw="train" re-draws here, with the next epoch's channels;
+        # the reach check's hook on the model is there only while it trains (frem.reach.arm).
+        (arm if mode else disarm)(self)
         if mode and self.redraw == "train":
             from frem.monitor import check_fired  # frem.monitor imports this module
             root = self._root_ref() if self._root_ref is not None else None

@@ -193,6 +193,25 @@ class FirstTrainingCall:
         return None
 
 
+def arm(frem) -> None:
+    """Put ``FirstTrainingCall`` on the model ``frem.attach`` was given while its verdict is open. Only while
+    that model trains (``FREM.train`` arms and disarms): torch 2.6 exports an eval model with a hook on it
+    (smp's U-Net, say) as two graphs and fails, so an attached model in eval carries none."""
+    root = frem._root_ref() if frem._root_ref is not None else None
+    if root is None or frem._reach["state"] is not None or any(
+            isinstance(hook, FirstTrainingCall) and hook.frem is frem for hook in root._forward_hooks.values()):
+        return
+    root.register_forward_hook(FirstTrainingCall(frem))
+
+
+def disarm(frem) -> None:
+    root = frem._root_ref() if frem._root_ref is not None else None
+    if root is not None:
+        for key in [k for k, hook in root._forward_hooks.items()
+                    if isinstance(hook, FirstTrainingCall) and hook.frem is frem]:
+            del root._forward_hooks[key]
+
+
 def probe_first_call(frem, x: torch.Tensor, y: torch.Tensor, entry) -> torch.Tensor:
     """At a FREM's training calls with gradients on (eager, no transform) until it is verified: its output
     times a probe, which ``FirstTrainingCall`` looks for once the model's forward returns. Each call's probe
@@ -203,6 +222,7 @@ def probe_first_call(frem, x: torch.Tensor, y: torch.Tensor, entry) -> torch.Ten
             or reach.get("tries", 0) >= PROBE_TRIES):
         return y
     reach["tries"] = reach.get("tries", 0) + 1
+    arm(frem)  # a model put in training by hand (model.training = True), not by train(): checked from its next call
     probed = y * torch.ones((), dtype=y.dtype, device=y.device, requires_grad=True)
     probed._frem_layer = getattr(y, "_frem_layer", None)
     reach.update(probe=probed.grad_fn, bare=x.grad_fn, storage=_storage(probed), entry=entry)

@@ -164,5 +164,8 @@ check frem/search.py '                if not _taken(study, trial, {**trial.param
   "tests/test_search_helper.py"
 check frem/search.py '                    seed=(int(seed) * 1_000_003 + trial.number * 101 + attempt) % 2**32, **tpe_kwargs)' \
   '                    seed=(int(seed) + attempt) % 2**32, **tpe_kwargs)' "tests/test_search_helper.py"
+check frem/module.py '        (arm if mode else disarm)(self)' '        arm(self) if mode else None' "tests/test_reach.py"
+check frem/reach.py '    arm(frem)  # a model put in training by hand' '    pass  # a model put in training by hand' \
+  "tests/test_reach.py"
 echo "$killed killed, $survived survived"
 exit "$survived"

@@ -97,6 +97,26 @@ def test_a_module_whose_output_is_dropped_is_refused_and_a_live_one_is_verified_
     assert y.grad_fn.name() == "ConvolutionBackward0"
 
 
+def test_the_check_hooks_the_model_only_while_it_trains():
+    """Torch 2.6 exports an eval model with a forward hook on it (smp's U-Net) as two graphs and fails: an
+    attached model in eval carries no hook of frem's; train() puts the check back until it has a verdict."""
+    model, x = Dropped().eval(), torch.randn(2, 1, 16, 16)
+    handle = frem.attach(model, "down", B=2, X=10.0)
+    assert not model._forward_hooks and handle._reach["state"] is None
+    model.train()
+    assert len(model._forward_hooks) == 1
+    model.eval()
+    assert not model._forward_hooks
+    for module in model.modules():  # by hand, not train(): the check arms at the first call, judges at the next
+        module.training = True
+    model(x).square().mean().backward()
+    assert handle._reach["state"] is None and len(model._forward_hooks) == 1
+    model(x).square().mean().backward()
+    assert handle._reach["state"] == "yes" and not model._forward_hooks
+    model.eval().train()  # a verdict is final: nothing hooked again
+    assert not model._forward_hooks
+
+
 def test_the_probe_changes_no_value_and_no_gradient():
     torch.manual_seed(0)
     a, x = HandUNet(), torch.randn(2, 1, 16, 16)
