@@ -58,13 +58,17 @@ def _library_worker(rank, world_size, port, results):
                 optimizer.step()
         x = torch.randn(2, 6, 8)
         seen = {}
-        model[0].register_forward_hook(lambda m, i, o: seen.__setitem__("enhanced", o))
-        ddp(x)
+        model[0].register_forward_hook(lambda m, i, o: seen.__setitem__("enhanced", o.detach()))
+        # a backward closes the probe's DDP step: a forward left waiting for its gradients' all-reduce
+        # made a rank abort at exit, once in a loaded CI run ("terminate called without an active exception")
+        ddp(x).square().mean().backward()
         with torch.no_grad():
             bare = nn.functional.linear(x, model[0].weight, model[0].bias)
         torch.save({"status": [tuple(vars(row).values()) for row in frem.status(ddp)],
                     "channels": handle.channels.tolist(), "weights": model[0].weight.detach().clone(),
-                    "ratio": (seen["enhanced"] / bare).detach()}, f"{results}/library{rank}.pt")
+                    "ratio": seen["enhanced"] / bare}, f"{results}/library{rank}.pt")
+        del ddp, seen
+        dist.barrier()  # both ranks done before either tears the group down
     finally:
         dist.destroy_process_group()
 
