@@ -192,13 +192,17 @@ class FREM(LazyModuleMixin, nn.Module):
         self._steps_on_draw = 0
         return self._draw() if self.num_channels is not None else self
 
+    def _root(self):
+        """The model ``frem.attach`` was given, or None (not attached so, or gone: held weakly)."""
+        return self._root_ref() if self._root_ref is not None else None
+
     def train(self, mode: bool = True) -> "FREM":
         # model.train() reaches every submodule: redraw="train" re-draws here, with the next epoch's channels;
         # the reach check's hook on the model is there only while it trains (frem.reach.arm).
         (arm if mode else disarm)(self)
         if mode and self.redraw == "train":
             from frem.monitor import check_fired  # frem.monitor imports this module
-            root = self._root_ref() if self._root_ref is not None else None
+            root = self._root()
             check_fired(root if root is not None else self, [self])
             self.resample(self._redraws)
         return super().train(mode)
@@ -373,7 +377,7 @@ class FREM(LazyModuleMixin, nn.Module):
             raise RuntimeError("this FREM was not attached with frem.attach (or was removed already)")
         # frem.attach registers its hooks without kwargs or always_call, so these dicts are all: the site's,
         # and the reach check's on the model it was given.
-        root = self._root_ref() if self._root_ref is not None else None
+        root = self._root()
         for module in (target, root) if root is not None else (target,):
             for hooks in (module._forward_hooks, module._forward_pre_hooks):
                 for key in [k for k, hook in hooks.items() if getattr(hook, "frem", None) is self]:

@@ -136,7 +136,7 @@ class _Watch:
 
 def network_of(frem: FREM, fallback: nn.Module) -> nn.Module:
     """The network a FREM belongs to: the model ``frem.attach`` was given, else ``fallback``."""
-    root = frem._root_ref() if frem._root_ref is not None else None
+    root = frem._root()
     return root if root is not None else fallback
 
 

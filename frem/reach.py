@@ -186,8 +186,7 @@ class FirstTrainingCall:
         site = Site(self.frem.layer or "", self.frem._at or "output", reach.get("entry"), dim=self.frem.dim)
         found = verdict(*reached_outputs(output, probe, storage, bare), site, model)
         reach["state"], reach["detail"] = (found, "") if found in (REACHES, OWN_OUTPUT) else ("no", found)
-        for key in [k for k, hook in model._forward_hooks.items() if hook is self]:
-            del model._forward_hooks[key]
+        disarm(self.frem)
         if reach["state"] == "no":
             raise EffectDoesNotReach(reach["detail"] + "; frem.detach(model) removes it")
         return None
@@ -197,7 +196,7 @@ def arm(frem) -> None:
     """Put ``FirstTrainingCall`` on the model ``frem.attach`` was given while its verdict is open. Only while
     that model trains (``FREM.train`` arms and disarms): torch 2.6 exports an eval model with a hook on it
     (smp's U-Net, say) as two graphs and fails, so an attached model in eval carries none."""
-    root = frem._root_ref() if frem._root_ref is not None else None
+    root = frem._root()
     if root is None or frem._reach["state"] is not None or any(
             isinstance(hook, FirstTrainingCall) and hook.frem is frem for hook in root._forward_hooks.values()):
         return
@@ -205,7 +204,7 @@ def arm(frem) -> None:
 
 
 def disarm(frem) -> None:
-    root = frem._root_ref() if frem._root_ref is not None else None
+    root = frem._root()
     if root is not None:
         for key in [k for k, hook in root._forward_hooks.items()
                     if isinstance(hook, FirstTrainingCall) and hook.frem is frem]:
